@@ -1,0 +1,40 @@
+# Developer entry points. CI runs `bash .ci/run`, which calls `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= config.example.toml
+
+.PHONY: install test lint run certs clean bench
+
+$(BIN)/relay: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/relay
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check relay keystore tests bench
+
+certs: install
+	$(BIN)/relay --config $(CONFIG) gen-cert
+
+# The relay on the dev config: dev cert, keystore initialised, a local sink on 127.0.0.1:2525
+# writing each delivered message to var/sink/. Ctrl-C stops both.
+run: install
+	@test -f certs/dev.crt || $(BIN)/relay --config $(CONFIG) gen-cert
+	@$(BIN)/keystore --config $(CONFIG) init
+	@$(BIN)/relay --config $(CONFIG) dev-sink --port 2525 --dir var/sink & \
+	  trap "kill $$! 2>/dev/null" EXIT INT TERM; \
+	  $(BIN)/relay --config $(CONFIG) hint; \
+	  $(BIN)/relay --config $(CONFIG) serve
+
+bench: install
+	bash bench/run.sh
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,3 @@
+from keystore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""Auth key strings: generation, format, checksum, and the keyed hash we store.
+
+Format: ``rak_<id>_<secret><check>``
+
+* ``rak_``   a fixed prefix ("relay auth key") so secret scanners and people recognise it;
+* ``<id>``   12 characters of ``a-z2-7`` (60 bits): the public key id, shown in lists/logs;
+* ``<secret>`` 43 base62 characters holding 256 random bits from :mod:`secrets`;
+* ``<check>`` 6 base62 characters of CRC32 over everything before it, so a mistyped or
+  foreign string is refused without touching the database.
+
+Keys are random, so a slow password hash buys nothing: we store
+HMAC-SHA256(pepper, id ":" secret). The pepper lives in a separate 0600 file, so a stolen
+database alone cannot be used to test guesses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import stat
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "KEY_PREFIX",
+    "ParsedKey",
+    "PepperError",
+    "create_pepper",
+    "generate_key",
+    "generate_key_id",
+    "generate_secret",
+    "hash_secret",
+    "load_pepper",
+    "parse_key",
+]
+
+KEY_PREFIX = "rak_"
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+_ID_LEN, _SECRET_LEN, _CHECK_LEN = 12, 43, 6
+_KEY_RE = re.compile(
+    rf"^{KEY_PREFIX}([a-z2-7]{{{_ID_LEN}}})_([0-9A-Za-z]{{{_SECRET_LEN}}})([0-9A-Za-z]{{{_CHECK_LEN}}})$"
+)
+_ID_RE = re.compile(rf"^[a-z2-7]{{{_ID_LEN}}}$")
+
+
+class PepperError(Exception):
+    """The pepper file is missing, unreadable, malformed or readable by others."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    key_id: str
+    secret: str
+
+    def __repr__(self) -> str:  # never let a secret reach a log through repr()
+        return f"ParsedKey(key_id={self.key_id!r}, secret=...)"
+
+
+def _base62(number: int, width: int) -> str:
+    chars = []
+    for _ in range(width):
+        number, digit = divmod(number, 62)
+        chars.append(_BASE62[digit])
+    return "".join(reversed(chars))
+
+
+def _checksum(body: str) -> str:
+    return _base62(zlib.crc32(body.encode("ascii")), _CHECK_LEN)
+
+
+def generate_key_id() -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(_ID_LEN))
+
+
+def generate_secret() -> str:
+    return _base62(secrets.randbits(256), _SECRET_LEN)
+
+
+def format_key(key_id: str, secret: str) -> str:
+    body = f"{KEY_PREFIX}{key_id}_{secret}"
+    return body + _checksum(body)
+
+
+def generate_key(key_id: str | None = None) -> tuple[str, str]:
+    """Return (full key string, secret part) for a new or rotated key."""
+    secret = generate_secret()
+    return format_key(key_id or generate_key_id(), secret), secret
+
+
+def is_key_id(text: str) -> bool:
+    return bool(_ID_RE.match(text))
+
+
+def parse_key(text: str) -> ParsedKey | None:
+    """Split a presented key; None for anything malformed or with a bad checksum."""
+    match = _KEY_RE.match(text)
+    if not match:
+        return None
+    body = text[: -_CHECK_LEN]
+    if not hmac.compare_digest(_checksum(body), match.group(3)):
+        return None
+    return ParsedKey(match.group(1), match.group(2))
+
+
+def hash_secret(pepper: bytes, key_id: str, secret: str) -> bytes:
+    return hmac.new(pepper, f"{key_id}:{secret}".encode("ascii"), hashlib.sha256).digest()
+
+
+def create_pepper(path: Path) -> None:
+    """Write a new random pepper, mode 0600 from the first byte (O_EXCL: never overwrite)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def load_pepper(path: Path) -> bytes:
+    try:
+        info = path.stat()
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise PepperError(f"{path}: pepper file not found (run `keystore init`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PepperError(f"{path}: cannot read pepper file: {exc}") from None
+    if info.st_mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise PepperError(f"{path}: pepper file is world-accessible; run chmod 600 {path}")
+    try:
+        pepper = bytes.fromhex(text)
+    except ValueError:
+        raise PepperError(f"{path}: pepper file is not hex") from None
+    if len(pepper) < 32:
+        raise PepperError(f"{path}: pepper is shorter than 32 bytes")
+    return pepper

@@ -1,0 +1,96 @@
+"""Records the keystore hands out: workspaces, mailboxes, keys, audit events, login verdicts."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = [
+    "PERMISSIONS",
+    "AuditEvent",
+    "AuthKey",
+    "Identity",
+    "Mailbox",
+    "Reason",
+    "Workspace",
+]
+
+PERMISSIONS = ("email.send", "email.receive", "mailbox.read", "mailbox.settings.update")
+
+
+class Reason(enum.StrEnum):
+    """Why a login was refused. Only BAD_CREDENTIALS may be shown to someone without the key."""
+
+    BAD_CREDENTIALS = "bad_credentials"
+    REVOKED = "revoked"
+    DISABLED = "disabled"
+    EXPIRED = "expired"
+    SUSPENDED = "suspended"
+    NO_SEND_PERMISSION = "no_send_permission"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Identity:
+    """Who a session is after a successful AUTH: what the sender policy and routing need."""
+
+    mailbox: str
+    key_id: str
+    workspace: str
+    permissions: frozenset[str]
+    aliases: tuple[str, ...]
+    route: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Workspace:
+    name: str
+    key_limit: int
+    active_keys: int
+    mailboxes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mailbox:
+    address: str
+    workspace: str
+    aliases: tuple[str, ...]
+    status: str
+    suspended_reason: str | None
+    suspended_at: float | None
+    route: str | None
+    created: float
+    keys: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthKey:
+    id: str
+    name: str
+    owner: str | None
+    note: str | None
+    workspace: str
+    mailbox: str | None  # None: a workspace key, valid for every active mailbox of it
+    permissions: tuple[str, ...]
+    status: str
+    created: float
+    expires: float | None
+    rotated: float | None
+    previous_valid_until: float | None
+    last_used: float | None
+    last_ip: str | None
+    route: str | None
+
+    @property
+    def scope(self) -> str:
+        return f"mailbox:{self.mailbox}" if self.mailbox else f"workspace:{self.workspace}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditEvent:
+    id: int
+    at: float
+    actor: str
+    action: str
+    key_id: str | None
+    mailbox: str | None
+    detail: str | None

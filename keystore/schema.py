@@ -1,0 +1,105 @@
+"""The keystore's tables, versioned with PRAGMA user_version.
+
+Each entry of MIGRATIONS moves the schema one version up and runs in one transaction, so a
+database is always at a known version. Never edit a released migration: append one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+__all__ = ["MIGRATIONS", "migrate"]
+
+MIGRATIONS: list[str] = [
+    # 1: the initial schema
+    """
+    CREATE TABLE workspace (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        key_limit INTEGER NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE TABLE mailbox (
+        id INTEGER PRIMARY KEY,
+        address TEXT NOT NULL UNIQUE,
+        workspace_id INTEGER NOT NULL REFERENCES workspace(id),
+        status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'suspended')),
+        suspended_reason TEXT,
+        suspended_at REAL,
+        route TEXT,
+        created REAL NOT NULL
+    );
+    CREATE TABLE alias (
+        address TEXT PRIMARY KEY,
+        mailbox_id INTEGER NOT NULL REFERENCES mailbox(id) ON DELETE CASCADE
+    );
+    CREATE INDEX alias_mailbox ON alias(mailbox_id);
+    CREATE TABLE auth_key (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        owner TEXT,
+        note TEXT,
+        workspace_id INTEGER NOT NULL REFERENCES workspace(id),
+        mailbox_id INTEGER REFERENCES mailbox(id),
+        permissions TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('active', 'disabled', 'revoked')),
+        created REAL NOT NULL,
+        expires REAL,
+        secret_hash BLOB NOT NULL,
+        prev_hash BLOB,
+        prev_valid_until REAL,
+        rotated REAL,
+        last_used REAL,
+        last_ip TEXT,
+        route TEXT
+    );
+    CREATE INDEX auth_key_mailbox ON auth_key(mailbox_id);
+    CREATE INDEX auth_key_workspace ON auth_key(workspace_id);
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        key_id TEXT,
+        mailbox TEXT,
+        detail TEXT
+    );
+    CREATE TRIGGER audit_append_only_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    """,
+]
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring a database up to the newest version; returns that version."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise sqlite3.DatabaseError(
+            f"keystore schema version {version} is newer than this program ({len(MIGRATIONS)})"
+        )
+    for number in range(version + 1, len(MIGRATIONS) + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(MIGRATIONS[number - 1]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script on complete statements (triggers contain inner semicolons)."""
+    out, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    if current.strip():
+        out.append(current.strip())
+    return out

@@ -1,0 +1,554 @@
+"""KeyStore: the one async interface to workspaces, mailboxes, auth keys and the audit log.
+
+Everything the relay and the CLI do with credentials goes through this class, so a second
+backend (PostgreSQL for several relays) only has to implement these methods. This one is
+sqlite through aiosqlite.
+
+`authenticate` is on the hot path (every AUTH). It is one SELECT that always returns a row,
+whether or not the key and the mailbox exist, and it always computes the HMAC and compares
+it in constant time, so an unknown mailbox, an unknown key and a wrong secret cost the
+same and answer the same `bad_credentials`. Reasons such as `revoked` are only given when
+the presented secret is right: the caller already holds the key, so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiosqlite
+
+from keystore import keys
+from keystore.db import open_database
+from keystore.models import (
+    PERMISSIONS,
+    AuditEvent,
+    AuthKey,
+    Identity,
+    Mailbox,
+    Reason,
+    Workspace,
+)
+
+__all__ = ["KeyStore", "KeystoreUnavailable", "StoreError", "normalize_address"]
+
+_ADDRESS_RE = re.compile(r"^[^\s@<>()\[\],;:\"\\]+@[A-Za-z0-9.-]+\.?[A-Za-z0-9-]*$")
+_DUMMY_HASH = bytes(32)
+_KEY_STATUSES = ("active", "disabled", "revoked")
+
+
+class StoreError(Exception):
+    """An operation the keystore refuses (unknown mailbox, duplicate, revoked key, ...)."""
+
+
+class KeystoreUnavailable(Exception):
+    """The database cannot be used right now; callers should answer 'try again later'."""
+
+
+def normalize_address(address: str) -> str:
+    """Lower-case the address: domains are case-insensitive (RFC 5321), and although local
+    parts may be case-sensitive, two mailboxes differing only in case would be a trap, so
+    the whole address is compared case-insensitively."""
+    address = address.strip()
+    if not _ADDRESS_RE.match(address) or len(address) > 254:
+        raise StoreError(f"invalid mailbox address: {address!r}")
+    return address.lower().rstrip(".")
+
+
+_AUTH_SQL = """
+SELECT k.id, k.status, k.expires, k.secret_hash, k.prev_hash, k.prev_valid_until,
+       k.permissions, k.route, k.mailbox_id, k.workspace_id,
+       m.id, m.address, m.status, m.workspace_id, m.route, w.name,
+       (SELECT group_concat(a.address, ' ') FROM alias a WHERE a.mailbox_id = m.id)
+FROM (SELECT ? AS kid, ? AS address) q
+LEFT JOIN auth_key k ON k.id = q.kid
+LEFT JOIN mailbox m ON m.address = q.address
+LEFT JOIN workspace w ON w.id = m.workspace_id
+"""
+
+_KEY_SQL = """
+SELECT k.id, k.name, k.owner, k.note, w.name, m.address, k.permissions, k.status, k.created,
+       k.expires, k.rotated, k.prev_valid_until, k.last_used, k.last_ip, k.route
+FROM auth_key k JOIN workspace w ON w.id = k.workspace_id
+LEFT JOIN mailbox m ON m.id = k.mailbox_id
+"""
+
+_MAILBOX_SQL = """
+SELECT m.address, w.name,
+       (SELECT group_concat(a.address, ' ') FROM alias a WHERE a.mailbox_id = m.id),
+       m.status, m.suspended_reason, m.suspended_at, m.route, m.created,
+       (SELECT count(*) FROM auth_key k WHERE k.mailbox_id = m.id)
+FROM mailbox m JOIN workspace w ON w.id = m.workspace_id
+"""
+
+
+class KeyStore:
+    """Async access to the keystore. Open with `await KeyStore.open(...)`, then `close()`."""
+
+    def __init__(self, conn: aiosqlite.Connection, pepper: bytes, default_key_limit: int) -> None:
+        self._conn = conn
+        self._pepper = pepper
+        self._default_key_limit = default_key_limit
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(
+        cls, path: Path, pepper_file: Path, *, default_key_limit: int = 100, create: bool = False
+    ) -> KeyStore:
+        if create and not pepper_file.exists():
+            keys.create_pepper(pepper_file)
+        pepper = keys.load_pepper(pepper_file)
+        try:
+            conn = await open_database(path, create=create)
+        except (sqlite3.Error, FileNotFoundError) as exc:
+            raise KeystoreUnavailable(str(exc)) from exc
+        return cls(conn, pepper, default_key_limit)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def _rows(self, sql: str, params: Iterable[object] = ()) -> list[tuple]:
+        try:
+            return list(await self._conn.execute_fetchall(sql, tuple(params)))
+        except sqlite3.Error as exc:
+            raise KeystoreUnavailable(f"keystore query failed: {exc}") from exc
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction at a time on this connection; BEGIN IMMEDIATE takes the
+        database write lock up front so concurrent writers queue on busy_timeout."""
+        async with self._write_lock:
+            try:
+                await self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise KeystoreUnavailable(f"keystore is busy: {exc}") from exc
+            try:
+                yield self._conn
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            else:
+                await self._conn.execute("COMMIT")
+
+    # ---------------------------------------------------------------- logins
+
+    async def authenticate(self, username: str, secret: str, client_ip: str) -> Identity | Reason:
+        """Decide one login: the identity, or why not (see the module docstring)."""
+        parsed = keys.parse_key(secret)
+        if parsed is None:
+            return Reason.BAD_CREDENTIALS
+        try:
+            address = normalize_address(username)
+        except StoreError:
+            address = ""
+        (row,) = await self._rows(_AUTH_SQL, (parsed.key_id, address))
+        now = time.time()
+        presented = keys.hash_secret(self._pepper, parsed.key_id, parsed.secret)
+        current_ok = hmac.compare_digest(presented, row[3] or _DUMMY_HASH)
+        previous_ok = hmac.compare_digest(presented, row[4] or _DUMMY_HASH)
+        in_grace = row[5] is not None and now < row[5]
+        if row[0] is None or not (current_ok or (previous_ok and in_grace)):
+            return Reason.BAD_CREDENTIALS
+        outcome = self._judge(row, now)
+        if isinstance(outcome, Identity):
+            await self._record_use(parsed.key_id, now, client_ip)
+        return outcome
+
+    async def recheck(self, identity: Identity) -> Identity | Reason:
+        """Re-read an authenticated session's key and mailbox (done at every MAIL FROM) so a
+        key revoked or a mailbox suspended while a connection stays open stops at once."""
+        (row,) = await self._rows(_AUTH_SQL, (identity.key_id, identity.mailbox))
+        if row[0] is None:
+            return Reason.REVOKED  # deleted since login
+        return self._judge(row, time.time())
+
+    @staticmethod
+    def _judge(row: tuple, now: float) -> Identity | Reason:
+        (key_id, status, expires, _, _, _, perms, key_route, key_mailbox, key_ws,
+         mailbox_id, address, mailbox_status, mailbox_ws, mailbox_route, ws_name, aliases) = row
+        in_scope = mailbox_id is not None and (
+            key_mailbox == mailbox_id if key_mailbox is not None else key_ws == mailbox_ws
+        )
+        if not in_scope:
+            return Reason.BAD_CREDENTIALS
+        permissions = frozenset(perms.split())
+        if status == "revoked":
+            return Reason.REVOKED
+        if status == "disabled":
+            return Reason.DISABLED
+        if expires is not None and now >= expires:
+            return Reason.EXPIRED
+        if mailbox_status != "active":
+            return Reason.SUSPENDED
+        if "email.send" not in permissions:
+            return Reason.NO_SEND_PERMISSION
+        return Identity(
+            mailbox=address,
+            key_id=key_id,
+            workspace=ws_name,
+            permissions=permissions,
+            aliases=tuple(aliases.split()) if aliases else (),
+            route=key_route or mailbox_route,
+        )
+
+    async def _record_use(self, key_id: str, now: float, client_ip: str) -> None:
+        try:
+            await self._conn.execute(
+                "UPDATE auth_key SET last_used = ?, last_ip = ? WHERE id = ?",
+                (now, client_ip, key_id),
+            )
+        except sqlite3.OperationalError:
+            pass  # last-use bookkeeping must never turn a valid login into a failure
+
+    # ------------------------------------------------------------- mailboxes
+
+    async def _workspace_id(self, conn: aiosqlite.Connection, name: str, *, create: bool) -> int:
+        rows = await conn.execute_fetchall("SELECT id FROM workspace WHERE name = ?", (name,))
+        if rows:
+            return rows[0][0]
+        if not create:
+            raise StoreError(f"unknown workspace: {name}")
+        cursor = await conn.execute(
+            "INSERT INTO workspace (name, key_limit, created) VALUES (?, ?, ?)",
+            (name, self._default_key_limit, time.time()),
+        )
+        return cursor.lastrowid
+
+    async def _mailbox_id(self, conn: aiosqlite.Connection, address: str) -> int:
+        rows = await conn.execute_fetchall(
+            "SELECT id FROM mailbox WHERE address = ?", (normalize_address(address),)
+        )
+        if not rows:
+            raise StoreError(f"unknown mailbox: {address}")
+        return rows[0][0]
+
+    async def add_mailbox(
+        self, address: str, *, workspace: str, aliases: Iterable[str] = (),
+        route: str | None = None, actor: str,
+    ) -> Mailbox:
+        address = normalize_address(address)
+        alias_list = sorted({normalize_address(a) for a in aliases} - {address})
+        if not workspace.strip():
+            raise StoreError("workspace name must not be empty")
+        async with self._transaction() as conn:
+            taken = await conn.execute_fetchall(
+                "SELECT address FROM mailbox WHERE address IN ({0}) UNION "
+                "SELECT address FROM alias WHERE address IN ({0})".format(
+                    ",".join("?" * (len(alias_list) + 1))
+                ),
+                (address, *alias_list) * 2,
+            )
+            if taken:
+                raise StoreError(f"address already in use: {taken[0][0]}")
+            ws_id = await self._workspace_id(conn, workspace, create=True)
+            cursor = await conn.execute(
+                "INSERT INTO mailbox (address, workspace_id, route, created) VALUES (?, ?, ?, ?)",
+                (address, ws_id, route, time.time()),
+            )
+            await conn.executemany(
+                "INSERT INTO alias (address, mailbox_id) VALUES (?, ?)",
+                [(a, cursor.lastrowid) for a in alias_list],
+            )
+            detail = f"workspace={workspace}" + (f" aliases={','.join(alias_list)}" if alias_list else "")
+            await self._audit(conn, actor, "mailbox.add", mailbox=address, detail=detail)
+        return await self.get_mailbox(address)
+
+    async def get_mailbox(self, address: str) -> Mailbox:
+        rows = await self._rows(_MAILBOX_SQL + " WHERE m.address = ?", (normalize_address(address),))
+        if not rows:
+            raise StoreError(f"unknown mailbox: {address}")
+        return _mailbox(rows[0])
+
+    async def list_mailboxes(self, workspace: str | None = None) -> list[Mailbox]:
+        sql, params = _MAILBOX_SQL, []
+        if workspace is not None:
+            sql += " WHERE w.name = ?"
+            params.append(workspace)
+        return [_mailbox(r) for r in await self._rows(sql + " ORDER BY m.address", params)]
+
+    async def suspend_mailbox(self, address: str, *, reason: str | None, actor: str) -> Mailbox:
+        return await self._set_mailbox_status(address, "suspended", reason, actor)
+
+    async def resume_mailbox(self, address: str, *, actor: str) -> Mailbox:
+        return await self._set_mailbox_status(address, "active", None, actor)
+
+    async def _set_mailbox_status(
+        self, address: str, status: str, reason: str | None, actor: str
+    ) -> Mailbox:
+        address = normalize_address(address)
+        async with self._transaction() as conn:
+            mailbox_id = await self._mailbox_id(conn, address)
+            rows = await conn.execute_fetchall("SELECT status FROM mailbox WHERE id = ?", (mailbox_id,))
+            if rows[0][0] == status:
+                raise StoreError(f"mailbox {address} is already {status}")
+            await conn.execute(
+                "UPDATE mailbox SET status = ?, suspended_reason = ?, suspended_at = ? WHERE id = ?",
+                (status, reason, time.time() if status == "suspended" else None, mailbox_id),
+            )
+            action = "mailbox.suspend" if status == "suspended" else "mailbox.resume"
+            await self._audit(conn, actor, action, mailbox=address, detail=reason)
+        return await self.get_mailbox(address)
+
+    async def remove_mailbox(self, address: str, *, force: bool, actor: str) -> int:
+        """Delete a mailbox; its keys go with it only when forced. Returns keys deleted."""
+        address = normalize_address(address)
+        async with self._transaction() as conn:
+            mailbox_id = await self._mailbox_id(conn, address)
+            key_ids = [r[0] for r in await conn.execute_fetchall(
+                "SELECT id FROM auth_key WHERE mailbox_id = ?", (mailbox_id,))]
+            if key_ids and not force:
+                raise StoreError(
+                    f"mailbox {address} has {len(key_ids)} key(s); "
+                    "revoke or delete them, or pass --force to delete them with it"
+                )
+            for key_id in key_ids:
+                await conn.execute("DELETE FROM auth_key WHERE id = ?", (key_id,))
+                await self._audit(conn, actor, "key.delete", key_id=key_id, mailbox=address,
+                                  detail="with its mailbox")
+            await conn.execute("DELETE FROM mailbox WHERE id = ?", (mailbox_id,))
+            await self._audit(conn, actor, "mailbox.remove", mailbox=address)
+        return len(key_ids)
+
+    # ------------------------------------------------------------------ keys
+
+    async def create_key(
+        self, *, name: str, actor: str, mailbox: str | None = None, workspace: str | None = None,
+        owner: str | None = None, note: str | None = None,
+        permissions: Iterable[str] = ("email.send",), expires: float | None = None,
+        route: str | None = None,
+    ) -> tuple[AuthKey, str]:
+        """Create a key; returns the record and the full key string, shown this once."""
+        if (mailbox is None) == (workspace is None):
+            raise StoreError("a key is scoped to exactly one mailbox or one workspace")
+        if not name.strip():
+            raise StoreError("a key needs a descriptive name (e.g. 'CRM sync')")
+        perms = _check_permissions(permissions)
+        if expires is not None and expires <= time.time():
+            raise StoreError("expiry is in the past")
+        key_id = keys.generate_key_id()
+        full, secret = keys.generate_key(key_id)
+        async with self._transaction() as conn:
+            mailbox_id = None
+            if mailbox is not None:
+                mailbox_id = await self._mailbox_id(conn, mailbox)
+                ws_rows = await conn.execute_fetchall(
+                    "SELECT workspace_id FROM mailbox WHERE id = ?", (mailbox_id,))
+                ws_id = ws_rows[0][0]
+            else:
+                ws_id = await self._workspace_id(conn, workspace, create=False)
+            await self._check_key_limit(conn, ws_id)
+            await conn.execute(
+                "INSERT INTO auth_key (id, name, owner, note, workspace_id, mailbox_id, "
+                "permissions, status, created, expires, secret_hash, route) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?)",
+                (key_id, name.strip(), owner, note, ws_id, mailbox_id, " ".join(perms),
+                 time.time(), expires, keys.hash_secret(self._pepper, key_id, secret), route),
+            )
+            record = await self._key(conn, key_id)
+            await self._audit(conn, actor, "key.create", key_id=key_id, mailbox=record.mailbox,
+                              detail=f"name={record.name!r} scope={record.scope} "
+                                     f"permissions={','.join(perms)}")
+        return record, full
+
+    async def _check_key_limit(self, conn: aiosqlite.Connection, ws_id: int) -> None:
+        rows = await conn.execute_fetchall(
+            "SELECT w.name, w.key_limit, (SELECT count(*) FROM auth_key k "
+            "WHERE k.workspace_id = w.id AND k.status = 'active') FROM workspace w WHERE w.id = ?",
+            (ws_id,),
+        )
+        name, limit, active = rows[0]
+        if active >= limit:
+            raise StoreError(
+                f"workspace {name} already has {active} active keys (limit {limit}); "
+                "revoke unused keys or raise the limit"
+            )
+
+    async def _key(self, conn: aiosqlite.Connection, key_id: str) -> AuthKey:
+        rows = await conn.execute_fetchall(_KEY_SQL + " WHERE k.id = ?", (key_id,))
+        if not rows:
+            raise StoreError(f"unknown key: {key_id}")
+        return _auth_key(rows[0])
+
+    async def get_key(self, key_id: str) -> AuthKey:
+        rows = await self._rows(_KEY_SQL + " WHERE k.id = ?", (key_id,))
+        if not rows:
+            raise StoreError(f"unknown key: {key_id}")
+        return _auth_key(rows[0])
+
+    async def list_keys(
+        self, *, mailbox: str | None = None, workspace: str | None = None,
+        search: str | None = None, status: str | None = None,
+    ) -> list[AuthKey]:
+        clauses, params = [], []
+        if mailbox is not None:
+            clauses.append("m.address = ?")
+            params.append(normalize_address(mailbox))
+        if workspace is not None:
+            clauses.append("w.name = ?")
+            params.append(workspace)
+        if status is not None:
+            if status not in _KEY_STATUSES:
+                raise StoreError(f"unknown status {status!r} (use {', '.join(_KEY_STATUSES)})")
+            clauses.append("k.status = ?")
+            params.append(status)
+        if search:
+            clauses.append(
+                "(instr(lower(k.name), ?) OR instr(lower(coalesce(k.owner, '')), ?) OR "
+                "instr(lower(coalesce(k.note, '')), ?) OR instr(lower(coalesce(m.address, '')), ?) "
+                "OR instr(lower(w.name), ?) OR k.id = ?)"
+            )
+            needle = search.lower()
+            params.extend([needle] * 5 + [search])
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = await self._rows(_KEY_SQL + where + " ORDER BY k.created, k.id", params)
+        return [_auth_key(r) for r in rows]
+
+    async def disable_key(self, key_id: str, *, actor: str) -> AuthKey:
+        return await self._set_key_status(key_id, "disabled", actor)
+
+    async def enable_key(self, key_id: str, *, actor: str) -> AuthKey:
+        return await self._set_key_status(key_id, "active", actor)
+
+    async def revoke_key(self, key_id: str, *, actor: str) -> AuthKey:
+        return await self._set_key_status(key_id, "revoked", actor)
+
+    async def _set_key_status(self, key_id: str, status: str, actor: str) -> AuthKey:
+        async with self._transaction() as conn:
+            record = await self._key(conn, key_id)
+            if record.status == "revoked":
+                raise StoreError(f"key {key_id} is revoked; revocation is permanent")
+            if record.status == status:
+                raise StoreError(f"key {key_id} is already {status}")
+            if status == "active":
+                ws = await conn.execute_fetchall(
+                    "SELECT workspace_id FROM auth_key WHERE id = ?", (key_id,))
+                await self._check_key_limit(conn, ws[0][0])
+            # revocation also ends any rotation grace: the old secret must die with the key
+            await conn.execute(
+                "UPDATE auth_key SET status = ?, "
+                "prev_hash = CASE WHEN ? = 'revoked' THEN NULL ELSE prev_hash END WHERE id = ?",
+                (status, status, key_id),
+            )
+            action = {"active": "key.enable", "disabled": "key.disable", "revoked": "key.revoke"}
+            await self._audit(conn, actor, action[status], key_id=key_id, mailbox=record.mailbox)
+            return await self._key(conn, key_id)
+
+    async def rotate_key(self, key_id: str, *, grace: float = 0, actor: str) -> tuple[AuthKey, str]:
+        """Give the key a new secret; the old one stays valid for `grace` seconds."""
+        async with self._transaction() as conn:
+            record = await self._key(conn, key_id)
+            if record.status == "revoked":
+                raise StoreError(f"key {key_id} is revoked and cannot be rotated")
+            full, secret = keys.generate_key(key_id)
+            now = time.time()
+            await conn.execute(
+                "UPDATE auth_key SET prev_hash = CASE WHEN ? > 0 THEN secret_hash END, "
+                "prev_valid_until = CASE WHEN ? > 0 THEN ? END, secret_hash = ?, rotated = ? "
+                "WHERE id = ?",
+                (grace, grace, now + grace, keys.hash_secret(self._pepper, key_id, secret), now,
+                 key_id),
+            )
+            await self._audit(conn, actor, "key.rotate", key_id=key_id, mailbox=record.mailbox,
+                              detail=f"grace={grace:g}s")
+            return await self._key(conn, key_id), full
+
+    async def delete_key(self, key_id: str, *, actor: str) -> AuthKey:
+        async with self._transaction() as conn:
+            record = await self._key(conn, key_id)
+            await conn.execute("DELETE FROM auth_key WHERE id = ?", (key_id,))
+            await self._audit(conn, actor, "key.delete", key_id=key_id, mailbox=record.mailbox,
+                              detail=f"name={record.name!r}")
+        return record
+
+    # ------------------------------------------------------------ workspaces
+
+    async def list_workspaces(self) -> list[Workspace]:
+        rows = await self._rows(
+            "SELECT w.name, w.key_limit, "
+            "(SELECT count(*) FROM auth_key k WHERE k.workspace_id = w.id AND k.status = 'active'),"
+            " (SELECT count(*) FROM mailbox m WHERE m.workspace_id = w.id) "
+            "FROM workspace w ORDER BY w.name"
+        )
+        return [Workspace(name=r[0], key_limit=r[1], active_keys=r[2], mailboxes=r[3]) for r in rows]
+
+    async def set_key_limit(self, workspace: str, limit: int, *, actor: str) -> None:
+        async with self._transaction() as conn:
+            ws_id = await self._workspace_id(conn, workspace, create=False)
+            await conn.execute("UPDATE workspace SET key_limit = ? WHERE id = ?", (limit, ws_id))
+            await self._audit(conn, actor, "workspace.limit", detail=f"{workspace} key_limit={limit}")
+
+    # ----------------------------------------------------------------- audit
+
+    async def _audit(
+        self, conn: aiosqlite.Connection, actor: str, action: str, *,
+        key_id: str | None = None, mailbox: str | None = None, detail: str | None = None,
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO audit (at, actor, action, key_id, mailbox, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), actor, action, key_id, mailbox, detail),
+        )
+
+    async def audit_events(
+        self, *, key_id: str | None = None, mailbox: str | None = None, since: float | None = None,
+    ) -> list[AuditEvent]:
+        clauses, params = [], []
+        if key_id is not None:
+            clauses.append("key_id = ?")
+            params.append(key_id)
+        if mailbox is not None:
+            clauses.append("mailbox = ?")
+            params.append(normalize_address(mailbox))
+        if since is not None:
+            clauses.append("at >= ?")
+            params.append(since)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = await self._rows(
+            "SELECT id, at, actor, action, key_id, mailbox, detail FROM audit" + where + " ORDER BY id",
+            params,
+        )
+        return [AuditEvent(id=r[0], at=r[1], actor=r[2], action=r[3], key_id=r[4], mailbox=r[5],
+                           detail=r[6]) for r in rows]
+
+    async def backup(self, target: Path) -> None:
+        """Online, consistent copy (VACUUM INTO reads one snapshot), created 0600."""
+        if target.exists():
+            raise StoreError(f"{target}: already exists; refusing to overwrite")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            await self._conn.execute("VACUUM INTO ?", (str(target),))
+        except sqlite3.Error as exc:
+            raise StoreError(f"backup failed: {exc}") from exc
+        target.chmod(0o600)
+
+
+def _check_permissions(permissions: Iterable[str]) -> tuple[str, ...]:
+    perms = tuple(dict.fromkeys(permissions))
+    unknown = [p for p in perms if p not in PERMISSIONS]
+    if unknown:
+        raise StoreError(f"unknown permission {unknown[0]!r} (use {', '.join(PERMISSIONS)})")
+    if not perms:
+        raise StoreError("a key needs at least one permission")
+    return perms
+
+
+def _mailbox(row: tuple) -> Mailbox:
+    return Mailbox(
+        address=row[0], workspace=row[1], aliases=tuple(row[2].split()) if row[2] else (),
+        status=row[3], suspended_reason=row[4], suspended_at=row[5], route=row[6],
+        created=row[7], keys=row[8],
+    )
+
+
+def _auth_key(row: tuple) -> AuthKey:
+    return AuthKey(
+        id=row[0], name=row[1], owner=row[2], note=row[3], workspace=row[4], mailbox=row[5],
+        permissions=tuple(row[6].split()), status=row[7], created=row[8], expires=row[9],
+        rotated=row[10], previous_valid_until=row[11], last_used=row[12], last_ip=row[13],
+        route=row[14],
+    )

@@ -1,0 +1,267 @@
+"""The relay's configuration: one TOML file read into frozen dataclasses.
+
+Both the relay and the `keystore` CLI read the same file, so every section lives here.
+Validation is strict on purpose: an unknown key is almost always a typo that would
+otherwise silently fall back to a default, so it is refused with the file, the key path
+and what was expected (`config.toml: [queue] path: expected a string`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "Duration",
+    "KeystoreConfig",
+    "QueueConfig",
+    "RoutingConfig",
+    "ServerConfig",
+    "TLSConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_duration",
+    "resolve_config_path",
+]
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names file and key."""
+
+
+class Duration(float):
+    """Seconds; in TOML either a number of seconds or a string such as "90s", "15m", "24h"."""
+
+
+def parse_duration(text: str) -> float:
+    """Turn "90s", "15m", "24h", "30d" (or plain seconds) into seconds.
+
+    Raises ValueError with a message fit for an operator.
+    """
+    match = _DURATION_RE.match(text)
+    if not match:
+        raise ValueError(f"invalid duration {text!r} (use e.g. 90s, 15m, 24h, 30d)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    hostname: str = "localhost"
+    submission: tuple[str, ...] = ()
+    submissions: tuple[str, ...] = ()
+    max_message_size: int = 26_214_400
+    max_recipients: int = 100
+    max_connections: int = 1000
+    idle_timeout: Duration = Duration(300)
+    check_header_from: bool = True
+    rate_per_minute: int = 600
+
+
+@dataclass(frozen=True, kw_only=True)
+class TLSConfig:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthConfig:
+    max_failures: int = 10
+    failure_window: Duration = Duration(300)
+    recheck_interval: Duration = Duration(0.5)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeystoreConfig:
+    path: Path
+    pepper_file: Path
+    default_key_limit: int = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueConfig:
+    path: Path
+    retry_schedule: tuple[Duration, ...] = (
+        Duration(60), Duration(300), Duration(900), Duration(3600), Duration(10800),
+    )
+    max_queue_lifetime: Duration = Duration(5 * 86400)
+    workers: int = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpstreamConfig:
+    name: str
+    host: str
+    port: int = 587
+    tls: str = "starttls"
+    username: str | None = None
+    password_file: Path | None = None
+    timeout: Duration = Duration(60)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingConfig:
+    default: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    source: Path
+    keystore: KeystoreConfig
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tls: TLSConfig | None = None
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    queue: QueueConfig | None = None
+    routing: RoutingConfig | None = None
+    upstream: tuple[UpstreamConfig, ...] = ()
+
+    def upstream_named(self, name: str) -> UpstreamConfig | None:
+        return next((u for u in self.upstream if u.name == name), None)
+
+
+def resolve_config_path(explicit: str | None) -> Path:
+    """`--config PATH`, else $RELAY_CONFIG; refusing to guess keeps admins off the wrong file."""
+    chosen = explicit or os.environ.get("RELAY_CONFIG")
+    if not chosen:
+        raise ConfigError("no configuration: pass --config PATH or set RELAY_CONFIG")
+    return Path(chosen)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    source = Path(path)
+    try:
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    loader = _Loader(source)
+    config = loader.build(Config, raw, "", extra={"source": source.resolve()})
+    _cross_check(config, source)
+    return config
+
+
+def _cross_check(config: Config, source: Path) -> None:
+    for listener in (*config.server.submission, *config.server.submissions):
+        try:
+            split_hostport(listener)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: [server] listener {listener!r}: {exc}") from None
+    if (config.server.submission or config.server.submissions) and config.tls is None:
+        raise ConfigError(f"{source}: [tls]: required when [server] has listeners")
+    names = [u.name for u in config.upstream]
+    for upstream in config.upstream:
+        if names.count(upstream.name) > 1:
+            raise ConfigError(f"{source}: [[upstream]] name {upstream.name!r}: defined twice")
+        if upstream.tls not in ("none", "starttls", "implicit"):
+            raise ConfigError(
+                f"{source}: [[upstream]] {upstream.name} tls: expected one of "
+                f"none, starttls, implicit, not {upstream.tls!r}"
+            )
+        if upstream.username and not upstream.password_file:
+            raise ConfigError(
+                f"{source}: [[upstream]] {upstream.name}: username needs password_file"
+            )
+    if config.routing and config.upstream_named(config.routing.default) is None:
+        raise ConfigError(
+            f"{source}: [routing] default: no [[upstream]] named {config.routing.default!r}"
+        )
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    """"127.0.0.1:2587" / "[::1]:2587" → (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT (IPv6 as [ADDR]:PORT)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 address needs brackets: [ADDR]:PORT")
+    return host or "0.0.0.0", int(port)
+
+
+class _Loader:
+    """Builds dataclasses from TOML tables, checking each value against the field's type."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.base = source.resolve().parent
+
+    def fail(self, where: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.source}: {where}: {message}")
+
+    def build(self, cls: type, table: object, section: str, extra: dict | None = None):
+        where = section or "top level"
+        if not isinstance(table, dict):
+            self.fail(where, "expected a table")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = dict(extra or {})
+        for key, value in table.items():
+            if key not in fields or key in values:
+                self.fail(where, f"unknown key {key!r}")
+            values[key] = self.convert(hints[key], value, _child(section, key))
+        for name, spec in fields.items():
+            required = (
+                spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+            )
+            if name not in values and required:
+                self.fail(_child(section, name), "required value is missing")
+        return cls(**values)
+
+    def convert(self, hint, value, where: str):
+        origin = typing.get_origin(hint)
+        if origin in (types.UnionType, typing.Union):
+            inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
+            return self.convert(inner, value, where)
+        if origin is tuple:
+            item = typing.get_args(hint)[0]
+            if not isinstance(value, list):
+                self.fail(where, "expected a list")
+            return tuple(self.convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+        if dataclasses.is_dataclass(hint):
+            return self.build(hint, value, where)
+        return self.scalar(hint, value, where)
+
+    def scalar(self, hint, value, where: str):
+        if hint is bool:
+            if not isinstance(value, bool):
+                self.fail(where, "expected true or false")
+            return value
+        if hint is int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                self.fail(where, "expected a non-negative integer")
+            return value
+        if hint is Duration:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+                return Duration(value)
+            if isinstance(value, str):
+                try:
+                    return Duration(parse_duration(value))
+                except ValueError as exc:
+                    self.fail(where, str(exc))
+            self.fail(where, 'expected a duration such as "90s", "15m", "24h" or seconds')
+        if not isinstance(value, str):
+            self.fail(where, "expected a string")
+        if hint is Path:
+            return self.base / Path(value).expanduser()
+        return value
+
+
+def _child(section: str, key: str) -> str:
+    if not section:
+        return f"[{key}]"
+    return f"{section} {key}"
