@@ -124,7 +124,8 @@ def _show_key(key: AuthKey) -> None:
     fields = [
         ("id", key.id), ("name", key.name), ("status", key.status), ("scope", key.scope),
         ("permissions", " ".join(key.permissions)), ("owner", key.owner), ("note", key.note),
-        ("route", key.route), ("created", _when(key.created)), ("expires", _when(key.expires)),
+        ("route", key.route), ("rate limit", key.rate_limit),
+        ("created", _when(key.created)), ("expires", _when(key.expires)),
         ("rotated", _when(key.rotated)),
         ("old secret valid until", _when(key.previous_valid_until)),
         ("last used", _when(key.last_used)), ("last client", key.last_ip),
@@ -225,7 +226,7 @@ async def _key_create(store: KeyStore, args, config) -> int:
     key, secret = await store.create_key(
         mailbox=args.mailbox, workspace=args.workspace, name=args.name, owner=args.owner,
         note=args.note, permissions=args.scope or ["email.send"], expires=_expiry(args),
-        route=args.route, actor=_actor(),
+        route=args.route, rate_limit=args.rate_limit, actor=_actor(),
     )
     _print_secret(key, secret, args, "created")
     return 0
@@ -368,6 +369,8 @@ def _parser() -> argparse.ArgumentParser:
     expiry.add_argument("--expires", metavar="ISO-DATE")
     expiry.add_argument("--ttl", metavar="DURATION", help="e.g. 30d, 24h")
     p.add_argument("--route", metavar="NAME")
+    p.add_argument("--rate-limit", type=int, metavar="N",
+                   help="messages per minute for this key (default: the relay's rate_per_minute)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_key_create)
     p = key.add_parser("list", help="list and search keys")

@@ -39,6 +39,7 @@ class Identity:
     permissions: frozenset[str]
     aliases: tuple[str, ...]
     route: str | None
+    rate_limit: int | None = None  # messages per minute; None: the relay's default
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,6 +80,7 @@ class AuthKey:
     last_used: float | None
     last_ip: str | None
     route: str | None
+    rate_limit: int | None = None
 
     @property
     def scope(self) -> str:

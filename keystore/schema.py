@@ -51,7 +51,8 @@ MIGRATIONS: list[str] = [
         rotated REAL,
         last_used REAL,
         last_ip TEXT,
-        route TEXT
+        route TEXT,
+        rate_limit INTEGER
     );
     CREATE INDEX auth_key_mailbox ON auth_key(mailbox_id);
     CREATE INDEX auth_key_workspace ON auth_key(workspace_id);

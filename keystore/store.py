@@ -63,7 +63,7 @@ def normalize_address(address: str) -> str:
 
 _AUTH_SQL = """
 SELECT k.id, k.status, k.expires, k.secret_hash, k.prev_hash, k.prev_valid_until,
-       k.permissions, k.route, k.mailbox_id, k.workspace_id,
+       k.permissions, k.route, k.mailbox_id, k.workspace_id, k.rate_limit,
        m.id, m.address, m.status, m.workspace_id, m.route, w.name,
        (SELECT group_concat(a.address, ' ') FROM alias a WHERE a.mailbox_id = m.id)
 FROM (SELECT ? AS kid, ? AS address) q
@@ -74,7 +74,7 @@ LEFT JOIN workspace w ON w.id = m.workspace_id
 
 _KEY_SQL = """
 SELECT k.id, k.name, k.owner, k.note, w.name, m.address, k.permissions, k.status, k.created,
-       k.expires, k.rotated, k.prev_valid_until, k.last_used, k.last_ip, k.route
+       k.expires, k.rotated, k.prev_valid_until, k.last_used, k.last_ip, k.route, k.rate_limit
 FROM auth_key k JOIN workspace w ON w.id = k.workspace_id
 LEFT JOIN mailbox m ON m.id = k.mailbox_id
 """
@@ -170,7 +170,7 @@ class KeyStore:
 
     @staticmethod
     def _judge(row: tuple, now: float) -> Identity | Reason:
-        (key_id, status, expires, _, _, _, perms, key_route, key_mailbox, key_ws,
+        (key_id, status, expires, _, _, _, perms, key_route, key_mailbox, key_ws, rate_limit,
          mailbox_id, address, mailbox_status, mailbox_ws, mailbox_route, ws_name, aliases) = row
         in_scope = mailbox_id is not None and (
             key_mailbox == mailbox_id if key_mailbox is not None else key_ws == mailbox_ws
@@ -195,6 +195,7 @@ class KeyStore:
             permissions=permissions,
             aliases=tuple(aliases.split()) if aliases else (),
             route=key_route or mailbox_route,
+            rate_limit=rate_limit,
         )
 
     async def _record_use(self, key_id: str, now: float, client_ip: str) -> None:
@@ -321,7 +322,7 @@ class KeyStore:
         self, *, name: str, actor: str, mailbox: str | None = None, workspace: str | None = None,
         owner: str | None = None, note: str | None = None,
         permissions: Iterable[str] = ("email.send",), expires: float | None = None,
-        route: str | None = None,
+        route: str | None = None, rate_limit: int | None = None,
     ) -> tuple[AuthKey, str]:
         """Create a key; returns the record and the full key string, shown this once."""
         if (mailbox is None) == (workspace is None):
@@ -329,6 +330,8 @@ class KeyStore:
         if not name.strip():
             raise StoreError("a key needs a descriptive name (e.g. 'CRM sync')")
         perms = _check_permissions(permissions)
+        if rate_limit is not None and rate_limit < 1:
+            raise StoreError("a rate limit is a number of messages per minute, at least 1")
         if expires is not None and expires <= time.time():
             raise StoreError("expiry is in the past")
         key_id = keys.generate_key_id()
@@ -345,10 +348,11 @@ class KeyStore:
             await self._check_key_limit(conn, ws_id)
             await conn.execute(
                 "INSERT INTO auth_key (id, name, owner, note, workspace_id, mailbox_id, "
-                "permissions, status, created, expires, secret_hash, route) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?)",
+                "permissions, status, created, expires, secret_hash, route, rate_limit) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
                 (key_id, name.strip(), owner, note, ws_id, mailbox_id, " ".join(perms),
-                 time.time(), expires, keys.hash_secret(self._pepper, key_id, secret), route),
+                 time.time(), expires, keys.hash_secret(self._pepper, key_id, secret), route,
+                 rate_limit),
             )
             record = await self._key(conn, key_id)
             await self._audit(conn, actor, "key.create", key_id=key_id, mailbox=record.mailbox,
@@ -550,5 +554,5 @@ def _auth_key(row: tuple) -> AuthKey:
         id=row[0], name=row[1], owner=row[2], note=row[3], workspace=row[4], mailbox=row[5],
         permissions=tuple(row[6].split()), status=row[7], created=row[8], expires=row[9],
         rotated=row[10], previous_valid_until=row[11], last_used=row[12], last_ip=row[13],
-        route=row[14],
+        route=row[14], rate_limit=row[15],
     )

@@ -1,0 +1,124 @@
+"""The relay's lifecycle: open keystore and spool, start delivery and listeners, and shut
+down in the reverse order without losing anything already accepted.
+
+A message answered with 250 is in the spool, so shutdown only has to stop taking new
+work, give sessions in DATA a moment to finish, and stop the delivery workers (anything
+undelivered is picked up from the spool at the next start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from keystore.store import KeyStore
+from relay import replies
+from relay.auth import Authenticator, FailureLimiter
+from relay.config import Config, ConfigError
+from relay.delivery.courier import Courier
+from relay.delivery.engine import DeliveryEngine
+from relay.delivery.smarthost import SmarthostCourier
+from relay.smtpd.handler import RelayHandler
+from relay.smtpd.listeners import Listener, open_listeners
+from relay.smtpd.server import ConnectionRegistry
+from relay.spool import QueueItem, Spool
+from relay.tlsconf import server_context
+
+__all__ = ["Relay", "serve"]
+
+log = logging.getLogger("relay")
+
+
+class Relay:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.listeners: list[Listener] = []
+        self.registry = ConnectionRegistry(config.server.max_connections)
+        self.couriers: dict[str, Courier] = {}
+        self.store: KeyStore | None = None
+        self.spool: Spool | None = None
+        self.engine: DeliveryEngine | None = None
+
+    def port(self, kind: str = "submission") -> int:
+        return next(listener.port for listener in self.listeners if listener.kind == kind)
+
+    async def start(self) -> None:
+        cfg = self.config
+        if cfg.queue is None or cfg.routing is None or cfg.tls is None:
+            missing = [n for n in ("tls", "queue", "routing") if getattr(cfg, n) is None]
+            raise ConfigError(f"{cfg.source}: [{missing[0]}]: required to run the relay")
+        tls = server_context(cfg.tls)
+        for upstream in cfg.upstream:
+            try:
+                self.couriers[upstream.name] = SmarthostCourier(
+                    upstream, local_hostname=cfg.server.hostname, max_connections=cfg.queue.workers
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"{cfg.source}: [[upstream]] {upstream.name} password_file: {exc}"
+                ) from None
+        ks = cfg.keystore
+        self.store = await KeyStore.open(ks.path, ks.pepper_file, default_key_limit=ks.default_key_limit)
+        self.spool = await Spool.open(cfg.queue.path)
+        self.engine = DeliveryEngine(
+            self.spool, self._route, retry_schedule=cfg.queue.retry_schedule,
+            max_lifetime=cfg.queue.max_queue_lifetime, workers=cfg.queue.workers,
+        )
+        await self.engine.start()
+        authenticator = Authenticator(
+            self.store, FailureLimiter(cfg.auth.max_failures, cfg.auth.failure_window),
+            recheck_interval=cfg.auth.recheck_interval,
+        )
+        handler = RelayHandler(cfg, authenticator, self.spool, self.engine)
+        self.listeners = await open_listeners(cfg, handler, tls, self.registry)
+        for listener in self.listeners:
+            mode = "STARTTLS" if listener.kind == "submission" else "implicit TLS"
+            log.info("listening (%s) on %s port %d", mode, listener.host, listener.port)
+
+    def _route(self, item: QueueItem) -> Courier:
+        assert self.config.routing is not None
+        courier = self.couriers.get(item.route or "")
+        if courier is None:
+            if item.route:
+                log.warning("message %s: unknown route %r, using the default", item.id, item.route)
+            courier = self.couriers[self.config.routing.default]
+        return courier
+
+    async def stop(self, grace: float = 5.0) -> None:
+        for listener in self.listeners:
+            listener.server.close()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.registry.live and asyncio.get_running_loop().time() < deadline:
+            for session in list(self.registry.live):
+                if session.envelope is None or not session.envelope.rcpt_tos:
+                    session.close_now(replies.SHUTTING_DOWN)
+            await asyncio.sleep(0.05)
+        for session in list(self.registry.live):
+            session.close_now()
+        for listener in self.listeners:
+            await listener.server.wait_closed()
+        if self.engine is not None:
+            await self.engine.stop()
+        for courier in self.couriers.values():
+            await courier.close()
+        if self.spool is not None:
+            await self.spool.close()
+        if self.store is not None:
+            await self.store.close()
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT."""
+    relay = Relay(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await relay.start()
+        log.info("relay ready")
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await relay.stop()

@@ -1,0 +1,104 @@
+"""`relay`: run the relay, and the small operator commands around it.
+
+Exit status: 0 done, 1 runtime failure, 2 configuration or usage error (systemd's
+RestartPreventExitStatus=2 keeps a broken config from restart-looping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from keystore.keys import PepperError
+from keystore.store import KeystoreUnavailable
+from relay.config import ConfigError, load_config, resolve_config_path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="SMTP submission relay with auth keys")
+    parser.add_argument("--config", help="config file (default: $RELAY_CONFIG)")
+    parser.add_argument("--log-level", default=os.environ.get("RELAY_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", help="run the relay (the default)")
+    commands.add_parser("gen-cert", help="write a self-signed dev certificate to [tls] cert/key")
+    sink = commands.add_parser("dev-sink", help="development upstream writing messages to a folder")
+    sink.add_argument("--host", default="127.0.0.1")
+    sink.add_argument("--port", type=int, default=2525)
+    sink.add_argument("--dir", default="var/sink")
+    commands.add_parser("hint", help="print how to create a key and send a test message")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd: per-command chatter
+    if args.command == "dev-sink":
+        try:
+            asyncio.run(_sink(args))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    try:
+        config = load_config(resolve_config_path(args.config))
+        if args.command == "gen-cert":
+            return _gen_cert(config)
+        if args.command == "hint":
+            return _hint(config)
+        from relay.app import serve
+
+        asyncio.run(serve(config))
+    except ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    except (KeystoreUnavailable, PepperError) as exc:
+        print(f"relay: keystore: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _sink(args) -> None:
+    from relay.devsink import run_dev_sink
+
+    await run_dev_sink(args.host, args.port, Path(args.dir))
+
+
+def _gen_cert(config) -> int:
+    from relay.tlsconf import generate_self_signed
+
+    if config.tls is None:
+        raise ConfigError(f"{config.source}: [tls]: needed to know where to write the certificate")
+    generate_self_signed(config.server.hostname, config.tls.cert, config.tls.key)
+    print(f"wrote {config.tls.cert} and {config.tls.key} (self-signed, for development only)")
+    return 0
+
+
+def _hint(config) -> int:
+    port = config.server.submission[0].rpartition(":")[2] if config.server.submission else "587"
+    cfg = f"--config {config.source}"
+    print(f"""
+Relay starting. To send a test message through it, in another terminal:
+
+  .venv/bin/keystore {cfg} mailbox add me@example.com
+  KEY=$(.venv/bin/keystore {cfg} key create --mailbox me@example.com --name "swaks test" --json \\
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+  swaks --server 127.0.0.1:{port} --tls --tls-verify-host=off \\
+        --auth PLAIN --auth-user me@example.com --auth-password "$KEY" \\
+        --from me@example.com --to you@example.net
+
+Delivered messages appear in var/sink/. Stop with Ctrl-C.
+""")
+    return 0

@@ -1,0 +1,56 @@
+"""The mail log: one line per event, for operators and for fail2ban-style filters.
+
+Lines are `key=value` pairs on the `relay.mail` logger. Secrets never reach this module:
+callers pass key ids and addresses only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relay.delivery.courier import Outcome
+    from relay.spool import QueueItem
+
+__all__ = ["attempt", "auth_failed", "auth_ok", "queued", "rejected"]
+
+log = logging.getLogger("relay.mail")
+
+
+def _peer(peer: object) -> str:
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer)
+
+
+def auth_ok(peer: object, username: str, key_id: str) -> None:
+    log.info("auth ok client=%s mailbox=%s key=%s", _peer(peer), username, key_id)
+
+
+def auth_failed(peer: object, username: str, reason: str) -> None:
+    # username is what the client typed; it is not a secret and helps spot typos
+    log.warning("auth failed client=%s username=%r reason=%s", _peer(peer), username[:256], reason)
+
+
+def rejected(peer: object, key_id: str | None, reply: str) -> None:
+    log.info("rejected client=%s key=%s reply=%r", _peer(peer), key_id or "-", reply)
+
+
+def queued(peer: object, item: QueueItem) -> None:
+    if log.isEnabledFor(logging.INFO):
+        log.info(
+            "queued id=%s key=%s mailbox=%s from=<%s> rcpts=%d size=%d client=%s",
+            item.id, item.key_id, item.mailbox, item.mail_from, len(item.recipients),
+            len(item.body), _peer(peer),
+        )
+
+
+def attempt(item: QueueItem, rcpt: str, upstream: str, outcome: Outcome, *, delay: float) -> None:
+    level = logging.INFO if outcome.status == "sent" else logging.WARNING
+    if log.isEnabledFor(level):
+        log.log(
+            level,
+            "%s id=%s key=%s mailbox=%s to=<%s> upstream=%s delay=%.3fs reply=%r",
+            outcome.status, item.id, item.key_id, item.mailbox, rcpt, upstream, delay, outcome.reply,
+        )

@@ -1,0 +1,117 @@
+"""Session policy: who may send as whom, how much, and what a message must look like.
+
+Pure functions and small stateful limiters, no I/O, so each rule is testable alone and
+the SMTP handler stays glue.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from datetime import UTC, datetime
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+from keystore.models import Identity
+from relay import replies
+
+__all__ = [
+    "RateLimiter",
+    "check_headers",
+    "has_bare_line_ending",
+    "received_header",
+    "sender_allowed",
+]
+
+_HEADER_PARSER = BytesHeaderParser(policy=compat32)
+
+
+def _norm(address: str) -> str:
+    return address.strip().lower().rstrip(".")
+
+
+def sender_allowed(identity: Identity, address: str) -> bool:
+    """The envelope or header sender must be the mailbox or one of its aliases."""
+    wanted = _norm(address)
+    return wanted == identity.mailbox or wanted in identity.aliases
+
+
+def has_bare_line_ending(content: bytes) -> bool:
+    """True if any CR or LF is not part of a CRLF pair (the SMTP smuggling vector)."""
+    pairs = content.count(b"\r\n")
+    return content.count(b"\r") != pairs or content.count(b"\n") != pairs
+
+
+class HeaderInfo:
+    __slots__ = ("has_date", "has_message_id")
+
+    def __init__(self, has_date: bool, has_message_id: bool) -> None:
+        self.has_date = has_date
+        self.has_message_id = has_message_id
+
+
+def check_headers(identity: Identity, content: bytes, *, check_from: bool) -> HeaderInfo | str:
+    """Parse the header block; return what is missing, or the reply refusing the message."""
+    end = content.find(b"\r\n\r\n")
+    block = content if end < 0 else content[: end + 2]
+    headers = _HEADER_PARSER.parsebytes(block)
+    if check_from:
+        senders = headers.get_all("From", []) + headers.get_all("Sender", [])
+        if not headers.get_all("From"):
+            return "550 5.6.0 Message has no From: header"
+        for _, address in email.utils.getaddresses([str(s) for s in senders]):
+            if not address or not sender_allowed(identity, address):
+                return replies.HEADER_FROM_NOT_OWNED
+    return HeaderInfo("Date" in headers, "Message-ID" in headers)
+
+
+def _rfc5322_date(when: float) -> str:
+    return email.utils.format_datetime(datetime.fromtimestamp(when, UTC))
+
+
+def received_header(
+    *, helo: str, client_ip: str, hostname: str, queue_id: str, tls: str, key_id: str, when: float
+) -> bytes:
+    """RFC 5321 section 4.4 trace header; ESMTPSA = ESMTP + TLS + AUTH (RFC 3848).
+
+    Names the key id (never its secret) so an operator can tell which tool sent a message.
+    """
+    date = _rfc5322_date(when)
+    return (
+        f"Received: from {helo} ([{client_ip}])\r\n"
+        f"\tby {hostname} (keyrelay) with ESMTPSA id {queue_id}\r\n"
+        f"\t({tls}) (auth key {key_id});\r\n"
+        f"\t{date}\r\n"
+    ).encode("utf-8", "replace")
+
+
+def missing_headers(info: HeaderInfo, *, hostname: str, queue_id: str, when: float) -> bytes:
+    """Date and Message-ID a submission server adds when the client left them out
+    (RFC 6409 sections 8.2 and 8.3)."""
+    added = b""
+    if not info.has_date:
+        added += f"Date: {_rfc5322_date(when)}\r\n".encode()
+    if not info.has_message_id:
+        added += f"Message-ID: <{queue_id}@{hostname}>\r\n".encode()
+    return added
+
+
+class RateLimiter:
+    """Token bucket per key: `per_minute` messages, refilled continuously."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, key_id: str, per_minute: int | None = None) -> bool:
+        rate = per_minute if per_minute is not None else self.per_minute
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        tokens, stamp = self._buckets.get(key_id, (float(rate), now))
+        tokens = min(float(rate), tokens + (now - stamp) * rate / 60.0)
+        if tokens < 1.0:
+            self._buckets[key_id] = (tokens, now)
+            return False
+        self._buckets[key_id] = (tokens - 1.0, now)
+        return True

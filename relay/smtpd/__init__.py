@@ -1,0 +1,1 @@
+"""The SMTP front door. Nothing outside this package imports aiosmtpd's server."""

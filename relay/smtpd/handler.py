@@ -1,0 +1,199 @@
+"""RelayHandler: aiosmtpd's hooks, wired to auth, policy, spool and delivery.
+
+Glue only: each hook asks the module that owns the rule and returns its reply. One
+handler object serves every connection, so per-session state lives on `session`.
+Never name a helper here `auth_*` or `handle_*`: aiosmtpd would take it for a mechanism
+or a hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from base64 import b64decode
+
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
+
+from keystore.models import Identity
+from relay import maillog, policy, replies
+from relay.auth import Authenticator, split_plain
+from relay.config import Config
+from relay.delivery.engine import DeliveryEngine
+from relay.smtpd.server import RelaySMTP
+from relay.spool import QueueItem, Spool, SpoolFull
+
+__all__ = ["RelayHandler"]
+
+log = logging.getLogger("relay.smtpd")
+
+
+def new_queue_id() -> str:
+    """Sortable by time (ms, hex), unique by 48 random bits."""
+    return f"{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
+
+
+class RelayHandler:
+    def __init__(
+        self, config: Config, authenticator: Authenticator, spool: Spool, engine: DeliveryEngine,
+    ) -> None:
+        self._server_cfg = config.server
+        self._authenticator = authenticator
+        self._spool = spool
+        self._engine = engine
+        self._rates = policy.RateLimiter(config.server.rate_per_minute)
+
+    # ------------------------------------------------------------------ EHLO
+
+    async def handle_EHLO(self, server, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        return responses[:-1] + ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    # ------------------------------------------------------------------ AUTH
+
+    async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        if not await _on_tls(server):
+            return AuthResult(success=False, handled=True)
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = b64decode(args[1], validate=True)
+            except ValueError:
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = split_plain(blob)
+        if parts is None:
+            await server.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        authzid, username, secret = parts
+        if authzid and authzid != username:
+            return AuthResult(success=False, handled=False, message=replies.AUTH_AUTHZID)
+        return await self._login(server, username, secret)
+
+    async def auth_LOGIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        if not await _on_tls(server):
+            return AuthResult(success=False, handled=True)
+        if len(args) == 1:
+            user_blob = await server.challenge_auth("Username:")
+        else:
+            try:
+                user_blob = b64decode(args[1], validate=True)
+            except ValueError:
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        if user_blob is MISSING:
+            return AuthResult(success=False, handled=True)
+        secret_blob = await server.challenge_auth("Password:")
+        if secret_blob is MISSING:
+            return AuthResult(success=False, handled=True)
+        try:
+            username, secret = user_blob.decode("utf-8"), secret_blob.decode("utf-8")
+        except UnicodeDecodeError:
+            return AuthResult(success=False, handled=False)
+        return await self._login(server, username, secret)
+
+    async def _login(self, server: RelaySMTP, username: str, secret: str) -> AuthResult:
+        peer = server.session.peer
+        client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
+        result = await self._authenticator.login(username, secret, client_ip)
+        if result.identity is not None:
+            return AuthResult(success=True, auth_data=result.identity, message=result.reply)
+        if result.close:
+            await server.push(result.reply)
+            server.transport.close()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=result.reply)
+
+    # ------------------------------------------------------------- MAIL/RCPT
+
+    async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        identity = session.auth_data if session.authenticated else None
+        if not isinstance(identity, Identity):
+            return replies.AUTH_REQUIRED
+        current = await self._authenticator.recheck(identity)
+        if isinstance(current, str):
+            maillog.rejected(session.peer, identity.key_id, current)
+            return current
+        session.auth_data = current
+        if not policy.sender_allowed(current, address):
+            maillog.rejected(session.peer, current.key_id, replies.SENDER_NOT_OWNED)
+            return replies.SENDER_NOT_OWNED
+        if not self._rates.allow(current.key_id, current.rate_limit):
+            maillog.rejected(session.peer, current.key_id, replies.RATE_LIMITED)
+            return replies.RATE_LIMITED
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return replies.MAIL_OK
+
+    async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if address in envelope.rcpt_tos:
+            return replies.RCPT_OK
+        if len(envelope.rcpt_tos) >= self._server_cfg.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return replies.RCPT_OK
+
+    # ------------------------------------------------------------------ DATA
+
+    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        identity: Identity = session.auth_data
+        content: bytes = envelope.original_content or b""
+        if policy.has_bare_line_ending(content):
+            maillog.rejected(session.peer, identity.key_id, replies.BARE_LINE_ENDING)
+            return replies.BARE_LINE_ENDING
+        info = policy.check_headers(identity, content, check_from=self._server_cfg.check_header_from)
+        if isinstance(info, str):
+            maillog.rejected(session.peer, identity.key_id, info)
+            return info
+        now = time.time()
+        queue_id = new_queue_id()
+        hostname = self._server_cfg.hostname
+        trace = policy.received_header(
+            helo=session.host_name or "unknown", client_ip=_client_ip(session),
+            hostname=hostname, queue_id=queue_id, tls=server.tls_info or "plaintext",
+            key_id=identity.key_id, when=now,
+        )
+        added = policy.missing_headers(info, hostname=hostname, queue_id=queue_id, when=now)
+        item = QueueItem(
+            id=queue_id, created=now, mail_from=envelope.mail_from, recipients=list(envelope.rcpt_tos),
+            key_id=identity.key_id, mailbox=identity.mailbox, route=identity.route,
+            body=trace + added + content,
+        )
+        try:
+            # shielded: if the client drops mid-commit, the commit still completes, so a
+            # message is either fully stored or absent, never half-written
+            await asyncio.shield(self._spool.put(item))
+        except SpoolFull:
+            log.error("spool is full; refusing message from key %s", identity.key_id)
+            return replies.SPOOL_FULL
+        except Exception:
+            log.exception("spool write failed")
+            return replies.SPOOL_ERROR
+        self._engine.submit(item)
+        maillog.queued(session.peer, item)
+        return replies.QUEUED.format(queue_id=queue_id)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("error in SMTP session: %r", error, exc_info=error)
+        return replies.SPOOL_ERROR
+
+
+async def _on_tls(server: RelaySMTP) -> bool:
+    """Defence in depth under aiosmtpd's own check: never take a secret in plaintext."""
+    if server.tls_info is None:
+        await server.push(replies.AUTH_NEEDS_TLS)
+        return False
+    return True
+
+
+def _client_ip(session: Session) -> str:
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)

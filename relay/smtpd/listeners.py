@@ -1,0 +1,73 @@
+"""Opening the 587-style (STARTTLS) and 465-style (implicit TLS) listeners.
+
+aiosmtpd's implicit TLS is half-supported (its Controller just passes ssl= to asyncio, so
+the protocol never learns it is on TLS), hence the recipe: asyncio does the TLS for the
+465 listener, the protocol gets no tls_context (no STARTTLS inside TLS) and
+auth_require_tls=False, and our AUTH mechanisms check the transport for TLS themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+
+from relay.config import Config, split_hostport
+from relay.smtpd.handler import RelayHandler
+from relay.smtpd.server import ConnectionRegistry, RelaySMTP
+
+__all__ = ["Listener", "open_listeners"]
+
+# Per connection: AUTH at most 3 times (a brake on guessing within one session); every
+# other command unlimited, since a pooled client sends many messages per session.
+_CALL_LIMITS = {"AUTH": 3, "*": 10**9}
+
+
+@dataclass(slots=True)
+class Listener:
+    kind: str  # "submission" (STARTTLS) or "submissions" (implicit TLS)
+    host: str
+    port: int
+    server: asyncio.Server
+
+
+async def open_listeners(
+    config: Config, handler: RelayHandler, tls: ssl.SSLContext, registry: ConnectionRegistry,
+) -> list[Listener]:
+    loop = asyncio.get_running_loop()
+    cfg = config.server
+    opened: list[Listener] = []
+
+    def factory(implicit: bool):
+        def make() -> RelaySMTP:
+            return RelaySMTP(
+                handler,
+                registry=registry,
+                hostname=cfg.hostname,
+                ident="keyrelay ESMTP",
+                data_size_limit=cfg.max_message_size,
+                tls_context=None if implicit else tls,
+                auth_require_tls=not implicit,
+                auth_required=False,  # enforced in handle_MAIL with our reply
+                command_call_limit=_CALL_LIMITS,
+                timeout=cfg.idle_timeout,
+                loop=loop,
+            )
+        return make
+
+    try:
+        for kind, addresses in (("submission", cfg.submission), ("submissions", cfg.submissions)):
+            implicit = kind == "submissions"
+            for address in addresses:
+                host, port = split_hostport(address)
+                server = await loop.create_server(
+                    factory(implicit), host, port, ssl=tls if implicit else None,
+                    ssl_handshake_timeout=30 if implicit else None,
+                )
+                bound = server.sockets[0].getsockname()
+                opened.append(Listener(kind, host, bound[1], server))
+    except BaseException:
+        for listener in opened:
+            listener.server.close()
+        raise
+    return opened

@@ -1,0 +1,88 @@
+"""RelaySMTP: aiosmtpd's SMTP protocol with the relay's listener rules.
+
+* every reply passes through `replies.enhance`, so aiosmtpd's bare replies carry RFC 3463
+  codes;
+* a cap on concurrent sessions (aiosmtpd has none): over it, 421 4.7.0 and close;
+* `MAIL FROM:<>` gets our policy reply instead of aiosmtpd's syntax error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import AnyStr
+
+from aiosmtpd.smtp import SMTP
+
+from relay import replies
+
+__all__ = ["ConnectionRegistry", "RelaySMTP"]
+
+_NULL_SENDER = re.compile(r"^FROM:\s*<>", re.IGNORECASE)
+
+
+class ConnectionRegistry:
+    """Live sessions of all listeners: for the connection cap and graceful shutdown."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.live: set[RelaySMTP] = set()
+
+    @property
+    def full(self) -> bool:
+        return len(self.live) >= self.limit
+
+
+class RelaySMTP(SMTP):
+    def __init__(self, handler, *, registry: ConnectionRegistry, **kwargs) -> None:
+        super().__init__(handler, **kwargs)
+        self._registry = registry
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self._original_transport is None and self.transport is None
+        if first and self._registry.full:
+            self._refused = True
+            transport.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())  # type: ignore[attr-defined]
+            transport.close()
+            return
+        if first:
+            self._registry.live.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        self._registry.live.discard(self)
+        super().connection_lost(error)
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            status = replies.enhance(status)
+        await super().push(status)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if arg and _NULL_SENDER.match(arg) and self.session and self.session.host_name:
+            reply = replies.NULL_SENDER if self.session.authenticated else replies.AUTH_REQUIRED
+            await self.push(reply)
+            return
+        await super().smtp_MAIL(arg)
+
+    @property
+    def tls_info(self) -> str | None:
+        """"TLSv1.3 TLS_AES_256_GCM_SHA384" for the session's TLS, or None if plaintext."""
+        if self.transport is None:
+            return None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return None
+        cipher = ssl_object.cipher()
+        return f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()
+
+    def close_now(self, reply: str | None = None) -> None:
+        """Used at shutdown: say goodbye (if idle) and drop the connection."""
+        if self.transport is None:
+            return
+        if reply:
+            self.transport.write(f"{reply}\r\n".encode())  # type: ignore[attr-defined]
+        self.transport.close()
