@@ -102,7 +102,14 @@ class KeyStore:
         cls, path: Path, pepper_file: Path, *, default_key_limit: int = 100, create: bool = False
     ) -> KeyStore:
         if create and not pepper_file.exists():
-            keys.create_pepper(pepper_file)
+            if path.exists():  # a new pepper would silently make every existing key invalid
+                raise keys.PepperError(
+                    f"{pepper_file}: pepper file missing for the existing keystore {path}; restore it"
+                )
+            try:
+                keys.create_pepper(pepper_file)
+            except FileExistsError:
+                pass  # a concurrent `keystore init` wrote it first: use that one
         pepper = keys.load_pepper(pepper_file)
         try:
             conn = await open_database(path, create=create)
@@ -116,7 +123,7 @@ class KeyStore:
     async def _rows(self, sql: str, params: Iterable[object] = ()) -> list[tuple]:
         try:
             return list(await self._conn.execute_fetchall(sql, tuple(params)))
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:  # aiosqlite: ValueError once closed
             raise KeystoreUnavailable(f"keystore query failed: {exc}") from exc
 
     @asynccontextmanager

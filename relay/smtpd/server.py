@@ -81,8 +81,12 @@ class RelaySMTP(SMTP):
 
     def close_now(self, reply: str | None = None) -> None:
         """Used at shutdown: say goodbye (if idle) and drop the connection."""
-        if self.transport is None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
         if reply:
-            self.transport.write(f"{reply}\r\n".encode())  # type: ignore[attr-defined]
-        self.transport.close()
+            try:
+                transport.write(f"{reply}\r\n".encode())  # type: ignore[attr-defined]
+            except (AttributeError, RuntimeError, OSError):
+                pass  # the TLS layer is already gone; just close
+        transport.close()

@@ -1,0 +1,46 @@
+"""Fixtures: a real sink, a real relay on ephemeral loopback ports with real TLS, and a
+fresh sqlite keystore and spool in tmp_path for every test."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from keystore.store import KeyStore
+from relay.app import Relay
+from relay.config import load_config
+from tests.support.relayrun import Harness, write_config
+from tests.support.sink import Sink
+
+
+@contextlib.asynccontextmanager
+async def running_relay(folder, sink, **config_parts):
+    path = write_config(folder, sink.port, **config_parts)
+    config = load_config(path)
+    store = await KeyStore.open(config.keystore.path, config.keystore.pepper_file, create=True)
+    await store.close()
+    relay = Relay(config)
+    try:
+        await relay.start()
+        yield Harness(folder, relay, sink)
+    finally:
+        await relay.stop(grace=0.5)
+
+
+@pytest.fixture
+async def sink():
+    async with Sink() as running:
+        yield running
+
+
+@pytest.fixture
+def relay_with(tmp_path, sink):
+    """`async with relay_with(server='max_recipients = 2') as h:` for per-test config."""
+    return lambda **parts: running_relay(tmp_path, sink, **parts)
+
+
+@pytest.fixture
+async def h(tmp_path, sink):
+    async with running_relay(tmp_path, sink) as harness:
+        yield harness

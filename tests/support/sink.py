@@ -1,0 +1,103 @@
+"""A real SMTP server (aiosmtpd) standing in for an upstream provider in tests.
+
+It records what it accepts and can be told to answer 4xx or 5xx, so tests see what a
+provider would do without mocking SMTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from aiosmtpd.smtp import SMTP
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+
+@dataclass
+class SinkHandler:
+    messages: list[Received] = field(default_factory=list)
+    data_reply: str | None = None       # e.g. "451 4.3.0 try later" or "554 5.7.1 rejected"
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    connections: int = 0
+    attempts: int = 0
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        reply = self.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.attempts += 1
+        if self.data_reply:
+            return self.data_reply
+        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 2.0.0 accepted"
+
+
+class CountingSMTP(SMTP):
+    def __init__(self, handler: SinkHandler, **kwargs):
+        super().__init__(handler, **kwargs)
+        self._sink_handler = handler
+
+    def connection_made(self, transport):
+        if self.transport is None:
+            self._sink_handler.connections += 1
+        super().connection_made(transport)
+
+
+class Sink:
+    """`async with Sink() as sink:` → sink.port, sink.messages, await sink.wait_for(n)."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.handler = SinkHandler()
+        self._port = port
+        self.server: asyncio.AbstractServer | None = None
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    async def start(self) -> Sink:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: CountingSMTP(self.handler, hostname="sink.test", loop=loop), "127.0.0.1", self._port
+        )
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+
+    async def __aenter__(self) -> Sink:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"sink got {len(self.messages)} message(s), expected {count}")
+            await asyncio.sleep(0.02)
+        return self.messages
