@@ -27,7 +27,10 @@ def prepare_database(path: Path, *, create: bool) -> None:
         if not create:
             raise FileNotFoundError(f"{path}: keystore not found (run `keystore init`)")
         path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass  # another process (a concurrent `keystore init`) created it first
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
         conn.execute("PRAGMA journal_mode=WAL")

@@ -112,13 +112,22 @@ def hash_secret(pepper: bytes, key_id: str, secret: str) -> bytes:
 
 
 def create_pepper(path: Path) -> None:
-    """Write a new random pepper, mode 0600 from the first byte (O_EXCL: never overwrite)."""
+    """Write a new random pepper, mode 0600 from the first byte, never overwriting one.
+
+    It is written to a private temporary name and then hard-linked into place, so nobody
+    (a concurrent `keystore init`) can read a half-written pepper; FileExistsError if one exists.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(secrets.token_hex(32) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.link(temp, path)
+    finally:
+        temp.unlink()
 
 
 def load_pepper(path: Path) -> bytes:

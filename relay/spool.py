@@ -144,7 +144,8 @@ class Spool:
                 op(conn)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # sqlite may already have rolled back (e.g. disk full)
+                conn.execute("ROLLBACK")
             raise
 
     # ------------------------------------------------------------ messages

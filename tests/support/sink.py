@@ -82,6 +82,11 @@ class Sink:
         )
         return self
 
+    async def start_on(self, port: int) -> Sink:
+        """Come back up on the same port (an upstream that was down)."""
+        self._port = port
+        return await self.start()
+
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()

@@ -1,0 +1,94 @@
+"""First delivery to the configured upstream: success, temporary failure and retry,
+permanent failure, an upstream that is down, and key routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+MESSAGE = b"From: alice@example.com\r\nSubject: hello\r\n\r\nhi\r\n"
+
+
+async def send(h, *, rcpts=("bob@example.net",)) -> None:
+    await h.mailbox("alice@example.com")
+    secret = await h.key("alice@example.com")
+    client = await h.login("alice@example.com", secret)
+    await client.sendmail("alice@example.com", list(rcpts), MESSAGE)
+    await client.quit()
+
+
+async def wait_spool_empty(h, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if await h.relay.spool.count() == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the spool did not drain")
+
+
+async def test_temporary_failure_is_retried_until_accepted(h):
+    h.sink.handler.data_reply = "451 4.3.0 try again later"
+    await send(h)
+    for _ in range(100):
+        if h.sink.handler.attempts >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert h.sink.handler.attempts >= 2  # retried after the 0.3 s backoff
+    assert await h.relay.spool.count() == 1
+    h.sink.handler.data_reply = None
+    (message,) = await h.sink.wait_for(1)
+    assert b"Subject: hello" in message.data
+    await wait_spool_empty(h)
+
+
+async def test_permanent_failure_is_recorded_and_not_retried(h, caplog):
+    caplog.set_level(logging.INFO, logger="relay.mail")
+    h.sink.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
+    await send(h, rcpts=("bob@example.net", "nobody@example.net"))
+    (message,) = await h.sink.wait_for(1)
+    assert message.rcpt_tos == ["bob@example.net"]
+    await wait_spool_empty(h)
+    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("failed ")]
+    assert len(failed) == 1
+    assert "to=<nobody@example.net>" in failed[0] and "550 5.1.1 no such user" in failed[0]
+
+
+async def test_upstream_down_then_back(h):
+    port = h.sink.port
+    await h.sink.stop()
+    await send(h)
+    await asyncio.sleep(0.5)
+    assert await h.relay.spool.count() == 1
+    await h.sink.start_on(port)
+    await h.sink.wait_for(1, timeout=5)
+    await wait_spool_empty(h)
+
+
+async def test_connections_to_the_upstream_are_reused(h):
+    await h.mailbox("alice@example.com")
+    secret = await h.key("alice@example.com")
+    client = await h.login("alice@example.com", secret)
+    for _ in range(20):
+        await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+    await client.quit()
+    await h.sink.wait_for(20)
+    assert h.sink.handler.connections <= 4  # at most one per delivery worker
+
+
+@pytest.mark.parametrize("route", ["second", None])
+async def test_key_route_picks_the_upstream(relay_with, route):
+    from tests.support.sink import Sink
+
+    async with Sink() as second:
+        extra = f'\n[[upstream]]\nname = "second"\nhost = "127.0.0.1"\nport = {second.port}\ntls = "none"\n'
+        async with relay_with(upstream_extra=extra) as h:
+            await h.mailbox("alice@example.com")
+            secret = await h.key("alice@example.com", route=route)
+            client = await h.login("alice@example.com", secret)
+            await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+            await client.quit()
+            chosen, other = (second, h.sink) if route else (h.sink, second)
+            await chosen.wait_for(1)
+            await asyncio.sleep(0.2)
+            assert other.messages == []
