@@ -15,6 +15,10 @@ import pytest
 INVALID = "5.7.8 Authentication credentials invalid"
 
 
+def flip(secret: str, at: int) -> str:
+    return secret[:at] + ("A" if secret[at] != "A" else "B") + secret[at + 1:]
+
+
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
@@ -112,7 +116,7 @@ async def test_every_wrong_credential_gets_the_same_reply(h, case):
     username, password = {
         "unknown mailbox": ("nobody@example.com", secret),
         "unknown key": ("alice@example.com", secret.replace(secret[4:16], "aaaaaaaaaaaa")),
-        "wrong secret": ("alice@example.com", secret[:20] + ("A" if secret[20] != "A" else "B") + secret[21:]),
+        "wrong secret": ("alice@example.com", flip(secret, 20)),
         "malformed": ("alice@example.com", "hunter2"),
         "other mailbox's key": ("alice@example.com", carol_secret),
     }[case]
