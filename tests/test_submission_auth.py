@@ -12,6 +12,8 @@ import warnings
 import aiosmtplib
 import pytest
 
+from keystore import keys
+
 INVALID = "5.7.8 Authentication credentials invalid"
 
 
@@ -106,8 +108,8 @@ async def test_tls_below_1_2_is_refused(h):
         await client.connect()
 
 
-@pytest.mark.parametrize("case", ["unknown mailbox", "unknown key", "wrong secret", "malformed",
-                                  "other mailbox's key"])
+@pytest.mark.parametrize("case", ["unknown mailbox", "unknown key", "wrong secret", "bad checksum",
+                                  "malformed", "other mailbox's key"])
 async def test_every_wrong_credential_gets_the_same_reply(h, case):
     await h.mailbox("alice@example.com")
     await h.mailbox("carol@example.com")
@@ -115,8 +117,9 @@ async def test_every_wrong_credential_gets_the_same_reply(h, case):
     carol_secret = await h.key("carol@example.com")
     username, password = {
         "unknown mailbox": ("nobody@example.com", secret),
-        "unknown key": ("alice@example.com", secret.replace(secret[4:16], "aaaaaaaaaaaa")),
-        "wrong secret": ("alice@example.com", flip(secret, 20)),
+        "unknown key": ("alice@example.com", keys.format_key("aaaaaaaaaaaa", keys.generate_secret())),
+        "wrong secret": ("alice@example.com", keys.format_key(secret[4:16], keys.generate_secret())),
+        "bad checksum": ("alice@example.com", flip(secret, 20)),
         "malformed": ("alice@example.com", "hunter2"),
         "other mailbox's key": ("alice@example.com", carol_secret),
     }[case]
