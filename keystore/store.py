@@ -40,6 +40,7 @@ __all__ = ["KeyStore", "KeystoreUnavailable", "StoreError", "normalize_address"]
 
 _ADDRESS_RE = re.compile(r"^[^\s@<>()\[\],;:\"\\]+@[A-Za-z0-9.-]+\.?[A-Za-z0-9-]*$")
 _DUMMY_HASH = bytes(32)
+USE_FLUSH_DELAY = 1.0  # seconds a key's last use may take to reach the database
 _KEY_STATUSES = ("active", "disabled", "revoked")
 
 
@@ -96,6 +97,8 @@ class KeyStore:
         self._pepper = pepper
         self._default_key_limit = default_key_limit
         self._write_lock = asyncio.Lock()
+        self._uses: dict[str, tuple[float, str]] = {}
+        self._use_flusher: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -118,6 +121,9 @@ class KeyStore:
         return cls(conn, pepper, default_key_limit)
 
     async def close(self) -> None:
+        if self._use_flusher is not None:
+            self._use_flusher.cancel()
+        await self.flush_uses()
         await self._conn.close()
 
     async def _rows(self, sql: str, params: Iterable[object] = ()) -> list[tuple]:
@@ -165,7 +171,7 @@ class KeyStore:
             return Reason.BAD_CREDENTIALS
         outcome = self._judge(row, now)
         if isinstance(outcome, Identity):
-            await self._record_use(parsed.key_id, now, client_ip)
+            self._remember_use(parsed.key_id, now, client_ip)
         return outcome
 
     async def recheck(self, identity: Identity) -> Identity | Reason:
@@ -206,13 +212,31 @@ class KeyStore:
             rate_limit=rate_limit,
         )
 
-    async def _record_use(self, key_id: str, now: float, client_ip: str) -> None:
+    def _remember_use(self, key_id: str, now: float, client_ip: str) -> None:
+        """Last use is bookkeeping, not part of the decision: logins only note it, and one
+        write per USE_FLUSH_DELAY records them all, so a login is a single read. Reads of
+        key records through this store flush first; other processes see it that much later."""
+        self._uses[key_id] = (now, client_ip)
+        if self._use_flusher is None:
+            self._use_flusher = asyncio.ensure_future(self._flush_uses_later())
+
+    async def _flush_uses_later(self) -> None:
         try:
-            await self._conn.execute(
+            await asyncio.sleep(USE_FLUSH_DELAY)
+        finally:
+            self._use_flusher = None
+        await self.flush_uses()
+
+    async def flush_uses(self) -> None:
+        uses, self._uses = self._uses, {}
+        if not uses:
+            return
+        try:
+            await self._conn.executemany(
                 "UPDATE auth_key SET last_used = ?, last_ip = ? WHERE id = ?",
-                (now, client_ip, key_id),
+                [(when, ip, key_id) for key_id, (when, ip) in uses.items()],
             )
-        except sqlite3.OperationalError:
+        except (sqlite3.Error, ValueError):
             pass  # last-use bookkeeping must never turn a valid login into a failure
 
     # ------------------------------------------------------------- mailboxes
@@ -388,6 +412,7 @@ class KeyStore:
         return _auth_key(rows[0])
 
     async def get_key(self, key_id: str) -> AuthKey:
+        await self.flush_uses()
         rows = await self._rows(_KEY_SQL + " WHERE k.id = ?", (key_id,))
         if not rows:
             raise StoreError(f"unknown key: {key_id}")
@@ -418,6 +443,7 @@ class KeyStore:
             needle = search.lower()
             params.extend([needle] * 5 + [search])
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        await self.flush_uses()
         rows = await self._rows(_KEY_SQL + where + " ORDER BY k.created, k.id", params)
         return [_auth_key(r) for r in rows]
 
