@@ -1,0 +1,202 @@
+"""Submission benchmark: the relay against the bare sink, side by side, in one run.
+
+    .venv/bin/python bench/submission.py [--connections 20] [--messages 100] [--size 4096]
+
+The relay runs pinned to core 0; this process (the load generator) and the sink run on
+core 1. It prints:
+  * messages/s, p50/p99 latency of 20 authenticated STARTTLS sessions sending 4 KiB
+    messages through the relay (which also delivers every one of them to the sink),
+  * the same load sent straight to the sink (plain SMTP, no TLS, no AUTH) and the ratio,
+  * the AUTH PLAIN round trip on an open TLS session,
+  * the relay's RSS growth per idle authenticated TLS session (200 sessions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loadgen import auth_round_trips, idle_sessions, run_load, summary  # noqa: E402
+
+from keystore.store import KeyStore  # noqa: E402
+from relay.tlsconf import generate_self_signed  # noqa: E402
+
+CONFIG = """
+[server]
+hostname = "localhost"
+submission = ["127.0.0.1:{port}"]
+max_connections = 5000
+rate_per_minute = 0
+
+[tls]
+cert = "cert.pem"
+key = "key.pem"
+
+[auth]
+max_failures = 1000
+
+[keystore]
+path = "keystore.db"
+pepper_file = "pepper"
+
+[queue]
+path = "spool.db"
+workers = {workers}
+
+[routing]
+default = "sink"
+
+[[upstream]]
+name = "sink"
+host = "127.0.0.1"
+port = {sink_port}
+tls = "none"
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pinned(core: int, argv: list[str]) -> list[str]:
+    return (["taskset", "-c", str(core)] if shutil.which("taskset") else []) + argv
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def wait_port(port: int) -> None:
+    for _ in range(300):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            await writer.wait_closed()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def sink_count(path: Path) -> tuple[int, int]:
+    try:
+        count, conns = path.read_text().split()
+        return int(count), int(conns)
+    except (OSError, ValueError):
+        return 0, 0
+
+
+async def bench(args: argparse.Namespace) -> None:
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:
+        os.sched_setaffinity(0, {1})
+    folder = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    port, sink_port, direct_port = free_port(), free_port(), free_port()
+    generate_self_signed("localhost", folder / "cert.pem", folder / "key.pem")
+    (folder / "relay.toml").write_text(CONFIG.format(port=port, sink_port=sink_port, workers=args.workers))
+    store = await KeyStore.open(folder / "keystore.db", folder / "pepper", create=True)
+    await store.add_mailbox("bench@example.com", workspace="bench", actor="bench")
+    _, secret = await store.create_key(mailbox="bench@example.com", name="bench", actor="bench")
+    await store.close()
+
+    env = {**os.environ, "RELAY_LOG_LEVEL": "WARNING"}
+    count_file = folder / "sink.count"
+    procs = [
+        subprocess.Popen(pinned(1, [sys.executable, "bench/sink.py", "--port", str(sink_port),
+                                    "--count-file", str(count_file)]), stdout=subprocess.DEVNULL),
+        subprocess.Popen(pinned(1, [sys.executable, "bench/sink.py", "--port", str(direct_port)]),
+                         stdout=subprocess.DEVNULL),
+        subprocess.Popen(pinned(0, [sys.executable, "-m", "relay", "--config",
+                                    str(folder / "relay.toml"), "serve"]), env=env),
+    ]
+    relay_pid = procs[2].pid
+    try:
+        for p in (sink_port, direct_port, port):
+            await wait_port(p)
+        cafile = str(folder / "cert.pem")
+        common = dict(connections=args.connections, messages=args.messages, size=args.size,
+                      sender="bench@example.com")
+        # warm-up (imports, caches, sqlite pages)
+        await run_load("127.0.0.1", port, starttls=True, cafile=cafile, user="bench@example.com",
+                       password=secret, connections=4, messages=50, size=args.size,
+                       sender="bench@example.com")
+        delivered_before, _ = sink_count(count_file)
+        cpu_before = _cpu_seconds(relay_pid)
+        relay = await run_load("127.0.0.1", port, starttls=True, cafile=cafile,
+                               user="bench@example.com", password=secret, **common)
+        cpu_relay = _cpu_seconds(relay_pid) - cpu_before
+        direct = await run_load("127.0.0.1", direct_port, starttls=False, cafile=None, user=None,
+                                password=None, **common)
+        deadline = time.monotonic() + 60
+        while sink_count(count_file)[0] - delivered_before < relay.sent and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        delivered, upstream_conns = sink_count(count_file)
+
+        auth = await auth_round_trips("127.0.0.1", port, cafile=cafile, user="bench@example.com",
+                                      password=secret, samples=args.auth_samples)
+        base_rss = rss_kib(relay_pid)
+        sessions = await idle_sessions("127.0.0.1", port, cafile=cafile, user="bench@example.com",
+                                       password=secret, count=args.idle)
+        await asyncio.sleep(0.5)
+        idle_rss = rss_kib(relay_pid)
+        for client in sessions:
+            client.close()
+
+        print()
+        print(f"bench/submission.py: {args.connections} connections x {args.messages} messages of "
+              f"{args.size} B; relay on core 0, load generator and sinks on core 1")
+        print(summary("relay (STARTTLS + AUTH, delivering)", relay))
+        print(summary("sink directly (plain SMTP)", direct))
+        print(f"{'ratio relay / direct':34} {relay.rate / direct.rate:8.2f}x throughput   "
+              f"p99 {relay.pct(0.99) / direct.pct(0.99):.2f}x")
+        print(f"{'relay CPU per accepted message':34} {cpu_relay / relay.sent * 1e6:8.0f} µs "
+              f"(accept + deliver, one core)")
+        print(f"{'delivered to the upstream sink':34} {delivered - delivered_before:8d} of {relay.sent} "
+              f"over {upstream_conns} upstream connections in all")
+        print(f"{'AUTH PLAIN round trip':34} median {statistics.median(auth) * 1000:.3f} ms   "
+              f"p99 {sorted(auth)[int(0.99 * len(auth))] * 1000:.3f} ms   ({len(auth)} samples)")
+        print(f"{'RSS per idle authenticated session':34} {(idle_rss - base_rss) / args.idle:8.1f} KiB   "
+              f"({args.idle} sessions: {base_rss} KiB -> {idle_rss} KiB)")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--connections", type=int, default=20)
+    parser.add_argument("--messages", type=int, default=100)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--auth-samples", type=int, default=200)
+    parser.add_argument("--idle", type=int, default=200)
+    asyncio.run(bench(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
