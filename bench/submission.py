@@ -137,11 +137,21 @@ async def bench(args: argparse.Namespace) -> None:
         await run_load("127.0.0.1", port, starttls=True, cafile=cafile, user="bench@example.com",
                        password=secret, connections=4, messages=50, size=args.size,
                        sender="bench@example.com")
+        await asyncio.sleep(0.5)  # let the warm-up deliveries finish
         delivered_before, _ = sink_count(count_file)
+        profiler = None
+        if args.profile:  # py-spy samples the relay during the measured run (collapsed stacks)
+            profiler = subprocess.Popen(["py-spy", "record", "--pid", str(relay_pid), "--format", "raw",
+                                         "--rate", "250", "--nonblocking", "-o", args.profile],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await asyncio.sleep(1.0)
         cpu_before = _cpu_seconds(relay_pid)
         relay = await run_load("127.0.0.1", port, starttls=True, cafile=cafile,
                                user="bench@example.com", password=secret, **common)
         cpu_relay = _cpu_seconds(relay_pid) - cpu_before
+        if profiler is not None:
+            profiler.send_signal(2)
+            profiler.wait(30)
         direct = await run_load("127.0.0.1", direct_port, starttls=False, cafile=None, user=None,
                                 password=None, **common)
         deadline = time.monotonic() + 60
@@ -195,6 +205,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--auth-samples", type=int, default=200)
     parser.add_argument("--idle", type=int, default=200)
+    parser.add_argument("--profile", metavar="PATH", help="write py-spy collapsed stacks of the relay here")
     asyncio.run(bench(parser.parse_args()))
 
 

@@ -55,9 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _gen_cert(config)
         if args.command == "hint":
             return _hint(config)
-        from relay.app import serve
+        from relay.app import run
 
-        asyncio.run(serve(config))
+        run(config)
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2

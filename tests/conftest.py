@@ -8,10 +8,15 @@ import contextlib
 import pytest
 
 from keystore.store import KeyStore
-from relay.app import Relay
+from relay.app import Relay, loop_factory
 from relay.config import load_config
 from tests.support.relayrun import Harness, write_config
 from tests.support.sink import Sink
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """Tests run on the event loop the relay runs on in production (relay.app)."""
+    return {"relay-loop": loop_factory()}
 
 
 @contextlib.asynccontextmanager
