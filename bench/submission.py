@@ -146,18 +146,20 @@ async def bench(args: argparse.Namespace) -> None:
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await asyncio.sleep(1.0)
         cpu_before = _cpu_seconds(relay_pid)
+        drain_start = time.perf_counter()
         relay = await run_load("127.0.0.1", port, starttls=True, cafile=cafile,
                                user="bench@example.com", password=secret, **common)
         cpu_relay = _cpu_seconds(relay_pid) - cpu_before
         if profiler is not None:
             profiler.send_signal(2)
             profiler.wait(30)
-        direct = await run_load("127.0.0.1", direct_port, starttls=False, cafile=None, user=None,
-                                password=None, **common)
         deadline = time.monotonic() + 60
         while sink_count(count_file)[0] - delivered_before < relay.sent and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+        drained = time.perf_counter() - drain_start
         delivered, upstream_conns = sink_count(count_file)
+        direct = await run_load("127.0.0.1", direct_port, starttls=False, cafile=None, user=None,
+                                password=None, **common)
 
         auth = await auth_round_trips("127.0.0.1", port, cafile=cafile, user="bench@example.com",
                                       password=secret, samples=args.auth_samples)
@@ -179,6 +181,7 @@ async def bench(args: argparse.Namespace) -> None:
         print(f"{'relay CPU per accepted message':34} {cpu_relay / relay.sent * 1e6:8.0f} µs "
               f"(accept + deliver, one core)")
         print(f"{'delivered to the upstream sink':34} {delivered - delivered_before:8d} of {relay.sent} "
+              f"in {drained:.2f} s: {(delivered - delivered_before) / drained:.0f} msg/s end to end, "
               f"over {upstream_conns} upstream connections in all")
         print(f"{'AUTH PLAIN round trip':34} median {statistics.median(auth) * 1000:.3f} ms   "
               f"p99 {sorted(auth)[int(0.99 * len(auth))] * 1000:.3f} ms   ({len(auth)} samples)")

@@ -25,7 +25,7 @@ from relay.smtpd.handler import RelayHandler
 from relay.smtpd.listeners import Listener, open_listeners
 from relay.smtpd.server import ConnectionRegistry
 from relay.spool import QueueItem, Spool
-from relay.tlsconf import server_context
+from relay.tlsconf import limit_tls_buffers, server_context
 
 __all__ = ["Relay", "loop_factory", "run", "serve"]
 
@@ -51,6 +51,7 @@ class Relay:
             missing = [n for n in ("tls", "queue", "routing") if getattr(cfg, n) is None]
             raise ConfigError(f"{cfg.source}: [{missing[0]}]: required to run the relay")
         tls = server_context(cfg.tls)
+        limit_tls_buffers()
         for upstream in cfg.upstream:
             try:
                 self.couriers[upstream.name] = SmarthostCourier(
