@@ -54,9 +54,7 @@ class Relay:
         limit_tls_buffers()
         for upstream in cfg.upstream:
             try:
-                self.couriers[upstream.name] = SmarthostCourier(
-                    upstream, local_hostname=cfg.server.hostname, max_connections=cfg.queue.workers
-                )
+                self.couriers[upstream.name] = SmarthostCourier(upstream, local_hostname=cfg.server.hostname)
             except OSError as exc:
                 raise ConfigError(
                     f"{cfg.source}: [[upstream]] {upstream.name} password_file: {exc}"

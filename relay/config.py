@@ -101,13 +101,53 @@ class QueueConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class UpstreamConfig:
+    """A provider: a smarthost (`kind = "smarthost"`, needs host) or direct MX delivery
+    (`kind = "mx"`: each recipient domain's MX hosts, opportunistic STARTTLS)."""
+
     name: str
-    host: str
-    port: int = 587
+    kind: str = "smarthost"
+    host: str | None = None
+    port: int | None = None  # default: 587 for a smarthost, 25 for MX delivery
     tls: str = "starttls"
     username: str | None = None
     password_file: Path | None = None
+    ca_file: Path | None = None  # trust this CA (PEM) instead of the system store
+    allow_plaintext: bool = False  # tls = "none" to a non-loopback host
+    max_connections: int = 8
     timeout: Duration = Duration(60)
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 25 if self.kind == "mx" else 587
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupConfig:
+    """A delivery group: `failover` tries members in order; `round_robin` spreads
+    messages over them (by `weights` if given) and fails over to the others."""
+
+    name: str
+    members: tuple[str, ...]
+    strategy: str = "failover"
+    weights: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class DnsConfig:
+    """Resolver for MX delivery and DKIM checks; empty nameservers = the system's."""
+
+    nameservers: tuple[str, ...] = ()
+    port: int = 53
+    timeout: Duration = Duration(5)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DkimConfig:
+    domain: str
+    selector: str
+    key_file: Path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,9 +165,20 @@ class Config:
     queue: QueueConfig | None = None
     routing: RoutingConfig | None = None
     upstream: tuple[UpstreamConfig, ...] = ()
+    group: tuple[GroupConfig, ...] = ()
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    dkim: tuple[DkimConfig, ...] = ()
 
     def upstream_named(self, name: str) -> UpstreamConfig | None:
         return next((u for u in self.upstream if u.name == name), None)
+
+    def group_named(self, name: str) -> GroupConfig | None:
+        return next((g for g in self.group if g.name == name), None)
+
+    @property
+    def route_names(self) -> list[str]:
+        """Names a key, a mailbox or [routing] default may use: upstreams and groups."""
+        return [u.name for u in self.upstream] + [g.name for g in self.group]
 
 
 def resolve_config_path(explicit: str | None) -> Path:
@@ -162,23 +213,52 @@ def _cross_check(config: Config, source: Path) -> None:
             raise ConfigError(f"{source}: [server] listener {listener!r}: {exc}") from None
     if (config.server.submission or config.server.submissions) and config.tls is None:
         raise ConfigError(f"{source}: [tls]: required when [server] has listeners")
-    names = [u.name for u in config.upstream]
+    names = config.route_names
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"{source}: upstream or group name {name!r}: defined twice")
     for upstream in config.upstream:
-        if names.count(upstream.name) > 1:
-            raise ConfigError(f"{source}: [[upstream]] name {upstream.name!r}: defined twice")
-        if upstream.tls not in ("none", "starttls", "implicit"):
-            raise ConfigError(
-                f"{source}: [[upstream]] {upstream.name} tls: expected one of "
-                f"none, starttls, implicit, not {upstream.tls!r}"
-            )
-        if upstream.username and not upstream.password_file:
-            raise ConfigError(
-                f"{source}: [[upstream]] {upstream.name}: username needs password_file"
-            )
-    if config.routing and config.upstream_named(config.routing.default) is None:
+        _check_upstream(upstream, source)
+    upstream_names = {u.name for u in config.upstream}
+    for group in config.group:
+        where = f"{source}: [[group]] {group.name}"
+        if group.strategy not in ("failover", "round_robin"):
+            raise ConfigError(f"{where} strategy: expected failover or round_robin, not {group.strategy!r}")
+        if not group.members:
+            raise ConfigError(f"{where} members: a group needs at least one upstream")
+        for member in group.members:
+            if member not in upstream_names:
+                raise ConfigError(f"{where} members: no [[upstream]] named {member!r}")
+        if group.weights and (len(group.weights) != len(group.members) or not any(group.weights)):
+            raise ConfigError(f"{where} weights: one weight per member, not all zero")
+    if config.routing and config.routing.default not in names:
         raise ConfigError(
-            f"{source}: [routing] default: no [[upstream]] named {config.routing.default!r}"
+            f"{source}: [routing] default: no [[upstream]] or [[group]] named {config.routing.default!r}"
         )
+
+
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def _check_upstream(upstream: UpstreamConfig, source: Path) -> None:
+    where = f"{source}: [[upstream]] {upstream.name}"
+    if upstream.kind not in ("smarthost", "mx"):
+        raise ConfigError(f"{where} kind: expected smarthost or mx, not {upstream.kind!r}")
+    if upstream.tls not in ("none", "starttls", "implicit"):
+        raise ConfigError(f"{where} tls: expected one of none, starttls, implicit, not {upstream.tls!r}")
+    if upstream.kind == "smarthost":
+        if not upstream.host:
+            raise ConfigError(f"{where} host: required for a smarthost")
+        loopback = upstream.host.startswith(_LOOPBACK)
+        if upstream.tls == "none" and not upstream.allow_plaintext and not loopback:
+            raise ConfigError(
+                f"{where} tls: \"none\" sends mail and credentials in clear text; only for loopback "
+                "hosts unless allow_plaintext = true"
+            )
+    if upstream.username and not upstream.password_file:
+        raise ConfigError(f"{where}: username needs password_file")
+    if upstream.max_connections < 1:
+        raise ConfigError(f"{where} max_connections: at least 1")
 
 
 def split_hostport(text: str) -> tuple[str, int]:

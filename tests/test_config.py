@@ -105,7 +105,8 @@ def test_message_format_names_the_file(tmp_path):
     ('[keystore]\npepper_file = "pepper"\n', "[keystore] path: required value is missing"),
     (KEYSTORE + "[queue]\nworkers = 2\n", "[queue] path: required value is missing"),
     (KEYSTORE + '[tls]\ncert = "c.pem"\n', "[tls] key: required value is missing"),
-    (KEYSTORE + '[[upstream]]\nname = "a"\n', "[upstream][0] host: required value is missing"),
+    (KEYSTORE + '[[upstream]]\nhost = "a"\n', "[upstream][0] name: required value is missing"),
+    (KEYSTORE + '[[upstream]]\nname = "a"\n', "[[upstream]] a host: required for a smarthost"),
     (KEYSTORE + "[routing]\n", "[routing] default: required value is missing"),
 ])
 def test_missing_required_values(tmp_path, text, expected):
@@ -186,12 +187,12 @@ UPSTREAM = '[[upstream]]\nname = "{name}"\nhost = "127.0.0.1"\n'
      "[server] listener '::1:465': an IPv6 address needs brackets"),
     ('[tls]\ncert = "c"\nkey = "k"\n[server]\nsubmission = ["0.0.0.0:99999"]\n',
      "[server] listener '0.0.0.0:99999': expected HOST:PORT"),
-    (UPSTREAM.format(name="a") + UPSTREAM.format(name="a"), "[[upstream]] name 'a': defined twice"),
+    (UPSTREAM.format(name="a") + UPSTREAM.format(name="a"), "upstream or group name 'a': defined twice"),
     (UPSTREAM.format(name="a") + 'tls = "ssl"\n',
      "[[upstream]] a tls: expected one of none, starttls, implicit, not 'ssl'"),
     (UPSTREAM.format(name="a") + 'username = "apikey"\n', "[[upstream]] a: username needs password_file"),
     ('[routing]\ndefault = "b"\n' + UPSTREAM.format(name="a"),
-     "[routing] default: no [[upstream]] named 'b'"),
+     "[routing] default: no [[upstream]] or [[group]] named 'b'"),
 ])
 def test_cross_checks(tmp_path, text, expected):
     assert error_for(tmp_path, KEYSTORE + text).startswith(expected)

@@ -20,23 +20,23 @@ __all__ = ["SmarthostCourier"]
 
 
 class SmarthostCourier:
-    def __init__(self, upstream: UpstreamConfig, *, local_hostname: str, max_connections: int) -> None:
+    def __init__(self, upstream: UpstreamConfig, *, local_hostname: str) -> None:
         self.name = upstream.name
         self._upstream = upstream
         self._local_hostname = local_hostname
         self._password = _read_password(upstream)
         self._idle: list[aiosmtplib.SMTP] = []
-        self._slots = asyncio.Semaphore(max_connections)
+        self._slots = asyncio.Semaphore(upstream.max_connections)
         self.connections_opened = 0
 
     def _client(self) -> aiosmtplib.SMTP:
         up = self._upstream
         context = None
         if up.tls != "none":
-            context = ssl.create_default_context()
+            context = ssl.create_default_context(cafile=str(up.ca_file) if up.ca_file else None)
         return aiosmtplib.SMTP(
             hostname=up.host,
-            port=up.port,
+            port=up.effective_port,
             local_hostname=self._local_hostname,
             timeout=up.timeout,
             use_tls=up.tls == "implicit",
