@@ -216,9 +216,10 @@ def parse_iso(text: str) -> float:
 
 
 def _check_route(route: str | None, config) -> None:
-    if route is not None and config.upstream and config.upstream_named(route) is None:
-        names = ", ".join(u.name for u in config.upstream)
-        raise Refused(f"unknown route {route!r}: no [[upstream]] of that name (have: {names})")
+    names = config.route_names
+    if route is not None and names and route not in names:
+        raise Refused(f"unknown route {route!r}: no [[upstream]] or [[group]] of that name "
+                      f"(have: {', '.join(names)})")
 
 
 async def _key_create(store: KeyStore, args, config) -> int:

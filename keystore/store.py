@@ -504,6 +504,18 @@ class KeyStore:
                               detail=f"name={record.name!r}")
         return record
 
+    async def routes_in_use(self) -> dict[str, list[str]]:
+        """Route names set on keys or mailboxes → where (so the relay can refuse to start
+        with a route its config does not define)."""
+        rows = await self._rows(
+            "SELECT route, 'key ' || id FROM auth_key WHERE route IS NOT NULL "
+            "UNION ALL SELECT route, 'mailbox ' || address FROM mailbox WHERE route IS NOT NULL"
+        )
+        used: dict[str, list[str]] = {}
+        for route, where in rows:
+            used.setdefault(route, []).append(where)
+        return used
+
     # ------------------------------------------------------------ workspaces
 
     async def list_workspaces(self) -> list[Workspace]:

@@ -20,11 +20,12 @@ from relay.auth import Authenticator, FailureLimiter
 from relay.config import Config, ConfigError
 from relay.delivery.courier import Courier
 from relay.delivery.engine import DeliveryEngine
+from relay.delivery.routing import Router
 from relay.delivery.smarthost import SmarthostCourier
 from relay.smtpd.handler import RelayHandler
 from relay.smtpd.listeners import Listener, open_listeners
 from relay.smtpd.server import ConnectionRegistry
-from relay.spool import QueueItem, Spool
+from relay.spool import Spool
 from relay.tlsconf import limit_tls_buffers, server_context
 
 __all__ = ["Relay", "loop_factory", "run", "serve"]
@@ -52,19 +53,15 @@ class Relay:
             raise ConfigError(f"{cfg.source}: [{missing[0]}]: required to run the relay")
         tls = server_context(cfg.tls)
         limit_tls_buffers()
-        for upstream in cfg.upstream:
-            try:
-                self.couriers[upstream.name] = SmarthostCourier(upstream, local_hostname=cfg.server.hostname)
-            except OSError as exc:
-                raise ConfigError(
-                    f"{cfg.source}: [[upstream]] {upstream.name} password_file: {exc}"
-                ) from None
+        self.couriers = make_couriers(cfg)
         ks = cfg.keystore
         self.store = await KeyStore.open(ks.path, ks.pepper_file, default_key_limit=ks.default_key_limit)
+        await self._check_routes()
         self.spool = await Spool.open(cfg.queue.path)
         self.engine = DeliveryEngine(
-            self.spool, self._route, retry_schedule=cfg.queue.retry_schedule,
-            max_lifetime=cfg.queue.max_queue_lifetime, workers=cfg.queue.workers,
+            self.spool, Router(cfg, self.couriers), hostname=cfg.server.hostname,
+            retry_schedule=cfg.queue.retry_schedule, max_lifetime=cfg.queue.max_queue_lifetime,
+            workers=cfg.queue.workers,
         )
         await self.engine.start()
         authenticator = Authenticator(
@@ -77,14 +74,15 @@ class Relay:
             mode = "STARTTLS" if listener.kind == "submission" else "implicit TLS"
             log.info("listening (%s) on %s port %d", mode, listener.host, listener.port)
 
-    def _route(self, item: QueueItem) -> Courier:
-        assert self.config.routing is not None
-        courier = self.couriers.get(item.route or "")
-        if courier is None:
-            if item.route:
-                log.warning("message %s: unknown route %r, using the default", item.id, item.route)
-            courier = self.couriers[self.config.routing.default]
-        return courier
+    async def _check_routes(self) -> None:
+        assert self.store is not None
+        known = set(self.config.route_names)
+        for route, users in (await self.store.routes_in_use()).items():
+            if route not in known:
+                raise ConfigError(
+                    f"{self.config.source}: the keystore routes {', '.join(users[:3])} to {route!r}, "
+                    "which is no [[upstream]] or [[group]] here"
+                )
 
     async def stop(self, grace: float = 5.0) -> None:
         for listener in self.listeners:
@@ -125,6 +123,22 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 def run(config: Config) -> None:
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(serve(config))
+
+
+def make_couriers(config: Config) -> dict[str, Courier]:
+    couriers: dict[str, Courier] = {}
+    hostname = config.server.hostname
+    for upstream in config.upstream:
+        try:
+            if upstream.kind == "mx":
+                from relay.delivery.mx import MxCourier
+
+                couriers[upstream.name] = MxCourier(upstream, config.dns, local_hostname=hostname)
+            else:
+                couriers[upstream.name] = SmarthostCourier(upstream, local_hostname=hostname)
+        except OSError as exc:
+            raise ConfigError(f"{config.source}: [[upstream]] {upstream.name}: {exc}") from None
+    return couriers
 
 
 async def serve(config: Config) -> None:

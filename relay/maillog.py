@@ -46,11 +46,16 @@ def queued(peer: object, item: QueueItem) -> None:
         )
 
 
+_ATTEMPT_WORDS = {"sent": "sent", "deferred": "deferred", "failed": "bounced"}
+
+
 def attempt(item: QueueItem, rcpt: str, upstream: str, outcome: Outcome, *, delay: float) -> None:
+    """One line per recipient per attempt: sent, deferred (will retry) or bounced."""
     level = logging.INFO if outcome.status == "sent" else logging.WARNING
     if log.isEnabledFor(level):
         log.log(
             level,
             "%s id=%s key=%s mailbox=%s to=<%s> upstream=%s delay=%.3fs reply=%r",
-            outcome.status, item.id, item.key_id, item.mailbox, rcpt, upstream, delay, outcome.reply,
+            _ATTEMPT_WORDS[outcome.status], item.id, item.key_id, item.mailbox, rcpt, upstream, delay,
+            outcome.reply,
         )

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["QueueItem", "Spool", "SpoolError", "SpoolFull"]
+__all__ = ["QueueItem", "Spool", "SpoolError", "SpoolFull", "new_queue_id"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS message (
@@ -33,7 +35,8 @@ CREATE TABLE IF NOT EXISTS message (
     body BLOB NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL,
-    last_error TEXT
+    last_error TEXT,
+    held INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS recipient (
     message_id TEXT NOT NULL REFERENCES message(id) ON DELETE CASCADE,
@@ -95,7 +98,15 @@ class Spool:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(_SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(message)")}
+        if "held" not in columns:  # spools written before `relay queue hold` existed
+            conn.execute("ALTER TABLE message ADD COLUMN held INTEGER NOT NULL DEFAULT 0")
         self._conn = conn
+
+    def data_version(self) -> int:
+        """Changes when another connection (the `relay queue` CLI) commits to the spool."""
+        assert self._conn is not None
+        return self._conn.execute("PRAGMA data_version").fetchone()[0]
 
     async def close(self) -> None:
         if self._committer is not None:
@@ -153,29 +164,20 @@ class Spool:
     async def put(self, item: QueueItem) -> None:
         """Store a newly accepted message durably (the caller then answers 250)."""
 
-        def insert(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO message (id, created, mail_from, key_id, mailbox, route, body, "
-                "next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (item.id, item.created, item.mail_from, item.key_id, item.mailbox, item.route,
-                 item.body, item.next_attempt),
-            )
-            conn.executemany(
-                "INSERT INTO recipient (message_id, address) VALUES (?, ?)",
-                [(item.id, rcpt) for rcpt in item.recipients],
-            )
-
-        await self._write(insert)
+        await self._write(lambda conn: _insert(conn, item))
 
     async def record_attempt(
         self, item: QueueItem, outcomes: Iterable[tuple[str, str, str]], *,
-        next_attempt: float | None, last_error: str | None,
+        next_attempt: float | None, last_error: str | None, bounce: QueueItem | None = None,
     ) -> None:
         """Store (recipient, status, reply) outcomes; with no next_attempt the message is
-        finished and removed."""
+        finished and removed. A bounce for the failures is stored in the same commit, so a
+        crash cannot lose it."""
         rows = [(status, reply, item.id, rcpt) for rcpt, status, reply in outcomes]
 
         def update(conn: sqlite3.Connection) -> None:
+            if bounce is not None:
+                _insert(conn, bounce)
             if next_attempt is None:
                 conn.execute("DELETE FROM message WHERE id = ?", (item.id,))
                 return
@@ -192,20 +194,24 @@ class Spool:
         await self._write(update)
 
     async def due(self) -> list[tuple[float, str]]:
-        """(next_attempt, id) of every message still in the spool, for the scheduler."""
+        """(next_attempt, id) of every message waiting in the spool and not on hold."""
 
         def query() -> list[tuple[float, str]]:
             assert self._conn is not None
-            return self._conn.execute("SELECT next_attempt, id FROM message").fetchall()
+            return self._conn.execute("SELECT next_attempt, id FROM message WHERE held = 0").fetchall()
 
         return await self._call(query)
+
+    async def changed_elsewhere(self, since: int | None) -> tuple[bool, int]:
+        version = await self._call(self.data_version)
+        return since is not None and version != since, version
 
     async def load(self, message_id: str) -> QueueItem | None:
         def query() -> QueueItem | None:
             assert self._conn is not None
             row = self._conn.execute(
                 "SELECT id, created, mail_from, key_id, mailbox, route, body, attempts, next_attempt "
-                "FROM message WHERE id = ?", (message_id,),
+                "FROM message WHERE id = ? AND held = 0", (message_id,),
             ).fetchone()
             if row is None:
                 return None
@@ -225,6 +231,24 @@ class Spool:
             return self._conn.execute("SELECT count(*) FROM message").fetchone()[0]
 
         return await self._call(query)
+
+
+def new_queue_id() -> str:
+    """Sortable by time (ms, hex), unique by 48 random bits."""
+    return f"{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
+
+
+def _insert(conn: sqlite3.Connection, item: QueueItem) -> None:
+    conn.execute(
+        "INSERT INTO message (id, created, mail_from, key_id, mailbox, route, body, next_attempt) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (item.id, item.created, item.mail_from, item.key_id, item.mailbox, item.route, item.body,
+         item.next_attempt),
+    )
+    conn.executemany(
+        "INSERT INTO recipient (message_id, address) VALUES (?, ?)",
+        [(item.id, rcpt) for rcpt in item.recipients],
+    )
 
 
 def _classify(exc: Exception) -> SpoolError:

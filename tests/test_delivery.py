@@ -42,16 +42,22 @@ async def test_temporary_failure_is_retried_until_accepted(h):
     await wait_spool_empty(h)
 
 
-async def test_permanent_failure_is_recorded_and_not_retried(h, caplog):
+async def test_permanent_failure_bounces_to_the_sender_and_is_not_retried(h, caplog):
     caplog.set_level(logging.INFO, logger="relay.mail")
     h.sink.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
     await send(h, rcpts=("bob@example.net", "nobody@example.net"))
-    (message,) = await h.sink.wait_for(1)
+    message, bounce = await h.sink.wait_for(2)
     assert message.rcpt_tos == ["bob@example.net"]
+    # the DSN goes to the mailbox, from the null sender, naming the recipient and the reply
+    assert (bounce.mail_from, bounce.rcpt_tos) == ("<>", ["alice@example.com"])
+    assert "multipart/report; report-type=delivery-status" in bounce.text
+    assert "Final-Recipient: rfc822; nobody@example.net" in bounce.text
+    assert "Status: 5.1.1" in bounce.text and "550 5.1.1 no such user" in bounce.text
+    assert "Subject: hello" in bounce.text  # the original headers come back
     await wait_spool_empty(h)
-    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("failed ")]
-    assert len(failed) == 1
-    assert "to=<nobody@example.net>" in failed[0] and "550 5.1.1 no such user" in failed[0]
+    bounced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bounced ")]
+    assert len(bounced) == 1
+    assert "to=<nobody@example.net>" in bounced[0] and "550 5.1.1 no such user" in bounced[0]
 
 
 async def test_upstream_down_then_back(h):

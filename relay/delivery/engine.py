@@ -1,8 +1,12 @@
-"""The delivery engine: workers that take spooled messages to their courier and record
-what happened, plus a scheduler that brings deferred messages back when they are due.
+"""The delivery engine: workers that take spooled messages through their route's plan of
+upstreams and record what happened, plus a scheduler that brings deferred messages back
+when they are due.
 
 State lives in the spool, not here: a fresh message is handed over in memory (it was just
 written), a retry is re-read from the spool, and a restart rebuilds the schedule from it.
+When another process changes the spool (`relay queue retry/hold/delete`), the scheduler
+notices through sqlite's data_version and rebuilds its schedule. A message id is never
+queued twice at once (`_active`), so nothing is delivered twice.
 """
 
 from __future__ import annotations
@@ -11,39 +15,43 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Callable
 
 from relay import maillog
-from relay.delivery.courier import Courier, Outcome, Status
-from relay.spool import QueueItem, Spool, SpoolError
+from relay.delivery.courier import Outcome, Status
+from relay.delivery.routing import Router
+from relay.dsn import build_dsn
+from relay.spool import QueueItem, Spool, SpoolError, new_queue_id
 
 __all__ = ["DeliveryEngine"]
 
 log = logging.getLogger("relay.delivery")
 
+_NO_RESULT = Outcome(Status.DEFERRED, "451 4.3.0 no result from the upstream")
+_SPOOL_POLL = 0.5  # seconds between checks for changes made by `relay queue`
+
 
 class DeliveryEngine:
     def __init__(
-        self, spool: Spool, route: Callable[[QueueItem], Courier], *,
+        self, spool: Spool, router: Router, *, hostname: str,
         retry_schedule: tuple[float, ...], max_lifetime: float, workers: int,
     ) -> None:
         self._spool = spool
-        self._route = route
+        self._router = router
+        self._hostname = hostname
         self._schedule = retry_schedule or (300.0,)
         self._max_lifetime = max_lifetime
         self._workers = workers
         self._ready: asyncio.Queue[QueueItem | str] = asyncio.Queue()
         self._timers: list[tuple[float, str]] = []
+        self._active: set[str] = set()  # ids queued or being delivered
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._busy = 0
+        self._spool_version: int | None = None
 
     async def start(self) -> None:
-        for due, message_id in await self._spool.due():
-            heapq.heappush(self._timers, (due, message_id))
+        await self._reload()
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self._workers)]
         self._tasks.append(asyncio.create_task(self._scheduler()))
-        self._wake.set()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -52,75 +60,113 @@ class DeliveryEngine:
 
     def submit(self, item: QueueItem) -> None:
         """A message the spool has just stored durably: deliver it now."""
+        self._active.add(item.id)
         self._ready.put_nowait(item)
 
     @property
     def idle(self) -> bool:
-        return self._ready.empty() and self._busy == 0
+        return not self._active
+
+    # ------------------------------------------------------------ scheduling
+
+    async def _reload(self) -> None:
+        _, self._spool_version = await self._spool.changed_elsewhere(None)
+        self._timers = [entry for entry in await self._spool.due() if entry[1] not in self._active]
+        heapq.heapify(self._timers)
+        self._wake.set()
 
     async def _scheduler(self) -> None:
         while True:
             now = time.time()
             while self._timers and self._timers[0][0] <= now:
-                self._ready.put_nowait(heapq.heappop(self._timers)[1])
-            delay = self._timers[0][0] - now if self._timers else None
+                _, message_id = heapq.heappop(self._timers)
+                if message_id not in self._active:
+                    self._active.add(message_id)
+                    self._ready.put_nowait(message_id)
+            delay = _SPOOL_POLL if not self._timers else min(_SPOOL_POLL, self._timers[0][0] - now)
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), delay)
+                await asyncio.wait_for(self._wake.wait(), max(delay, 0.0))
             except TimeoutError:
                 pass
+            try:
+                changed, version = await self._spool.changed_elsewhere(self._spool_version)
+                if changed:
+                    await self._reload()
+            except SpoolError:
+                log.exception("cannot read the spool's schedule")
 
     def _later(self, when: float, message_id: str) -> None:
         heapq.heappush(self._timers, (when, message_id))
         self._wake.set()
 
+    # -------------------------------------------------------------- delivery
+
     async def _worker(self) -> None:
         while True:
             entry = await self._ready.get()
-            self._busy += 1
+            message_id = entry.id if isinstance(entry, QueueItem) else entry
             try:
                 item = entry if isinstance(entry, QueueItem) else await self._spool.load(entry)
-                if item is not None:
+                # None: deleted or put on hold meanwhile; a later next_attempt: a stale timer
+                if item is not None and (item is entry or item.next_attempt <= time.time() + 0.05):
                     await self._attempt(item)
             except SpoolError:
-                log.exception("cannot record a delivery attempt; will retry from the spool")
-                if isinstance(entry, QueueItem):
-                    self._later(time.time() + self._schedule[0], entry.id)
+                log.exception("cannot record a delivery attempt; retrying from the spool")
+                self._later(time.time() + self._schedule[0], message_id)
             except Exception:
-                log.exception("unexpected error in delivery worker")
+                log.exception("unexpected error delivering %s; retrying later", message_id)
+                self._later(time.time() + self._schedule[0], message_id)
             finally:
-                self._busy -= 1
+                self._active.discard(message_id)
 
     async def _attempt(self, item: QueueItem) -> None:
-        if not item.recipients:
-            await self._spool.record_attempt(item, [], next_attempt=None, last_error=None)
-            return
-        courier = self._route(item)
         started = time.time()
-        outcomes = await courier.deliver(item.mail_from, item.recipients, item.body)
-        for rcpt in item.recipients:
-            outcome = outcomes.get(rcpt, Outcome(Status.DEFERRED, "451 4.3.0 no result"))
-            maillog.attempt(item, rcpt, courier.name, outcome, delay=started - item.created)
-        pending = [r for r in item.recipients if outcomes[r].status is Status.DEFERRED]
-        expired = started - item.created >= self._max_lifetime
-        if pending and expired:
+        outcomes: dict[str, Outcome] = {}
+        pending = list(item.recipients)
+        for courier in self._router.plan(item.route) if pending else []:
+            results = await courier.deliver(item.mail_from, pending, item.body)
             for rcpt in pending:
-                outcomes[rcpt] = Outcome(Status.FAILED, f"expired in queue: {outcomes[rcpt].reply}")
-                maillog.attempt(item, rcpt, courier.name, outcomes[rcpt], delay=started - item.created)
+                outcome = results.get(rcpt, _NO_RESULT)
+                outcomes[rcpt] = outcome
+                maillog.attempt(item, rcpt, courier.name, outcome, delay=started - item.created)
+            pending = [r for r in pending if outcomes[r].status is Status.DEFERRED]
+            if not pending:
+                break
+        if pending and started - item.created >= self._max_lifetime:
+            for rcpt in pending:
+                last = outcomes[rcpt].reply
+                outcomes[rcpt] = Outcome(Status.FAILED, f"expired in queue; last reply: {last}")
+                maillog.attempt(item, rcpt, "-", outcomes[rcpt], delay=started - item.created)
             pending = []
         next_attempt = None
         if pending:
             next_attempt = time.time() + self._schedule[min(item.attempts, len(self._schedule) - 1)]
-        last_error = next((outcomes[r].reply for r in pending), None)
+        failures = [(r, o.reply) for r, o in outcomes.items() if o.status is Status.FAILED]
+        bounce = self._bounce(item, failures) if failures else None
         await self._spool.record_attempt(
             item,
-            [(rcpt, _spool_status(outcomes[rcpt].status), outcomes[rcpt].reply) for rcpt in item.recipients],
+            [(rcpt, _SPOOL_STATUS[o.status], o.reply) for rcpt, o in outcomes.items()],
             next_attempt=next_attempt,
-            last_error=last_error,
+            last_error=outcomes[pending[0]].reply if pending else None,
+            bounce=bounce,
         )
+        if bounce is not None:
+            self.submit(bounce)
         if next_attempt is not None:
             self._later(next_attempt, item.id)
 
+    def _bounce(self, item: QueueItem, failures: list[tuple[str, str]]) -> QueueItem | None:
+        if not item.mail_from:
+            log.warning("not bouncing a bounce: %s failed for %d recipient(s)", item.id, len(failures))
+            return None
+        now = time.time()
+        return QueueItem(
+            id=new_queue_id(), created=now, mail_from="", recipients=[item.mail_from],
+            key_id=item.key_id, mailbox=item.mailbox, route=item.route,
+            body=build_dsn(original=item.body, mail_from=item.mail_from, queue_id=item.id,
+                           arrival=item.created, failures=failures, hostname=self._hostname, now=now),
+        )
 
-def _spool_status(status: Status) -> str:
-    return {Status.SENT: "sent", Status.FAILED: "failed", Status.DEFERRED: "pending"}[status]
+
+_SPOOL_STATUS = {Status.SENT: "sent", Status.FAILED: "failed", Status.DEFERRED: "pending"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from base64 import b64decode
 
@@ -22,16 +21,11 @@ from relay.auth import Authenticator, split_plain
 from relay.config import Config
 from relay.delivery.engine import DeliveryEngine
 from relay.smtpd.server import RelaySMTP
-from relay.spool import QueueItem, Spool, SpoolFull
+from relay.spool import QueueItem, Spool, SpoolFull, new_queue_id
 
 __all__ = ["RelayHandler"]
 
 log = logging.getLogger("relay.smtpd")
-
-
-def new_queue_id() -> str:
-    """Sortable by time (ms, hex), unique by 48 random bits."""
-    return f"{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
 
 
 class RelayHandler:
