@@ -17,6 +17,7 @@ from pathlib import Path
 from keystore.keys import PepperError
 from keystore.store import KeystoreUnavailable
 from relay.config import ConfigError, load_config, resolve_config_path
+from relay.queuecli import QueueRefused, add_queue_parser, run_queue_command
 
 __all__ = ["main"]
 
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     sink.add_argument("--port", type=int, default=2525)
     sink.add_argument("--dir", default="var/sink")
     commands.add_parser("hint", help="print how to create a key and send a test message")
+    add_queue_parser(commands)
     return parser
 
 
@@ -55,12 +57,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _gen_cert(config)
         if args.command == "hint":
             return _hint(config)
+        if args.command == "queue":
+            if config.queue is None:
+                raise ConfigError(f"{config.source}: [queue]: required for `relay queue`")
+            return run_queue_command(config.queue.path, args)
         from relay.app import run
 
         run(config)
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
+    except QueueRefused as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
     except (KeystoreUnavailable, PepperError) as exc:
         print(f"relay: keystore: {exc}", file=sys.stderr)
         return 2

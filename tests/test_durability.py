@@ -20,9 +20,8 @@ async def test_sigkill_after_250_loses_nothing(tmp_path):
     config_path = tmp_path / "relay.toml"
     config_path.write_text(
         BASE_CONFIG.format(server_extra="", auth_extra="", queue_extra="", upstream_extra="",
-                           sink_port=sink_port)
+                           sink_port=sink_port, retry='["0.2s"]')
         .replace('submission = ["127.0.0.1:0"]', f'submission = ["127.0.0.1:{port}"]')
-        .replace('retry_schedule = ["0.3s"]', 'retry_schedule = ["0.2s"]')
     )
     config = load_config(config_path)
     store = await KeyStore.open(config.keystore.path, config.keystore.pepper_file, create=True)

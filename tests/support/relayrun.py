@@ -27,7 +27,7 @@ pepper_file = "pepper"
 
 [queue]
 path = "spool.db"
-retry_schedule = ["0.3s"]
+retry_schedule = {retry}
 workers = 4
 {queue_extra}
 
@@ -53,13 +53,13 @@ def make_certs(folder: Path) -> Path:
 
 def write_config(
     folder: Path, sink_port: int, *, server: str = "", auth: str = "", queue: str = "",
-    upstream_extra: str = "",
+    upstream_extra: str = "", retry: str = '["0.3s"]',
 ) -> Path:
     make_certs(folder)
     path = folder / "relay.toml"
     path.write_text(BASE_CONFIG.format(
         server_extra=server, auth_extra=auth, queue_extra=queue, sink_port=sink_port,
-        upstream_extra=upstream_extra,
+        upstream_extra=upstream_extra, retry=retry,
     ))
     return path
 
