@@ -238,3 +238,36 @@ def test_the_example_config_loads():
     devsink = config.upstream_named("devsink")
     assert devsink is not None and (devsink.host, devsink.port, devsink.tls) == ("127.0.0.1", 2525, "none")
     assert config.upstream_named("nope") is None
+
+
+def test_plaintext_to_a_remote_provider_needs_an_explicit_opt_in(tmp_path):
+    import pytest as _pytest
+
+    from relay.config import ConfigError, load_config
+
+    base = ('[keystore]\npath = "k.db"\npepper_file = "p"\n[routing]\ndefault = "p"\n'
+            '[[upstream]]\nname = "p"\nhost = "smtp.provider.example"\nport = 25\ntls = "none"\n')
+    path = tmp_path / "relay.toml"
+    path.write_text(base)
+    with _pytest.raises(ConfigError, match='tls: "none" sends mail and credentials in clear text'):
+        load_config(path)
+    path.write_text(base + "allow_plaintext = true\n")
+    assert load_config(path).upstream[0].allow_plaintext is True
+
+
+def test_groups_are_checked(tmp_path):
+    import pytest as _pytest
+
+    from relay.config import ConfigError, load_config
+
+    base = ('[keystore]\npath = "k.db"\npepper_file = "p"\n[routing]\ndefault = "g"\n'
+            '[[upstream]]\nname = "a"\nhost = "127.0.0.1"\ntls = "none"\n')
+    path = tmp_path / "relay.toml"
+    for group, message in [
+        ('[[group]]\nname = "g"\nmembers = ["a", "zz"]\n', "members: no [[upstream]] named 'zz'"),
+        ('[[group]]\nname = "g"\nmembers = ["a"]\nstrategy = "random"\n', "strategy: expected failover"),
+        ('[[group]]\nname = "g"\nmembers = ["a"]\nweights = [1, 2]\n', "weights: one weight per member"),
+    ]:
+        path.write_text(base + group)
+        with _pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            load_config(path)

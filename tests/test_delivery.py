@@ -98,3 +98,89 @@ async def test_key_route_picks_the_upstream(relay_with, route):
             await chosen.wait_for(1)
             await asyncio.sleep(0.2)
             assert other.messages == []
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+async def test_upstream_tls_modes_with_auth_to_the_provider(relay_with, tmp_path, mode):
+    import ssl
+
+    from relay.tlsconf import generate_self_signed
+    from tests.support.sink import Sink
+
+    generate_self_signed("provider.test", tmp_path / "provider.pem", tmp_path / "provider.key")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tmp_path / "provider.pem", tmp_path / "provider.key")
+    (tmp_path / "provider-password").write_text("s3cret\n")
+    async with Sink(tls=server_tls, implicit=mode == "implicit", credentials=("relay", "s3cret")) as provider:
+        extra = (f'\n[[upstream]]\nname = "provider"\nhost = "127.0.0.1"\nport = {provider.port}\n'
+                 f'tls = "{mode}"\nca_file = "provider.pem"\nusername = "relay"\n'
+                 'password_file = "provider-password"\n')
+        async with relay_with(upstream_extra=extra) as h:
+            await h.mailbox("alice@example.com")
+            secret = await h.key("alice@example.com", route="provider")
+            client = await h.login("alice@example.com", secret)
+            await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+            await client.quit()
+            (message,) = await provider.wait_for(1)
+            assert message.rcpt_tos == ["bob@example.net"]
+            assert provider.logins == ["relay"]
+
+
+async def test_failover_group_moves_to_the_next_provider_at_once(relay_with):
+    from tests.support.procs import free_port
+    from tests.support.sink import Sink
+
+    down = free_port()  # nothing listens here
+    async with Sink() as backup:
+        extra = (f'\n[[upstream]]\nname = "primary"\nhost = "127.0.0.1"\nport = {down}\ntls = "none"\n'
+                 f'\n[[upstream]]\nname = "backup"\nhost = "127.0.0.1"\nport = {backup.port}\ntls = "none"\n'
+                 '\n[[group]]\nname = "main"\nmembers = ["primary", "backup"]\nstrategy = "failover"\n')
+        async with relay_with(upstream_extra=extra, retry='["1h"]') as h:
+            await h.mailbox("alice@example.com")
+            secret = await h.key("alice@example.com", route="main")
+            client = await h.login("alice@example.com", secret)
+            await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+            await client.quit()
+            await backup.wait_for(1, timeout=3)  # not an hour: within the same attempt
+            await wait_spool_empty(h)
+
+
+async def test_round_robin_group_spreads_messages_by_weight(relay_with):
+    from tests.support.sink import Sink
+
+    async with Sink() as a, Sink() as b:
+        extra = (f'\n[[upstream]]\nname = "a"\nhost = "127.0.0.1"\nport = {a.port}\ntls = "none"\n'
+                 f'\n[[upstream]]\nname = "b"\nhost = "127.0.0.1"\nport = {b.port}\ntls = "none"\n'
+                 '\n[[group]]\nname = "spread"\nmembers = ["a", "b"]\nstrategy = "round_robin"\n'
+                 'weights = [3, 1]\n')
+        async with relay_with(upstream_extra=extra) as h:
+            await h.mailbox("alice@example.com")
+            secret = await h.key("alice@example.com", route="spread")
+            client = await h.login("alice@example.com", secret)
+            for _ in range(8):
+                await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+            await client.quit()
+            await wait_spool_empty(h)
+            assert (len(a.messages), len(b.messages)) == (6, 2)
+
+
+async def test_message_that_cannot_be_delivered_in_its_lifetime_bounces(relay_with):
+    async with relay_with(queue='max_queue_lifetime = "1s"', retry='["0.3s"]') as h:
+        h.sink.handler.rcpt_replies["bob@example.net"] = "451 4.3.0 busy, come back later"
+        await send(h)
+        await wait_spool_empty(h, timeout=5)  # ~1 s of retries, then the bounce is delivered
+        (bounce,) = await h.sink.wait_for(1)
+        assert bounce.rcpt_tos == ["alice@example.com"]
+        assert "expired in queue" in bounce.text and "451 4.3.0 busy" in bounce.text
+
+
+async def test_a_bounce_is_never_bounced(relay_with, caplog):
+    caplog.set_level(logging.WARNING, logger="relay.delivery")
+    async with relay_with() as h:
+        h.sink.handler.rcpt_replies["bob@example.net"] = "550 5.1.1 no such user"
+        h.sink.handler.rcpt_replies["alice@example.com"] = "550 5.1.1 the sender is gone too"
+        await send(h)
+        await wait_spool_empty(h)
+        await asyncio.sleep(0.3)
+        assert h.sink.messages == []
+        assert any("not bouncing a bounce" in r.getMessage() for r in caplog.records)

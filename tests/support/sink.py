@@ -7,10 +7,11 @@ provider would do without mocking SMTP.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from dataclasses import dataclass, field
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 
 
 @dataclass
@@ -31,6 +32,14 @@ class SinkHandler:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     connections: int = 0
     attempts: int = 0
+    require_auth: bool = False
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.require_auth and not session.authenticated:
+            return "530 5.7.0 Authentication required"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         reply = self.rcpt_replies.get(address)
@@ -59,12 +68,40 @@ class CountingSMTP(SMTP):
 
 
 class Sink:
-    """`async with Sink() as sink:` → sink.port, sink.messages, await sink.wait_for(n)."""
+    """`async with Sink() as sink:` → sink.port, sink.messages, await sink.wait_for(n).
 
-    def __init__(self, port: int = 0) -> None:
+    With `tls` it offers STARTTLS (or speaks TLS from the start if `implicit`); with
+    `credentials=(user, password)` it requires AUTH before MAIL, as a provider does.
+    """
+
+    def __init__(self, port: int = 0, *, tls: ssl.SSLContext | None = None, implicit: bool = False,
+                 credentials: tuple[str, str] | None = None) -> None:
         self.handler = SinkHandler()
         self._port = port
+        self._tls = tls
+        self._implicit = implicit
+        self._credentials = credentials
+        self.logins: list[str] = []
         self.server: asyncio.AbstractServer | None = None
+
+    def _authenticator(self, server, session, envelope, mechanism, auth_data):
+        ok = self._credentials == (auth_data.login.decode(), auth_data.password.decode())
+        if ok:
+            self.logins.append(auth_data.login.decode())
+        return AuthResult(success=ok)
+
+    def _protocol(self, loop) -> CountingSMTP:
+        options: dict = {"hostname": "sink.test", "loop": loop}
+        if self._tls is not None and not self._implicit:
+            options["tls_context"] = self._tls
+            options["require_starttls"] = True
+        if self._credentials is not None:
+            # aiosmtpd warns on auth_required without auth_require_tls (its implicit-TLS
+            # blind spot), so on implicit TLS the handler enforces AUTH before MAIL itself
+            options.update(authenticator=self._authenticator, auth_required=not self._implicit,
+                           auth_require_tls=not self._implicit)
+            self.handler.require_auth = True
+        return CountingSMTP(self.handler, **options)
 
     @property
     def messages(self) -> list[Received]:
@@ -78,7 +115,8 @@ class Sink:
     async def start(self) -> Sink:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: CountingSMTP(self.handler, hostname="sink.test", loop=loop), "127.0.0.1", self._port
+            lambda: self._protocol(loop), "127.0.0.1", self._port,
+            ssl=self._tls if self._implicit else None,
         )
         return self
 
