@@ -62,6 +62,7 @@ name = "sink"
 host = "127.0.0.1"
 port = {sink_port}
 tls = "none"
+max_connections = {upstream_connections}
 """
 
 
@@ -110,7 +111,8 @@ async def bench(args: argparse.Namespace) -> None:
     folder = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     port, sink_port, direct_port = free_port(), free_port(), free_port()
     generate_self_signed("localhost", folder / "cert.pem", folder / "key.pem")
-    (folder / "relay.toml").write_text(CONFIG.format(port=port, sink_port=sink_port, workers=args.workers))
+    (folder / "relay.toml").write_text(CONFIG.format(port=port, sink_port=sink_port, workers=args.workers,
+                                                     upstream_connections=args.upstream_connections))
     store = await KeyStore.open(folder / "keystore.db", folder / "pepper", create=True)
     await store.add_mailbox("bench@example.com", workspace="bench", actor="bench")
     _, secret = await store.create_key(mailbox="bench@example.com", name="bench", actor="bench")
@@ -206,6 +208,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--upstream-connections", type=int, default=8)
     parser.add_argument("--auth-samples", type=int, default=200)
     parser.add_argument("--idle", type=int, default=200)
     parser.add_argument("--profile", metavar="PATH", help="write py-spy collapsed stacks of the relay here")
