@@ -14,6 +14,8 @@ import os
 import signal
 from collections.abc import Callable
 
+from dns.exception import DNSException
+
 from keystore.store import KeyStore
 from relay import replies
 from relay.auth import Authenticator, FailureLimiter
@@ -22,6 +24,7 @@ from relay.delivery.courier import Courier
 from relay.delivery.engine import DeliveryEngine
 from relay.delivery.routing import Router
 from relay.delivery.smarthost import SmarthostCourier
+from relay.signing import DkimSigner
 from relay.smtpd.handler import RelayHandler
 from relay.smtpd.listeners import Listener, open_listeners
 from relay.smtpd.server import ConnectionRegistry
@@ -53,6 +56,7 @@ class Relay:
             raise ConfigError(f"{cfg.source}: [{missing[0]}]: required to run the relay")
         tls = server_context(cfg.tls)
         limit_tls_buffers()
+        signer = DkimSigner(cfg.dkim)
         self.couriers = make_couriers(cfg)
         ks = cfg.keystore
         self.store = await KeyStore.open(ks.path, ks.pepper_file, default_key_limit=ks.default_key_limit)
@@ -68,7 +72,7 @@ class Relay:
             self.store, FailureLimiter(cfg.auth.max_failures, cfg.auth.failure_window),
             recheck_interval=cfg.auth.recheck_interval,
         )
-        handler = RelayHandler(cfg, authenticator, self.spool, self.engine)
+        handler = RelayHandler(cfg, authenticator, self.spool, self.engine, signer)
         self.listeners = await open_listeners(cfg, handler, tls, self.registry)
         for listener in self.listeners:
             mode = "STARTTLS" if listener.kind == "submission" else "implicit TLS"
@@ -136,7 +140,7 @@ def make_couriers(config: Config) -> dict[str, Courier]:
                 couriers[upstream.name] = MxCourier(upstream, config.dns, local_hostname=hostname)
             else:
                 couriers[upstream.name] = SmarthostCourier(upstream, local_hostname=hostname)
-        except OSError as exc:
+        except (OSError, DNSException) as exc:  # password file, or no resolver configuration
             raise ConfigError(f"{config.source}: [[upstream]] {upstream.name}: {exc}") from None
     return couriers
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -34,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     sink.add_argument("--port", type=int, default=2525)
     sink.add_argument("--dir", default="var/sink")
     commands.add_parser("hint", help="print how to create a key and send a test message")
+    keygen = commands.add_parser("dkim-keygen", help="write a DKIM private key; print its DNS record")
+    keygen.add_argument("domain")
+    keygen.add_argument("selector")
+    keygen.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    keygen.add_argument(
+        "--out", help="key file (default: dkim/DOMAIN.SELECTOR.key beside --config, else here)")
     add_queue_parser(commands)
     return parser
 
@@ -51,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         return 0
+    if args.command == "dkim-keygen":
+        return _dkim_keygen(args)
     try:
         config = load_config(resolve_config_path(args.config))
         if args.command == "gen-cert":
@@ -92,6 +101,42 @@ def _gen_cert(config) -> int:
         raise ConfigError(f"{config.source}: [tls]: needed to know where to write the certificate")
     generate_self_signed(config.server.hostname, config.tls.cert, config.tls.key)
     print(f"wrote {config.tls.cert} and {config.tls.key} (self-signed, for development only)")
+    return 0
+
+
+def _dkim_keygen(args) -> int:
+    """Works without a config file: the key is made before [[dkim]] can name it."""
+    from relay.signing import generate_key
+
+    base = Path(args.config).resolve().parent if args.config else Path.cwd()
+    out = Path(args.out) if args.out else base / "dkim" / f"{args.domain.lower()}.{args.selector}.key"
+    try:
+        record = generate_key(args.domain, args.selector, out, args.algorithm)
+    except ValueError as exc:
+        print(f"relay: dkim-keygen: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError:
+        print(f"relay: dkim-keygen: {out} already exists; not overwriting it", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"relay: dkim-keygen: {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    key_file = out.resolve()
+    if args.config and key_file.is_relative_to(base):
+        key_file = key_file.relative_to(base)  # config paths are relative to the config's folder
+    print(f"""wrote {out} ({args.algorithm}, mode 0600: the relay's user must own it)
+
+Publish this TXT record in DNS:
+
+{record}
+
+Then add to the config file and restart the relay:
+
+[[dkim]]
+domain = "{args.domain.lower()}"
+selector = "{args.selector}"
+key_file = {json.dumps(str(key_file))}
+""")
     return 0
 
 

@@ -20,6 +20,7 @@ from relay import maillog, policy, replies
 from relay.auth import Authenticator, split_plain
 from relay.config import Config
 from relay.delivery.engine import DeliveryEngine
+from relay.signing import DkimSigner
 from relay.smtpd.server import RelaySMTP
 from relay.spool import QueueItem, Spool, SpoolFull, new_queue_id
 
@@ -31,11 +32,13 @@ log = logging.getLogger("relay.smtpd")
 class RelayHandler:
     def __init__(
         self, config: Config, authenticator: Authenticator, spool: Spool, engine: DeliveryEngine,
+        signer: DkimSigner,
     ) -> None:
         self._server_cfg = config.server
         self._authenticator = authenticator
         self._spool = spool
         self._engine = engine
+        self._signer = signer
         self._rates = policy.RateLimiter(config.server.rate_per_minute)
 
     # ------------------------------------------------------------------ EHLO
@@ -156,10 +159,11 @@ class RelayHandler:
             key_id=identity.key_id, when=now,
         )
         added = policy.missing_headers(info, hostname=hostname, queue_id=queue_id, when=now)
+        signature = await self._signer.sign_async(added + content)
         item = QueueItem(
             id=queue_id, created=now, mail_from=envelope.mail_from, recipients=list(envelope.rcpt_tos),
             key_id=identity.key_id, mailbox=identity.mailbox, route=identity.route,
-            body=trace + added + content,
+            body=trace + signature + added + content,
         )
         try:
             # shielded: if the client drops mid-commit, the commit still completes, so a

@@ -58,6 +58,11 @@ class RelaySMTP(SMTP):
         self._registry.live.discard(self)
         super().connection_lost(error)
 
+    def eof_received(self) -> bool | None:
+        if self._refused:  # the session never started: aiosmtpd's own handler would assert
+            return False
+        return super().eof_received()
+
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
             status = replies.enhance(status)

@@ -1,0 +1,248 @@
+"""Direct delivery to each recipient domain's own mail servers (RFC 5321 section 5.1).
+
+This module owns the route from a recipient domain to an SMTP session: the MX lookup
+(implicit MX from A/AAAA when there is none, RFC 7505 null MX), the order hosts are tried
+in (preference, equal preferences shuffled, at most MAX_MX_HOSTS), and one transaction
+per domain with opportunistic STARTTLS. Which reply means sent, deferred or failed is
+decided in errors.py; DNS answers are classified here:
+
+    NXDOMAIN, null MX, no MX and no address   -> failed  (550 5.1.2 / 556 5.1.10)
+    timeout, SERVFAIL, no usable address      -> deferred (451 4.4.3 / 4.4.4)
+
+A host that cannot be reached, refuses the session or answers 4xx hands the still
+undecided recipients to the next host; a 5xx to MAIL, RCPT or DATA is final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import aiosmtplib
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.resolver
+
+from relay.config import DnsConfig, UpstreamConfig
+from relay.delivery.courier import Outcome, Status
+from relay.delivery.errors import outcome_for_exception, outcome_for_reply
+
+__all__ = ["MAX_ADDRESSES", "MAX_MX_HOSTS", "MxCourier"]
+
+MAX_MX_HOSTS = 5  # MX hosts tried per domain and attempt
+MAX_ADDRESSES = 10  # connections tried per domain and attempt (a host may have several)
+QUIT_TIMEOUT = 5.0
+
+
+class _Verdict(Exception):
+    """A DNS answer that decides the outcome for a whole domain (or host)."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.reply)
+        self.outcome = outcome
+
+
+class MxCourier:
+    def __init__(self, upstream: UpstreamConfig, dns: DnsConfig, *, local_hostname: str) -> None:
+        self.name = upstream.name
+        self._upstream = upstream
+        self._local_hostname = local_hostname
+        self._resolver = _make_resolver(dns)
+        self._slots = asyncio.Semaphore(upstream.max_connections)
+
+    async def deliver(self, mail_from: str, recipients: list[str], body: bytes) -> dict[str, Outcome]:
+        outcomes: dict[str, Outcome] = {}
+        by_domain: dict[str, list[str]] = {}
+        for rcpt in recipients:
+            domain = rcpt.rpartition("@")[2].rstrip(".").lower()
+            if "@" not in rcpt or not domain:
+                outcomes[rcpt] = Outcome(Status.FAILED, f"550 5.1.3 {rcpt}: no domain in the address")
+            else:
+                by_domain.setdefault(domain, []).append(rcpt)
+        results = await asyncio.gather(
+            *(self._deliver_domain(domain, mail_from, rcpts, body) for domain, rcpts in by_domain.items()),
+            return_exceptions=True,
+        )
+        for rcpts, result in zip(by_domain.values(), results, strict=True):
+            if isinstance(result, Exception):  # a bug, not the network: retry rather than bounce
+                bug = Outcome(Status.DEFERRED, f"451 4.3.0 unexpected MX delivery error: {result!r}")
+                result = dict.fromkeys(rcpts, bug)
+            elif isinstance(result, BaseException):
+                raise result
+            outcomes.update(result)
+        return outcomes
+
+    async def close(self) -> None:
+        """Nothing to release: every session is closed when its transaction ends."""
+
+    async def _deliver_domain(
+        self, domain: str, mail_from: str, rcpts: list[str], body: bytes
+    ) -> dict[str, Outcome]:
+        pending = list(dict.fromkeys(rcpts))
+        try:
+            hosts, fallback = await self._route(domain)
+        except _Verdict as verdict:
+            return dict.fromkeys(pending, verdict.outcome)
+        outcomes = dict.fromkeys(pending, fallback)
+        attempts = 0
+        for host in hosts:
+            try:
+                addresses = await self._addresses(host)
+            except _Verdict as verdict:
+                if attempts == 0:  # a remote reply, once there is one, says more than DNS
+                    outcomes.update(dict.fromkeys(pending, verdict.outcome))
+                continue
+            for address in addresses:
+                if attempts == MAX_ADDRESSES:
+                    return outcomes
+                attempts += 1
+                outcomes.update(await self._session(address, mail_from, pending, body))
+                pending = [r for r in pending if outcomes[r].status is Status.DEFERRED]
+                if not pending:
+                    return outcomes
+        return outcomes
+
+    async def _route(self, domain: str) -> tuple[list[str], Outcome]:
+        """The hosts to try, best first, and the outcome if none of them has an address."""
+        if domain.startswith("["):
+            raise _Verdict(Outcome(Status.FAILED, f"550 5.1.2 {domain}: no delivery to address literals"))
+        try:
+            dns.name.from_text(domain)
+        except (dns.exception.DNSException, UnicodeError) as exc:
+            raise _Verdict(Outcome(Status.FAILED, f"550 5.1.2 {domain}: invalid domain ({exc})")) from None
+        try:
+            records = await self._query(domain, "MX")
+        except dns.resolver.NXDOMAIN:
+            raise _Verdict(Outcome(Status.FAILED, f"550 5.1.2 {domain}: domain does not exist")) from None
+        if not records:  # no MX: the domain itself is the implicit MX
+            return [domain], Outcome(Status.FAILED, f"550 5.1.2 {domain}: no MX and no address records")
+        hosts = _by_preference(records)
+        if not hosts:
+            raise _Verdict(Outcome(Status.FAILED, f"556 5.1.10 {domain} does not accept mail (null MX)"))
+        no_address = Outcome(Status.DEFERRED, f"451 4.4.4 {domain}: none of its MX hosts has an address")
+        return hosts[:MAX_MX_HOSTS], no_address
+
+    async def _addresses(self, host: str) -> list[str]:
+        """IPv4 then IPv6 addresses; raises _Verdict only if a lookup failed and none was found."""
+        found: list[str] = []
+        problem: _Verdict | None = None
+        for rdtype in ("A", "AAAA"):
+            try:
+                found += [record.address for record in await self._query(host, rdtype)]
+            except dns.resolver.NXDOMAIN:
+                break
+            except _Verdict as verdict:
+                problem = verdict
+        if not found and problem is not None:
+            raise problem
+        return list(dict.fromkeys(found))
+
+    async def _query(self, name: str, rdtype: str) -> list:
+        """The records ([] for NODATA); NXDOMAIN propagates; anything else is a temporary _Verdict."""
+        try:
+            answer = await self._resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NoAnswer:
+            return []
+        except dns.resolver.NXDOMAIN:
+            raise
+        except dns.exception.DNSException as exc:
+            reply = f"451 4.4.3 DNS lookup of {name} {rdtype} failed: {exc}"
+            raise _Verdict(Outcome(Status.DEFERRED, reply)) from None
+        return list(answer)
+
+    async def _session(
+        self, address: str, mail_from: str, rcpts: list[str], body: bytes
+    ) -> dict[str, Outcome]:
+        up = self._upstream
+        client = aiosmtplib.SMTP(
+            hostname=address,
+            port=up.effective_port,
+            local_hostname=self._local_hostname,
+            timeout=up.timeout,
+            start_tls=None,  # upgrade when offered; MX hosts rarely have certificates we could verify
+            validate_certs=False,
+        )
+        async with self._slots:
+            try:
+                await client.connect()
+            except Exception as exc:  # noqa: BLE001 - this host is unusable now; try the next
+                client.close()
+                return dict.fromkeys(rcpts, _host_trouble(address, exc))
+            try:
+                return await _transaction(client, mail_from, rcpts, body)
+            except Exception as exc:  # noqa: BLE001 - a connection lost mid-transaction
+                return dict.fromkeys(rcpts, outcome_for_exception(exc))
+            finally:
+                await _quit(client)
+
+
+def _make_resolver(config: DnsConfig) -> dns.asyncresolver.Resolver:
+    resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
+    if config.nameservers:
+        resolver.port = config.port  # before nameservers: the port is attached to them then
+        resolver.nameservers = list(config.nameservers)
+    resolver.timeout = resolver.lifetime = float(config.timeout)
+    resolver.cache = dns.resolver.LRUCache(512)  # honours TTLs
+    return resolver
+
+
+def _by_preference(records: list) -> list[str]:
+    """Exchange names, lowest preference first, equal preferences shuffled; "." dropped."""
+    groups: dict[int, list[str]] = {}
+    for record in records:
+        if record.exchange != dns.name.root:
+            groups.setdefault(record.preference, []).append(record.exchange.to_text())
+    hosts: list[str] = []
+    for preference in sorted(groups):
+        random.shuffle(groups[preference])
+        hosts += groups[preference]
+    return list(dict.fromkeys(hosts))
+
+
+async def _transaction(
+    client: aiosmtplib.SMTP, mail_from: str, rcpts: list[str], body: bytes
+) -> dict[str, Outcome]:
+    """MAIL, RCPT per recipient, DATA; SMTP replies become outcomes, connection faults raise."""
+    options = []
+    if client.supports_extension("size"):
+        options.append(f"SIZE={len(body)}")
+    if not body.isascii() and client.supports_extension("8bitmime"):
+        options.append("BODY=8BITMIME")
+    try:
+        await client.mail(mail_from, options=options)
+    except (aiosmtplib.SMTPResponseException, ValueError) as exc:
+        return dict.fromkeys(rcpts, outcome_for_exception(exc))
+    outcomes: dict[str, Outcome] = {}
+    for rcpt in rcpts:
+        try:
+            await client.rcpt(rcpt)
+        except (aiosmtplib.SMTPResponseException, ValueError) as exc:
+            outcomes[rcpt] = outcome_for_exception(exc)
+    accepted = [rcpt for rcpt in rcpts if rcpt not in outcomes]
+    if accepted:
+        try:
+            response = await client.data(body)
+        except aiosmtplib.SMTPResponseException as exc:
+            outcomes.update(dict.fromkeys(accepted, outcome_for_exception(exc)))
+        else:
+            outcomes.update(dict.fromkeys(accepted, outcome_for_reply(response.code, response.message)))
+    return outcomes
+
+
+def _host_trouble(address: str, exc: Exception) -> Outcome:
+    """Connect, greeting, EHLO or STARTTLS failed: a fault of this host, never of the mail,
+    so even a 5xx greeting only moves on to the next host (and defers if it was the last)."""
+    outcome = outcome_for_exception(exc)
+    if outcome.status is Status.FAILED:
+        return Outcome(Status.DEFERRED, f"451 4.4.0 {address} refused the session: {outcome.reply}")
+    return outcome
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    if not client.is_connected:
+        return
+    try:
+        await asyncio.wait_for(client.quit(), QUIT_TIMEOUT)
+    except Exception:  # noqa: BLE001 - the mail is decided; a rude goodbye changes nothing
+        client.close()
