@@ -9,7 +9,7 @@ import pytest
 
 from relay.signing import generate_key
 from tests.support.dns import DnsServer
-from tests.test_dkim import verify, zone_entry
+from tests.test_dkim import verify
 
 MESSAGE = b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject: signed\r\n\r\nhello\r\n"
 
