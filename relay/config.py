@@ -113,6 +113,7 @@ class UpstreamConfig:
     password_file: Path | None = None
     ca_file: Path | None = None  # trust this CA (PEM) instead of the system store
     allow_plaintext: bool = False  # tls = "none" to a non-loopback host
+    allow_private_targets: bool = False  # mx: connect to loopback/private addresses an MX names
     max_connections: int = 8
     timeout: Duration = Duration(60)
 

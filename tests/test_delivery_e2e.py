@@ -61,6 +61,7 @@ async def test_mx_route_delivers_to_each_domains_mail_exchanger(relay_with, tmp_
         }
         async with DnsServer(zone) as dns_server:
             extra = (f'\n[[upstream]]\nname = "direct"\nkind = "mx"\nport = {mx_sink.port}\ntimeout = "5s"\n'
+                     'allow_private_targets = true\n'
                      f'\n[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_server.port}\ntimeout = "2s"\n')
             async with relay_with(upstream_extra=extra) as h:
                 await h.mailbox("alice@example.com")

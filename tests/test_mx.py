@@ -27,7 +27,7 @@ MESSAGE = b"From: alice@example.com\r\nSubject: hello\r\n\r\nhi\r\n"
 @contextlib.asynccontextmanager
 async def courier_for(port: int, dns_port: int, *, dns_timeout: float = 2):
     courier = MxCourier(
-        UpstreamConfig(name="mx", kind="mx", port=port, timeout=5),
+        UpstreamConfig(name="mx", kind="mx", port=port, timeout=5, allow_private_targets=True),
         DnsConfig(nameservers=("127.0.0.1",), port=dns_port, timeout=dns_timeout),
         local_hostname="relay.test",
     )
@@ -219,3 +219,14 @@ async def test_malformed_recipients_fail_without_a_lookup(sink):
     outcomes, queries = await deliver({}, sink.port, ["nodomain", "x@[127.0.0.1]", "y@bad..name"])
     assert {o.status for o in outcomes.values()} == {Status.FAILED}
     assert queries == []
+
+
+async def test_mx_pointing_at_loopback_is_refused_unless_allowed():
+    zone = {("evil.example.", "MX"): ["10 mx.evil.example."], ("mx.evil.example.", "A"): ["127.0.0.1"]}
+    async with DnsServer(zone) as server:
+        courier = MxCourier(UpstreamConfig(name="mx", kind="mx", port=25, timeout=2),
+                            DnsConfig(nameservers=("127.0.0.1",), port=server.port, timeout=2),
+                            local_hostname="relay.test")
+        outcomes = await courier.deliver("a@example.com", ["x@evil.example"], b"Subject: x\r\n\r\nx\r\n")
+        assert outcomes["x@evil.example"].status == "failed"
+        assert outcomes["x@evil.example"].reply.startswith("550 5.4.4 ")

@@ -16,6 +16,7 @@ undecided recipients to the next host; a 5xx to MAIL, RCPT or DATA is final.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 
 import aiosmtplib
@@ -136,7 +137,12 @@ class MxCourier:
                 problem = verdict
         if not found and problem is not None:
             raise problem
-        return list(dict.fromkeys(found))
+        usable = [a for a in dict.fromkeys(found) if self._upstream.allow_private_targets or _public(a)]
+        if found and not usable:
+            # a domain pointing its MX at our loopback or private network is trying to make
+            # the relay deliver inside it
+            raise _Verdict(Outcome(Status.FAILED, f"550 5.4.4 {host} has only private or loopback addresses"))
+        return usable
 
     async def _query(self, name: str, rdtype: str) -> list:
         """The records ([] for NODATA); NXDOMAIN propagates; anything else is a temporary _Verdict."""
@@ -175,6 +181,10 @@ class MxCourier:
                 return dict.fromkeys(rcpts, outcome_for_exception(exc))
             finally:
                 await _quit(client)
+
+
+def _public(address: str) -> bool:
+    return ipaddress.ip_address(address).is_global
 
 
 def _make_resolver(config: DnsConfig) -> dns.asyncresolver.Resolver:
