@@ -53,16 +53,9 @@ class RelayHandler:
     async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
         if not await _on_tls(server):
             return AuthResult(success=False, handled=True)
-        if len(args) == 1:
-            blob = await server.challenge_auth("")
-            if blob is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                blob = b64decode(args[1], validate=True)
-            except ValueError:
-                await server.push("501 5.5.2 Can't decode base64")
-                return AuthResult(success=False, handled=True)
+        blob = await _first_response(server, args, prompt="")
+        if blob is MISSING:
+            return AuthResult(success=False, handled=True)
         parts = split_plain(blob)
         if parts is None:
             await server.push("501 5.5.2 Can't split auth value")
@@ -75,14 +68,7 @@ class RelayHandler:
     async def auth_LOGIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
         if not await _on_tls(server):
             return AuthResult(success=False, handled=True)
-        if len(args) == 1:
-            user_blob = await server.challenge_auth("Username:")
-        else:
-            try:
-                user_blob = b64decode(args[1], validate=True)
-            except ValueError:
-                await server.push("501 5.5.2 Can't decode base64")
-                return AuthResult(success=False, handled=True)
+        user_blob = await _first_response(server, args, prompt="Username:")
         if user_blob is MISSING:
             return AuthResult(success=False, handled=True)
         secret_blob = await server.challenge_auth("Password:")
@@ -182,6 +168,18 @@ class RelayHandler:
     async def handle_exception(self, error: Exception) -> str:
         log.error("error in SMTP session: %r", error, exc_info=error)
         return replies.SPOOL_ERROR
+
+
+async def _first_response(server: RelaySMTP, args: list[str], *, prompt: str):
+    """The initial response given with the AUTH command, or the answer to a 334 prompt;
+    MISSING once a 501 has been sent (bad base64, or the client aborted with `*`)."""
+    if len(args) == 1:
+        return await server.challenge_auth(prompt)
+    try:
+        return b64decode(args[1], validate=True)
+    except ValueError:
+        await server.push("501 5.5.2 Can't decode base64")
+        return MISSING
 
 
 async def _on_tls(server: RelaySMTP) -> bool:
