@@ -149,7 +149,7 @@ Relay starting. To send a test message through it, in another terminal:
   .venv/bin/keystore {cfg} mailbox add me@example.com
   KEY=$(.venv/bin/keystore {cfg} key create --mailbox me@example.com --name "swaks test" --json \\
         | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
-  swaks --server 127.0.0.1:{port} --tls --tls-verify-host=off \\
+  swaks --server 127.0.0.1:{port} --tls \\
         --auth PLAIN --auth-user me@example.com --auth-password "$KEY" \\
         --from me@example.com --to you@example.net
 
