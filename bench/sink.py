@@ -17,6 +17,8 @@ class CountingHandler:
     def __init__(self) -> None:
         self.count = 0
         self.connections = 0
+        self.live = 0
+        self.peak = 0
 
     async def handle_DATA(self, server, session, envelope) -> str:
         self.count += 1
@@ -33,9 +35,20 @@ async def main() -> None:
     handler = CountingHandler()
     loop = asyncio.get_running_loop()
 
+    class CountingSMTP(SMTP):
+        def connection_made(self, transport) -> None:
+            if self.transport is None:
+                handler.connections += 1
+                handler.live += 1
+                handler.peak = max(handler.peak, handler.live)
+            super().connection_made(transport)
+
+        def connection_lost(self, exc) -> None:
+            handler.live -= 1
+            super().connection_lost(exc)
+
     def factory() -> SMTP:
-        handler.connections += 1
-        return SMTP(handler, hostname="bench-sink", data_size_limit=None)
+        return CountingSMTP(handler, hostname="bench-sink", data_size_limit=None)
 
     server = await loop.create_server(factory, args.host, args.port)
     print(f"sink listening on {args.host}:{args.port}", flush=True)
@@ -43,7 +56,7 @@ async def main() -> None:
         while True:
             await asyncio.sleep(0.1)
             if args.count_file:
-                Path(args.count_file).write_text(f"{handler.count} {handler.connections}\n")
+                Path(args.count_file).write_text(f"{handler.count} {handler.connections} {handler.peak}\n")
 
 
 if __name__ == "__main__":

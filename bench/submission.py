@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -97,12 +98,13 @@ async def wait_port(port: int) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def sink_count(path: Path) -> tuple[int, int]:
+def sink_count(path: Path) -> tuple[int, int, int]:
+    """(messages, connections opened, peak concurrent connections) seen by the sink."""
     try:
-        count, conns = path.read_text().split()
-        return int(count), int(conns)
+        count, conns, peak = path.read_text().split()
+        return int(count), int(conns), int(peak)
     except (OSError, ValueError):
-        return 0, 0
+        return 0, 0, 0
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -135,12 +137,15 @@ async def bench(args: argparse.Namespace) -> None:
         cafile = str(folder / "cert.pem")
         common = dict(connections=args.connections, messages=args.messages, size=args.size,
                       sender="bench@example.com")
-        # warm-up (imports, caches, sqlite pages)
+        # warm-up (imports, caches, sqlite pages, upstream connections)
+        warmup = 4 * 50
         await run_load("127.0.0.1", port, starttls=True, cafile=cafile, user="bench@example.com",
-                       password=secret, connections=4, messages=50, size=args.size,
+                       password=secret, connections=4, messages=warmup // 4, size=args.size,
                        sender="bench@example.com")
-        await asyncio.sleep(0.5)  # let the warm-up deliveries finish
-        delivered_before, _ = sink_count(count_file)
+        deadline = time.monotonic() + 30
+        while sink_count(count_file)[0] < warmup and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # let the warm-up deliveries finish
+        delivered_before, _, _ = sink_count(count_file)
         profiler = None
         if args.profile:  # py-spy samples the relay during the measured run (collapsed stacks)
             profiler = subprocess.Popen(["py-spy", "record", "--pid", str(relay_pid), "--format", "raw",
@@ -159,7 +164,10 @@ async def bench(args: argparse.Namespace) -> None:
         while sink_count(count_file)[0] - delivered_before < relay.sent and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         drained = time.perf_counter() - drain_start
-        delivered, upstream_conns = sink_count(count_file)
+        left = subprocess.run([sys.executable, "-m", "relay", "--config", str(folder / "relay.toml"),
+                               "queue", "list", "--json"], capture_output=True, text=True, check=True)
+        queue_left = len(json.loads(left.stdout))
+        delivered, upstream_conns, upstream_peak = sink_count(count_file)
         direct = await run_load("127.0.0.1", direct_port, starttls=False, cafile=None, user=None,
                                 password=None, **common)
 
@@ -184,7 +192,9 @@ async def bench(args: argparse.Namespace) -> None:
               f"(accept + deliver, one core)")
         print(f"{'delivered to the upstream sink':34} {delivered - delivered_before:8d} of {relay.sent} "
               f"in {drained:.2f} s: {(delivered - delivered_before) / drained:.0f} msg/s end to end, "
-              f"over {upstream_conns} upstream connections in all")
+              f"on at most {upstream_peak} upstream connections at once ({upstream_conns} opened in all, "
+              f"max_connections = {args.upstream_connections})")
+        print(f"{'queue after the load':34} {queue_left:8d} messages left (relay queue list)")
         print(f"{'AUTH PLAIN round trip':34} median {statistics.median(auth) * 1000:.3f} ms   "
               f"p99 {sorted(auth)[int(0.99 * len(auth))] * 1000:.3f} ms   ({len(auth)} samples)")
         print(f"{'RSS per idle authenticated session':34} {(idle_rss - base_rss) / args.idle:8.1f} KiB   "
@@ -208,7 +218,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--workers", type=int, default=16)
-    parser.add_argument("--upstream-connections", type=int, default=8)
+    parser.add_argument("--upstream-connections", type=int, default=16)
     parser.add_argument("--auth-samples", type=int, default=200)
     parser.add_argument("--idle", type=int, default=200)
     parser.add_argument("--profile", metavar="PATH", help="write py-spy collapsed stacks of the relay here")
