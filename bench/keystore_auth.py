@@ -78,6 +78,9 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
         n = len(logins)
         wrong = [(user, keys.format_key(key.split("_")[1], keys.generate_secret())) for user, key in logins]
         garbled = [(user, key[:-1] + ("A" if key[-1] != "A" else "B")) for user, key in logins]
+        # the three must cost the same: nothing may tell an attacker which part was wrong
+        nobody = [(f"nobody{i}@nowhere.test", key) for i, (_, key) in enumerate(logins)]
+        unknown_key = [(user, keys.format_key("a" * 12, keys.generate_secret())) for user, _ in logins]
 
         def ok(outcome: object) -> bool:
             return isinstance(outcome, Identity)
@@ -91,6 +94,12 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
         async def bad(i: int):
             return await store.authenticate(*wrong[i % n], CLIENT_IP)
 
+        async def no_mailbox(i: int):
+            return await store.authenticate(*nobody[i % n], CLIENT_IP)
+
+        async def no_key(i: int):
+            return await store.authenticate(*unknown_key[i % n], CLIENT_IP)
+
         async def malformed(i: int):
             return await store.authenticate(*garbled[i % n], CLIENT_IP)
 
@@ -102,6 +111,8 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
         print()
         report("successful login", *await timed(args.calls, good, ok))
         report("bad credentials (wrong secret)", *await timed(args.calls, bad, refused))
+        report("bad credentials (unknown mailbox)", *await timed(args.calls, no_mailbox, refused))
+        report("bad credentials (unknown key id)", *await timed(args.calls, no_key, refused))
         report("bad credentials (bad checksum)", *await timed(args.calls, malformed, refused))
 
         # throughput with many logins in flight on the one connection

@@ -18,7 +18,13 @@ from keystore.models import Identity, Reason
 from keystore.store import KeyStore, KeystoreUnavailable
 from relay import maillog, replies
 
-__all__ = ["Authenticator", "FailureLimiter", "LoginResult", "split_plain"]
+__all__ = ["FAILURE_FLOOR", "Authenticator", "FailureLimiter", "LoginResult", "split_plain"]
+
+# Every refused login takes at least this long. The keystore's work differs by some tens
+# of microseconds between an unknown mailbox, an unknown key and a wrong secret (index
+# lookups, not the comparison); padding refusals to a floor far above that leaves nothing
+# to measure, and costs a legitimate client nothing (successful logins are not padded).
+FAILURE_FLOOR = 0.01
 
 
 def split_plain(blob: bytes) -> tuple[str, str, str] | None:
@@ -90,6 +96,7 @@ class Authenticator:
         self._checked: dict[tuple[str, str], tuple[float, Identity | Reason]] = {}
 
     async def login(self, username: str, secret: str, client_ip: str) -> LoginResult:
+        started = time.monotonic()
         if self._limiter.blocked(client_ip):
             maillog.auth_failed(client_ip, username, "too_many_failures")
             return LoginResult(None, replies.AUTH_TOO_MANY, close=True)
@@ -103,9 +110,8 @@ class Authenticator:
             self._checked[(verdict.key_id, verdict.mailbox)] = (time.monotonic(), verdict)
             return LoginResult(verdict, replies.AUTH_OK)
         maillog.auth_failed(client_ip, username, verdict.value)
-        delay = self._limiter.record(client_ip)
-        if delay:
-            await asyncio.sleep(delay)
+        delay = max(self._limiter.record(client_ip), FAILURE_FLOOR)
+        await asyncio.sleep(started + delay - time.monotonic())
         return LoginResult(None, replies.REASON_REPLIES.get(verdict.value, replies.AUTH_INVALID))
 
     async def recheck(self, identity: Identity) -> Identity | str:
