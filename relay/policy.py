@@ -7,6 +7,7 @@ the SMTP handler stays glue.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
@@ -24,6 +25,13 @@ __all__ = [
 ]
 
 _HEADER_PARSER = BytesHeaderParser(policy=compat32)
+# The EHLO argument is the client's; aiosmtpd ends a command line at LF only, so it can hold
+# a bare CR, which would start a new header line (e.g. a forged From:) in the trace header.
+_NOT_IN_TRACE = re.compile(r"[^\x21-\x7e]")
+# A header line is a field ("Name:", RFC 5322 ftext) or a folded continuation. Anything else
+# ("From : x", a stray line) is read differently by different parsers: ours may skip a From:
+# that the recipient's software shows.
+_FIELD_OR_FOLD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:|[ \t]")
 
 
 def _norm(address: str) -> str:
@@ -59,6 +67,9 @@ def check_headers(identity: Identity, content: bytes, *, check_from: bool) -> He
         senders = headers.get_all("From", []) + headers.get_all("Sender", [])
         if not headers.get_all("From"):
             return "550 5.6.0 Message has no From: header"
+        lines = block.split(b"\r\n")[:-1]
+        if lines[0][:1] in (b" ", b"\t") or not all(_FIELD_OR_FOLD.match(line) for line in lines):
+            return replies.HEADER_MALFORMED
         for _, address in email.utils.getaddresses([str(s) for s in senders]):
             if not address or not sender_allowed(identity, address):
                 return replies.HEADER_FROM_NOT_OWNED
@@ -77,6 +88,7 @@ def received_header(
     Names the key id (never its secret) so an operator can tell which tool sent a message.
     """
     date = _rfc5322_date(when)
+    helo = _NOT_IN_TRACE.sub("?", helo)
     return (
         f"Received: from {helo} ([{client_ip}])\r\n"
         f"\tby {hostname} (keyrelay) with ESMTPSA id {queue_id}\r\n"

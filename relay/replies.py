@@ -45,6 +45,7 @@ BARE_LINE_ENDING = (
 HEADER_FROM_NOT_OWNED = (
     "550 5.7.1 From: or Sender: header is not the authenticated mailbox or one of its aliases"
 )
+HEADER_MALFORMED = "550 5.6.0 Message header has a line that is not a header field"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
 SPOOL_ERROR = "451 4.3.0 Temporary server error, try again later"
