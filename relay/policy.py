@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 _HEADER_PARSER = BytesHeaderParser(policy=compat32)
+_PRINTABLE_ADDRESS = re.compile(r"[^\x00-\x20\x7f]+")
 # The EHLO argument is the client's; aiosmtpd ends a command line at LF only, so it can hold
 # a bare CR, which would start a new header line (e.g. a forged From:) in the trace header.
 _NOT_IN_TRACE = re.compile(r"[^\x21-\x7e]")
@@ -42,6 +43,13 @@ def sender_allowed(identity: Identity, address: str) -> bool:
     """The envelope or header sender must be the mailbox or one of its aliases."""
     wanted = _norm(address)
     return wanted == identity.mailbox or wanted in identity.aliases
+
+
+def deliverable_address(address: str) -> bool:
+    """local@domain with no control characters or spaces (an upstream would refuse it
+    later, turning a syntax error the client could fix into a bounce)."""
+    local, at, domain = address.rpartition("@")
+    return bool(at and local and domain) and _PRINTABLE_ADDRESS.fullmatch(address) is not None
 
 
 def has_bare_line_ending(content: bytes) -> bool:

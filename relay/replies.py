@@ -32,6 +32,7 @@ REASON_REPLIES = {
 # --- MAIL / RCPT
 MAIL_OK = "250 2.1.0 Sender OK"
 RCPT_OK = "250 2.1.5 Recipient OK"
+BAD_RECIPIENT = "553 5.1.3 Recipient address is not a deliverable local@domain address"
 SENDER_NOT_OWNED = "553 5.7.1 Sender address is not the authenticated mailbox or one of its aliases"
 NULL_SENDER = "553 5.7.1 A null sender is not allowed on submission"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients for one message"

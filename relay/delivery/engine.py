@@ -53,10 +53,15 @@ class DeliveryEngine:
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self._workers)]
         self._tasks.append(asyncio.create_task(self._scheduler()))
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Cancel the workers; what they were doing is in the spool and resumes at the next
+        start. Bounded, because a cancellation can be swallowed inside a library's timeout
+        handling (asyncio.wait_for in Python 3.11)."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        _, stuck = await asyncio.wait(self._tasks, timeout=timeout)
+        if stuck:
+            log.warning("%d delivery task(s) did not stop within %.0f s", len(stuck), timeout)
 
     def submit(self, item: QueueItem) -> None:
         """A message the spool has just stored durably: deliver it now."""
@@ -119,6 +124,9 @@ class DeliveryEngine:
                 self._later(time.time() + self._schedule[0], message_id)
             finally:
                 self._active.discard(message_id)
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise asyncio.CancelledError  # a cancel swallowed during the attempt: stop now
 
     async def _attempt(self, item: QueueItem) -> None:
         started = time.time()

@@ -116,6 +116,8 @@ class RelayHandler:
 
     async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
+        if not policy.deliverable_address(address):
+            return replies.BAD_RECIPIENT
         if address in envelope.rcpt_tos:
             return replies.RCPT_OK
         if len(envelope.rcpt_tos) >= self._server_cfg.max_recipients:
