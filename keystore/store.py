@@ -395,8 +395,9 @@ class KeyStore:
     async def _check_key_limit(self, conn: aiosqlite.Connection, ws_id: int) -> None:
         rows = await conn.execute_fetchall(
             "SELECT w.name, w.key_limit, (SELECT count(*) FROM auth_key k "
-            "WHERE k.workspace_id = w.id AND k.status = 'active') FROM workspace w WHERE w.id = ?",
-            (ws_id,),
+            "WHERE k.workspace_id = w.id AND k.status = 'active' AND coalesce(k.expires > ?, 1)) "
+            "FROM workspace w WHERE w.id = ?",
+            (time.time(), ws_id),
         )
         name, limit, active = rows[0]
         if active >= limit:
@@ -528,6 +529,8 @@ class KeyStore:
         return [Workspace(name=r[0], key_limit=r[1], active_keys=r[2], mailboxes=r[3]) for r in rows]
 
     async def set_key_limit(self, workspace: str, limit: int, *, actor: str) -> None:
+        if limit < 0:
+            raise StoreError("a key limit is a number of active keys, 0 or more")
         async with self._transaction() as conn:
             ws_id = await self._workspace_id(conn, workspace, create=False)
             await conn.execute("UPDATE workspace SET key_limit = ? WHERE id = ?", (limit, ws_id))

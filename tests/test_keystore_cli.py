@@ -599,3 +599,18 @@ def test_workspace_list_and_set_limit(cli):
     assert "unknown workspace: nope" in cli.refused("workspace", "set-limit", "nope", "5")
     limits = [e for e in cli.json("audit") if e["action"] == "workspace.limit"]
     assert [e["detail"] for e in limits] == ["acme key_limit=2"]
+
+
+def test_negative_key_limit_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "relay.toml"
+    config.write_text('[keystore]\npath = "k.db"\npepper_file = "pepper"\n')
+    run = lambda *a: subprocess.run([sys.executable, "-m", "keystore", "--config", str(config), *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=30)
+    assert run("init").returncode == 0
+    assert run("mailbox", "add", "a@example.com", "--workspace", "w").returncode == 0
+    result = run("workspace", "set-limit", "w", "--", "-1")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "keystore: a key limit is a number of active keys, 0 or more"
