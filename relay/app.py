@@ -14,16 +14,13 @@ import os
 import signal
 from collections.abc import Callable
 
-from dns.exception import DNSException
-
 from keystore.store import KeyStore
 from relay import replies
 from relay.auth import Authenticator, FailureLimiter
 from relay.config import Config, ConfigError
 from relay.delivery.courier import Courier
 from relay.delivery.engine import DeliveryEngine
-from relay.delivery.routing import Router
-from relay.delivery.smarthost import SmarthostCourier
+from relay.delivery.routing import Router, make_couriers
 from relay.signing import DkimSigner
 from relay.smtpd.handler import RelayHandler
 from relay.smtpd.listeners import Listener, open_listeners
@@ -127,22 +124,6 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 def run(config: Config) -> None:
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(serve(config))
-
-
-def make_couriers(config: Config) -> dict[str, Courier]:
-    couriers: dict[str, Courier] = {}
-    hostname = config.server.hostname
-    for upstream in config.upstream:
-        try:
-            if upstream.kind == "mx":
-                from relay.delivery.mx import MxCourier
-
-                couriers[upstream.name] = MxCourier(upstream, config.dns, local_hostname=hostname)
-            else:
-                couriers[upstream.name] = SmarthostCourier(upstream, local_hostname=hostname)
-        except (OSError, DNSException) as exc:  # password file, or no resolver configuration
-            raise ConfigError(f"{config.source}: [[upstream]] {upstream.name}: {exc}") from None
-    return couriers
 
 
 async def serve(config: Config) -> None:

@@ -11,10 +11,29 @@ from __future__ import annotations
 
 import itertools
 
-from relay.config import Config
-from relay.delivery.courier import Courier
+from dns.exception import DNSException
 
-__all__ = ["Router"]
+from relay.config import Config, ConfigError
+from relay.delivery.courier import Courier
+from relay.delivery.mx import MxCourier
+from relay.delivery.smarthost import SmarthostCourier
+
+__all__ = ["Router", "make_couriers"]
+
+
+def make_couriers(config: Config) -> dict[str, Courier]:
+    """One courier per `[[upstream]]`, by kind; a file or resolver problem is a config error."""
+    couriers: dict[str, Courier] = {}
+    hostname = config.server.hostname
+    for upstream in config.upstream:
+        try:
+            if upstream.kind == "mx":
+                couriers[upstream.name] = MxCourier(upstream, config.dns, local_hostname=hostname)
+            else:
+                couriers[upstream.name] = SmarthostCourier(upstream, local_hostname=hostname)
+        except (OSError, DNSException) as exc:  # password file, or no resolver configuration
+            raise ConfigError(f"{config.source}: [[upstream]] {upstream.name}: {exc}") from None
+    return couriers
 
 
 class Router:
