@@ -81,9 +81,7 @@ class RelayHandler:
         return await self._login(server, username, secret)
 
     async def _login(self, server: RelaySMTP, username: str, secret: str) -> AuthResult:
-        peer = server.session.peer
-        client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
-        result = await self._authenticator.login(username, secret, client_ip)
+        result = await self._authenticator.login(username, secret, _client_ip(server.session))
         if result.identity is not None:
             return AuthResult(success=True, auth_data=result.identity, message=result.reply)
         if result.close:
@@ -154,18 +152,21 @@ class RelayHandler:
             body=trace + signature + added + content,
         )
         try:
-            # shielded: if the client drops mid-commit, the commit still completes, so a
-            # message is either fully stored or absent, never half-written
-            await asyncio.shield(self._spool.put(item))
+            # shielded: if the client drops mid-commit, the commit still completes and the
+            # message is still handed to delivery: stored and sent, or absent, never between
+            await asyncio.shield(self._accept(item))
         except SpoolFull:
             log.error("spool is full; refusing message from key %s", identity.key_id)
             return replies.SPOOL_FULL
         except Exception:
             log.exception("spool write failed")
             return replies.SPOOL_ERROR
-        self._engine.submit(item)
         maillog.queued(session.peer, item)
         return replies.QUEUED.format(queue_id=queue_id)
+
+    async def _accept(self, item: QueueItem) -> None:
+        await self._spool.put(item)
+        self._engine.submit(item)
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("error in SMTP session: %r", error, exc_info=error)
