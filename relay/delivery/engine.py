@@ -68,10 +68,6 @@ class DeliveryEngine:
         self._active.add(item.id)
         self._ready.put_nowait(item)
 
-    @property
-    def idle(self) -> bool:
-        return not self._active
-
     # ------------------------------------------------------------ scheduling
 
     async def _reload(self) -> None:

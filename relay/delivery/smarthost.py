@@ -27,7 +27,6 @@ class SmarthostCourier:
         self._password = _read_password(upstream)
         self._idle: list[aiosmtplib.SMTP] = []
         self._slots = asyncio.Semaphore(upstream.max_connections)
-        self.connections_opened = 0
 
     def _client(self) -> aiosmtplib.SMTP:
         up = self._upstream
@@ -53,7 +52,6 @@ class SmarthostCourier:
                 return client
         client = self._client()
         await client.connect()
-        self.connections_opened += 1
         return client
 
     async def deliver(self, mail_from: str, recipients: list[str], body: bytes) -> dict[str, Outcome]:
