@@ -77,6 +77,7 @@ class DeliveryEngine:
         self._wake.set()
 
     async def _scheduler(self) -> None:
+        checked = time.monotonic()
         while True:
             now = time.time()
             while self._timers and self._timers[0][0] <= now:
@@ -90,12 +91,18 @@ class DeliveryEngine:
                 await asyncio.wait_for(self._wake.wait(), max(delay, 0.0))
             except TimeoutError:
                 pass
-            try:
-                changed, version = await self._spool.changed_elsewhere(self._spool_version)
-                if changed:
-                    await self._reload()
-            except SpoolError:
-                log.exception("cannot read the spool's schedule")
+            if time.monotonic() - checked >= _SPOOL_POLL:
+                checked = time.monotonic()
+                await self._follow_spool()
+
+    async def _follow_spool(self) -> None:
+        """Pick up what `relay queue` changed; the scheduler must outlive a bad disk moment."""
+        try:
+            changed, _ = await self._spool.changed_elsewhere(self._spool_version)
+            if changed:
+                await self._reload()
+        except Exception:
+            log.exception("cannot read the spool's schedule; trying again shortly")
 
     def _later(self, when: float, message_id: str) -> None:
         heapq.heappush(self._timers, (when, message_id))
