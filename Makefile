@@ -34,7 +34,9 @@ run: install
 	  $(BIN)/relay --config $(CONFIG) serve
 
 bench: install
-	bash bench/run.sh
+	$(BIN)/python bench/keystore_auth.py
+	$(BIN)/python bench/auth_timing.py
+	$(BIN)/python bench/submission.py
 
 clean:
 	rm -rf var .pytest_cache
