@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.utils
 import re
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -17,9 +18,12 @@ from keystore.models import Identity
 from relay import replies
 
 __all__ = [
+    "HeaderInfo",
     "RateLimiter",
     "check_headers",
+    "deliverable_address",
     "has_bare_line_ending",
+    "missing_headers",
     "received_header",
     "sender_allowed",
 ]
@@ -58,12 +62,12 @@ def has_bare_line_ending(content: bytes) -> bool:
     return content.count(b"\r") != pairs or content.count(b"\n") != pairs
 
 
+@dataclass(frozen=True, slots=True)
 class HeaderInfo:
-    __slots__ = ("has_date", "has_message_id")
+    """What the client left out, for `missing_headers`."""
 
-    def __init__(self, has_date: bool, has_message_id: bool) -> None:
-        self.has_date = has_date
-        self.has_message_id = has_message_id
+    has_date: bool
+    has_message_id: bool
 
 
 def check_headers(identity: Identity, content: bytes, *, check_from: bool) -> HeaderInfo | str:
@@ -74,7 +78,7 @@ def check_headers(identity: Identity, content: bytes, *, check_from: bool) -> He
     if check_from:
         senders = headers.get_all("From", []) + headers.get_all("Sender", [])
         if not headers.get_all("From"):
-            return "550 5.6.0 Message has no From: header"
+            return replies.NO_FROM_HEADER
         lines = block.split(b"\r\n")[:-1]
         if lines[0][:1] in (b" ", b"\t") or not all(_FIELD_OR_FOLD.match(line) for line in lines):
             return replies.HEADER_MALFORMED

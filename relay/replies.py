@@ -19,6 +19,8 @@ AUTH_AUTHZID = "535 5.7.8 Authorization identity must be empty or equal to the u
 AUTH_TOO_MANY = "421 4.7.0 Too many failed authentication attempts from your address, try later"
 AUTH_UNAVAILABLE = "454 4.7.0 Temporary authentication failure, try again later"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
+AUTH_BAD_BASE64 = "501 5.5.2 Can't decode base64"  # the same words as aiosmtpd's own
+AUTH_CANNOT_SPLIT = "501 5.5.2 Can't split auth value"
 
 REASON_REPLIES = {
     "revoked": "535 5.7.8 Authentication credentials invalid: this auth key has been revoked",
@@ -46,6 +48,7 @@ BARE_LINE_ENDING = (
 HEADER_FROM_NOT_OWNED = (
     "550 5.7.1 From: or Sender: header is not the authenticated mailbox or one of its aliases"
 )
+NO_FROM_HEADER = "550 5.6.0 Message has no From: header"
 HEADER_MALFORMED = "550 5.6.0 Message header has a line that is not a header field"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"

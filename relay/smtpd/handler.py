@@ -58,7 +58,7 @@ class RelayHandler:
             return AuthResult(success=False, handled=True)
         parts = split_plain(blob)
         if parts is None:
-            await server.push("501 5.5.2 Can't split auth value")
+            await server.push(replies.AUTH_CANNOT_SPLIT)
             return AuthResult(success=False, handled=True)
         authzid, username, secret = parts
         if authzid and authzid != username:
@@ -181,7 +181,7 @@ async def _first_response(server: RelaySMTP, args: list[str], *, prompt: str):
     try:
         return b64decode(args[1], validate=True)
     except ValueError:
-        await server.push("501 5.5.2 Can't decode base64")
+        await server.push(replies.AUTH_BAD_BASE64)
         return MISSING
 
 
