@@ -36,6 +36,7 @@ run: install
 bench: install
 	$(BIN)/python bench/keystore_auth.py
 	$(BIN)/python bench/auth_timing.py
+	$(BIN)/python bench/spool.py
 	$(BIN)/python bench/submission.py
 
 clean:

@@ -81,6 +81,8 @@ class Spool:
         self._conn: sqlite3.Connection | None = None
         self._pending: list[tuple[_Op, asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
+        self.commits = 0  # fsync'd transactions, and the writes they carried: batch size
+        self.writes = 0
 
     @classmethod
     async def open(cls, path: Path) -> Spool:
@@ -132,6 +134,8 @@ class Spool:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                self.commits += 1
+                self.writes += len(batch)
                 try:
                     await self._call(self._apply, [op for op, _ in batch])
                 except Exception as exc:  # noqa: BLE001 - every waiter must learn the outcome
