@@ -4,9 +4,12 @@ permanent failure, an upstream that is down, and key routes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import pytest
+
+from tests.test_queue_cli import q
 
 MESSAGE = b"From: alice@example.com\r\nSubject: hello\r\n\r\nhi\r\n"
 
@@ -184,3 +187,30 @@ async def test_a_bounce_is_never_bounced(relay_with, caplog):
         await asyncio.sleep(0.3)
         assert h.sink.messages == []
         assert any("not bouncing a bounce" in r.getMessage() for r in caplog.records)
+
+
+async def test_provider_certificate_is_verified_by_default(relay_with, tmp_path):
+    import ssl
+
+    from relay.tlsconf import generate_self_signed
+    from tests.support.sink import Sink
+
+    generate_self_signed("provider.test", tmp_path / "provider.pem", tmp_path / "provider.key")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tmp_path / "provider.pem", tmp_path / "provider.key")
+    async with Sink(tls=server_tls) as provider:
+        extra = (f'\n[[upstream]]\nname = "provider"\nhost = "127.0.0.1"\nport = {provider.port}\n'
+                 'tls = "starttls"\n')  # no ca_file: a self-signed certificate is not trusted
+        async with relay_with(upstream_extra=extra, retry='["1h"]') as h:
+            await h.mailbox("alice@example.com")
+            secret = await h.key("alice@example.com", route="provider")
+            client = await h.login("alice@example.com", secret)
+            await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+            await client.quit()
+            for _ in range(50):
+                listed = json.loads((await q(h, "list", "--json")).stdout)
+                if listed and listed[0]["last_error"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert provider.messages == []
+            assert "certificate verify failed" in listed[0]["last_error"].lower()

@@ -6,6 +6,8 @@ retry, never to a bounce of mail we promised to deliver.
 
 from __future__ import annotations
 
+import ssl
+
 import aiosmtplib
 
 from relay.delivery.courier import Outcome, Status
@@ -25,6 +27,8 @@ def outcome_for_reply(code: int, message: str) -> Outcome:
 def outcome_for_exception(exc: BaseException) -> Outcome:
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return outcome_for_reply(exc.code, exc.message)
+    if isinstance(exc, ssl.SSLError):  # before ValueError: certificate errors are ValueErrors too
+        return Outcome(Status.DEFERRED, f"451 4.7.5 TLS with the upstream failed: {exc}")
     if isinstance(exc, ValueError):  # aiosmtplib refuses control characters in addresses
         return Outcome(Status.FAILED, f"550 5.1.3 invalid address: {exc}")
     if isinstance(exc, TimeoutError):

@@ -63,6 +63,9 @@ class SmarthostCourier:
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 self._release(client)
                 return {err.recipient: outcome_for_reply(err.code, err.message) for err in exc.recipients}
+            except ssl.SSLError as exc:  # caught before ValueError: certificate errors are both
+                await _discard(client)
+                return dict.fromkeys(recipients, outcome_for_exception(exc))
             except (aiosmtplib.SMTPResponseException, ValueError) as exc:
                 self._release(client)
                 outcome = outcome_for_exception(exc)
