@@ -26,7 +26,8 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="SMTP submission relay with auth keys")
     parser.add_argument("--config", help="config file (default: $RELAY_CONFIG)")
-    parser.add_argument("--log-level", default=os.environ.get("RELAY_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", type=str.upper, default=os.environ.get("RELAY_LOG_LEVEL", "INFO"),
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="run the relay (the default)")
     commands.add_parser("gen-cert", help="write a self-signed dev certificate to [tls] cert/key")
@@ -48,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
+        level=args.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd: per-command chatter
