@@ -13,9 +13,17 @@ __all__ = [
     "Mailbox",
     "Reason",
     "Workspace",
+    "canonical_address",
 ]
 
 PERMISSIONS = ("email.send", "email.receive", "mailbox.read", "mailbox.settings.update")
+
+
+def canonical_address(address: str) -> str:
+    """The form addresses are stored and compared in: lower case, no trailing dot. Domains
+    are case-insensitive (RFC 5321); local parts may not be, but two mailboxes differing
+    only in case would be a trap, so the whole address is compared case-insensitively."""
+    return address.strip().lower().rstrip(".")
 
 
 class Reason(enum.StrEnum):

@@ -34,6 +34,7 @@ from keystore.models import (
     Mailbox,
     Reason,
     Workspace,
+    canonical_address,
 )
 
 __all__ = ["KeyStore", "KeystoreUnavailable", "StoreError", "normalize_address"]
@@ -53,13 +54,11 @@ class KeystoreUnavailable(Exception):
 
 
 def normalize_address(address: str) -> str:
-    """Lower-case the address: domains are case-insensitive (RFC 5321), and although local
-    parts may be case-sensitive, two mailboxes differing only in case would be a trap, so
-    the whole address is compared case-insensitively."""
+    """A valid address in its canonical form (models.canonical_address)."""
     address = address.strip()
     if not _ADDRESS_RE.match(address) or len(address) > 254:
         raise StoreError(f"invalid mailbox address: {address!r}")
-    return address.lower().rstrip(".")
+    return canonical_address(address)
 
 
 _AUTH_SQL = """

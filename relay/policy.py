@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-from keystore.models import Identity
+from keystore.models import Identity, canonical_address
 from relay import replies
 
 __all__ = [
@@ -39,13 +39,9 @@ _NOT_IN_TRACE = re.compile(r"[^\x21-\x7e]")
 _FIELD_OR_FOLD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:|[ \t]")
 
 
-def _norm(address: str) -> str:
-    return address.strip().lower().rstrip(".")
-
-
 def sender_allowed(identity: Identity, address: str) -> bool:
     """The envelope or header sender must be the mailbox or one of its aliases."""
-    wanted = _norm(address)
+    wanted = canonical_address(address)
     return wanted == identity.mailbox or wanted in identity.aliases
 
 

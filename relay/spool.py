@@ -100,9 +100,6 @@ class Spool:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(_SCHEMA)
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(message)")}
-        if "held" not in columns:  # spools written before `relay queue hold` existed
-            conn.execute("ALTER TABLE message ADD COLUMN held INTEGER NOT NULL DEFAULT 0")
         self._conn = conn
 
     def data_version(self) -> int:

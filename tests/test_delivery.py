@@ -6,12 +6,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 
 import pytest
 
+from relay.tlsconf import generate_self_signed
 from tests.test_queue_cli import q
 
 MESSAGE = b"From: alice@example.com\r\nSubject: hello\r\n\r\nhi\r\n"
+
+
+def provider_tls(folder) -> ssl.SSLContext:
+    """A provider's server TLS with a self-signed certificate (provider.pem, trusted by no one
+    unless the relay's upstream names it as ca_file)."""
+    generate_self_signed("provider.test", folder / "provider.pem", folder / "provider.key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(folder / "provider.pem", folder / "provider.key")
+    return context
 
 
 async def send(h, *, rcpts=("bob@example.net",)) -> None:
@@ -105,14 +116,9 @@ async def test_key_route_picks_the_upstream(relay_with, route):
 
 @pytest.mark.parametrize("mode", ["starttls", "implicit"])
 async def test_upstream_tls_modes_with_auth_to_the_provider(relay_with, tmp_path, mode):
-    import ssl
-
-    from relay.tlsconf import generate_self_signed
     from tests.support.sink import Sink
 
-    generate_self_signed("provider.test", tmp_path / "provider.pem", tmp_path / "provider.key")
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(tmp_path / "provider.pem", tmp_path / "provider.key")
+    server_tls = provider_tls(tmp_path)
     (tmp_path / "provider-password").write_text("s3cret\n")
     async with Sink(tls=server_tls, implicit=mode == "implicit", credentials=("relay", "s3cret")) as provider:
         extra = (f'\n[[upstream]]\nname = "provider"\nhost = "127.0.0.1"\nport = {provider.port}\n'
@@ -190,14 +196,9 @@ async def test_a_bounce_is_never_bounced(relay_with, caplog):
 
 
 async def test_provider_certificate_is_verified_by_default(relay_with, tmp_path):
-    import ssl
-
-    from relay.tlsconf import generate_self_signed
     from tests.support.sink import Sink
 
-    generate_self_signed("provider.test", tmp_path / "provider.pem", tmp_path / "provider.key")
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(tmp_path / "provider.pem", tmp_path / "provider.key")
+    server_tls = provider_tls(tmp_path)
     async with Sink(tls=server_tls) as provider:
         extra = (f'\n[[upstream]]\nname = "provider"\nhost = "127.0.0.1"\nport = {provider.port}\n'
                  'tls = "starttls"\n')  # no ca_file: a self-signed certificate is not trusted
