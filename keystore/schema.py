@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 
-__all__ = ["MIGRATIONS", "migrate"]
+__all__ = ["MIGRATIONS", "migrate", "run_migrations"]
 
 MIGRATIONS: list[str] = [
     # 1: the initial schema
@@ -74,19 +74,26 @@ MIGRATIONS: list[str] = [
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Bring a database up to the newest version; returns that version."""
+    """Bring a keystore database up to the newest version; returns that version."""
+    return run_migrations(conn, MIGRATIONS, what="keystore")
+
+
+def run_migrations(conn: sqlite3.Connection, migrations: list[str], *, what: str) -> int:
+    """Apply `migrations` past the file's PRAGMA user_version, each in one transaction.
+
+    Shared with the relay's spool (relay/queue/schema.py): the same rules for both files."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
+    if version > len(migrations):
         raise sqlite3.DatabaseError(
-            f"keystore schema version {version} is newer than this program ({len(MIGRATIONS)})"
+            f"{what} schema version {version} is newer than this program ({len(migrations)})"
         )
-    for number in range(version + 1, len(MIGRATIONS) + 1):
+    for number in range(version + 1, len(migrations) + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
             if conn.execute("PRAGMA user_version").fetchone()[0] >= number:
                 conn.execute("COMMIT")  # another process migrated while we waited for the lock
                 continue
-            for statement in _statements(MIGRATIONS[number - 1]):
+            for statement in _statements(migrations[number - 1]):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
@@ -94,7 +101,7 @@ def migrate(conn: sqlite3.Connection) -> int:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-    return len(MIGRATIONS)
+    return len(migrations)
 
 
 def _statements(script: str) -> list[str]:

@@ -1,9 +1,9 @@
-"""The relay's lifecycle: open keystore and spool, start delivery and listeners, and shut
+"""The relay's lifecycle: open keystore and queue, start delivery and listeners, and shut
 down in the reverse order without losing anything already accepted.
 
 A message answered with 250 is in the spool, so shutdown only has to stop taking new
-work, give sessions in DATA a moment to finish, and stop the delivery workers (anything
-undelivered is picked up from the spool at the next start).
+work, give sessions in DATA a moment to finish, and let running deliveries record what
+they did (anything undelivered is picked up from the spool at the next start).
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from relay import replies
 from relay.auth import Authenticator, FailureLimiter
 from relay.config import Config, ConfigError
 from relay.delivery.courier import Courier
-from relay.delivery.engine import DeliveryEngine
 from relay.delivery.routing import Router, make_couriers
+from relay.queue import Queue
 from relay.signing import DkimSigner
 from relay.smtpd.handler import RelayHandler
 from relay.smtpd.listeners import Listener, open_listeners
 from relay.smtpd.server import ConnectionRegistry
-from relay.spool import Spool
 from relay.tlsconf import limit_tls_buffers, server_context
 
 __all__ = ["Relay", "loop_factory", "run", "serve"]
@@ -40,8 +39,7 @@ class Relay:
         self.registry = ConnectionRegistry(config.server.max_connections)
         self.couriers: dict[str, Courier] = {}
         self.store: KeyStore | None = None
-        self.spool: Spool | None = None
-        self.engine: DeliveryEngine | None = None
+        self.queue: Queue | None = None
 
     def port(self, kind: str = "submission") -> int:
         return next(listener.port for listener in self.listeners if listener.kind == kind)
@@ -58,18 +56,19 @@ class Relay:
         ks = cfg.keystore
         self.store = await KeyStore.open(ks.path, ks.pepper_file, default_key_limit=ks.default_key_limit)
         await self._check_routes()
-        self.spool = await Spool.open(cfg.queue.path)
-        self.engine = DeliveryEngine(
-            self.spool, Router(cfg, self.couriers), hostname=cfg.server.hostname,
+        if cfg.queue.workers is not None:
+            log.warning("%s: [queue] workers is no longer used: each [[upstream]] max_connections "
+                        "sets how many deliveries run at once on it", cfg.source)
+        self.queue = await Queue.open(
+            cfg.queue.path, Router(cfg, self.couriers), hostname=cfg.server.hostname,
             retry_schedule=cfg.queue.retry_schedule, max_lifetime=cfg.queue.max_queue_lifetime,
-            workers=cfg.queue.workers,
         )
-        await self.engine.start()
+        await self.queue.start()
         authenticator = Authenticator(
             self.store, FailureLimiter(cfg.auth.max_failures, cfg.auth.failure_window),
             recheck_interval=cfg.auth.recheck_interval,
         )
-        handler = RelayHandler(cfg, authenticator, self.spool, self.engine, signer)
+        handler = RelayHandler(cfg, authenticator, self.queue, signer)
         self.listeners = await open_listeners(cfg, handler, tls, self.registry)
         for listener in self.listeners:
             mode = "STARTTLS" if listener.kind == "submission" else "implicit TLS"
@@ -98,12 +97,12 @@ class Relay:
             session.close_now()
         for listener in self.listeners:
             await listener.server.wait_closed()
-        if self.engine is not None:
-            await self.engine.stop()
+        if self.queue is not None:
+            await self.queue.stop()
         for courier in self.couriers.values():
             await courier.close()
-        if self.spool is not None:
-            await self.spool.close()
+        if self.queue is not None:
+            await self.queue.close()
         if self.store is not None:
             await self.store.close()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from keystore.keys import PepperError
 from keystore.store import KeystoreUnavailable
 from relay.config import ConfigError, load_config, resolve_config_path
+from relay.queue.store import SpoolBusy, SpoolError
 from relay.queuecli import QueueRefused, add_queue_parser, run_queue_command
 
 __all__ = ["main"]
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
-    except QueueRefused as exc:
+    except (QueueRefused, SpoolBusy, SpoolError) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
     except (KeystoreUnavailable, PepperError) as exc:

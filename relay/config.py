@@ -96,7 +96,7 @@ class QueueConfig:
         Duration(60), Duration(300), Duration(900), Duration(3600), Duration(10800),
     )
     max_queue_lifetime: Duration = Duration(5 * 86400)
-    workers: int = 16
+    workers: int | None = None  # no longer used (per-upstream max_connections); accepted, warned
 
 
 @dataclass(frozen=True, kw_only=True)

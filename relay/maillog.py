@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from relay.delivery.courier import Outcome
-    from relay.spool import QueueItem
+    from relay.queue.model import Delivery, QueueItem
 
 __all__ = ["attempt", "auth_failed", "auth_ok", "queued", "rejected"]
 
@@ -49,7 +49,7 @@ def queued(peer: object, item: QueueItem) -> None:
 _ATTEMPT_WORDS = {"sent": "sent", "deferred": "deferred", "failed": "bounced"}
 
 
-def attempt(item: QueueItem, rcpt: str, upstream: str, outcome: Outcome, *, delay: float) -> None:
+def attempt(item: Delivery, rcpt: str, upstream: str, outcome: Outcome, *, delay: float) -> None:
     """One line per recipient per attempt: sent, deferred (will retry) or bounced."""
     level = logging.INFO if outcome.status == "sent" else logging.WARNING
     if log.isEnabledFor(level):

@@ -1,20 +1,27 @@
-"""`relay queue ...`: look at and steer the spool, safely beside a running relay.
+"""`relay queue ...`: look at and steer the queue, safely beside a running relay.
 
-Each command is one short sqlite transaction on the spool file; the running relay sees
-the change through sqlite's data_version within half a second and reschedules (see
-relay/delivery/engine.py), so nothing is corrupted and nothing delivered twice.
+Every command is one call on the queue's storage API (relay/queue/store.py), the same
+operations the relay itself uses; the running relay sees a change within half a second.
+A message the relay is delivering at that moment is changed when its attempt ends, and
+the command says so: nothing is delivered after an operator was told it would not be.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import sqlite3
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
+
+from relay.delivery.replytext import clean
+from relay.queue.model import Change, MessageHeld, MessageInfo, UnknownMessage
+from relay.queue.sqlite import SqliteQueueStore
+from relay.queue.store import SpoolError
 
 __all__ = ["QueueRefused", "add_queue_parser", "run_queue_command"]
 
@@ -42,17 +49,21 @@ def add_queue_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_queue_command(spool_path: Path, args: argparse.Namespace) -> int:
-    if not spool_path.exists():
-        raise QueueRefused(f"{spool_path}: no spool yet (the relay creates it when it starts)")
-    conn = sqlite3.connect(spool_path, isolation_level=None, timeout=5)
     try:
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.execute("PRAGMA foreign_keys=ON")  # a deleted message takes its recipients along
-        return _COMMANDS[args.queue_command](conn, args)
-    except sqlite3.Error as exc:
-        raise QueueRefused(f"{spool_path}: {exc}") from None
+        return asyncio.run(_run(spool_path, args))
+    except (UnknownMessage, MessageHeld) as exc:
+        raise QueueRefused(str(exc)) from None
+    except SpoolError as exc:
+        text = str(exc)
+        raise QueueRefused(text if text.startswith(str(spool_path)) else f"{spool_path}: {text}") from None
+
+
+async def _run(spool_path: Path, args: argparse.Namespace) -> int:
+    store = await SqliteQueueStore.open(spool_path, relay=False)
+    try:
+        return await _COMMANDS[args.queue_command](store, args)
     finally:
-        conn.close()
+        await store.close()
 
 
 def _when(ts: float | None) -> str:
@@ -68,24 +79,22 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _rows(conn: sqlite3.Connection, where: str = "", params: tuple = ()) -> list[dict]:
-    rows = conn.execute(
-        "SELECT id, created, mail_from, key_id, mailbox, route, attempts, next_attempt, last_error, held, "
-        "(SELECT group_concat(address, ' ') FROM recipient r WHERE r.message_id = m.id AND "
-        f"r.status = 'pending') FROM message m {where} ORDER BY created", params,
-    ).fetchall()
+def _row(info: MessageInfo, now: float) -> dict:
+    if info.in_flight:
+        next_attempt = "in flight"
+    elif info.held:
+        next_attempt = "held"
+    else:
+        next_attempt = "now" if info.next_attempt <= now else _when(info.next_attempt)
+    return {"id": info.id, "created": _when(info.created), "age": _age(now - info.created),
+            "sender": info.mail_from, "key_id": info.key_id, "mailbox": info.mailbox, "route": info.route,
+            "attempts": info.attempts, "next_attempt": next_attempt, "last_error": info.last_error,
+            "held": info.held, "in_flight": info.in_flight, "size": info.size, "recipients": info.pending}
+
+
+async def _list(store: SqliteQueueStore, args: argparse.Namespace) -> int:
     now = time.time()
-    return [
-        {"id": r[0], "created": _when(r[1]), "age": _age(now - r[1]), "sender": r[2], "key_id": r[3],
-         "mailbox": r[4], "route": r[5], "attempts": r[6],
-         "next_attempt": "held" if r[9] else ("now" if r[7] <= now else _when(r[7])),
-         "last_error": r[8], "held": bool(r[9]), "recipients": (r[10] or "").split()}
-        for r in rows
-    ]
-
-
-def _list(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
-    rows = _rows(conn)
+    rows = [_row(info, now) for info in await store.messages()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -99,66 +108,57 @@ def _list(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
     return 0
 
 
-def _one(conn: sqlite3.Connection, message_id: str) -> dict:
-    rows = _rows(conn, "WHERE id = ?", (message_id,))
-    if not rows:
-        raise QueueRefused(f"no message {message_id} in the queue")
-    return rows[0]
-
-
-def _show(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
-    info = _one(conn, args.id)
-    info["recipients"] = [
-        {"address": a, "status": s, "reply": r} for a, s, r in conn.execute(
-            "SELECT address, status, reply FROM recipient WHERE message_id = ? ORDER BY rowid", (args.id,))
-    ]
-    body = conn.execute("SELECT body FROM message WHERE id = ?", (args.id,)).fetchone()[0]
-    headers = BytesHeaderParser(policy=compat32).parsebytes(body)
-    info["size"] = len(body)
-    info["headers"] = [[k, str(v)] for k, v in headers.items()]
+async def _show(store: SqliteQueueStore, args: argparse.Namespace) -> int:
+    (info,) = await store.messages(args.id)
+    row = _row(info, time.time())
+    row["recipients"] = [asdict(r) for r in info.recipients]
+    headers = BytesHeaderParser(policy=compat32).parsebytes(await store.body(args.id))
+    # a header is the client's text: cleaned like a remote reply, so no escape sequence
+    # reaches the operator's terminal
+    row["headers"] = [[clean(str(k), 200), clean(str(v), 2000)] for k, v in headers.items()]
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(row, indent=2))
         return 0
     for key in ("id", "created", "age", "sender", "mailbox", "key_id", "route", "attempts",
                 "next_attempt", "last_error", "size"):
-        print(f"{key + ':':14}{info[key] if info[key] not in (None, '') else '-'}")
+        print(f"{key + ':':14}{row[key] if row[key] not in (None, '') else '-'}")
     print("recipients:")
-    for rcpt in info["recipients"]:
+    for rcpt in row["recipients"]:
         print(f"  {rcpt['address']:40} {rcpt['status']:8} {rcpt['reply'] or ''}")
     print("headers:")
-    for name, value in info["headers"]:
+    for name, value in row["headers"]:
         print(f"  {name}: {value}")
     return 0
 
 
-def _change(conn: sqlite3.Connection, sql: str, message_id: str, verb: str) -> int:
-    _one(conn, message_id)
-    conn.execute(sql, (message_id,))
-    print(f"{message_id}: {verb}")
+async def _retry(store: SqliteQueueStore, args: argparse.Namespace) -> int:
+    if args.all:
+        print(f"{await store.retry_all()} message(s) will be attempted now")
+        return 0
+    change = await store.retry(args.id)
+    print(f"{args.id}: " + ("in flight: being attempted now" if change is Change.IN_FLIGHT
+                            else "will be attempted now"))
     return 0
 
 
-def _retry(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
-    if args.all:
-        count = conn.execute("UPDATE message SET next_attempt = 0 WHERE held = 0").rowcount
-        print(f"{count} message(s) will be attempted now")
-        return 0
-    if _one(conn, args.id)["held"]:
-        raise QueueRefused(f"{args.id} is on hold; `relay queue release {args.id}` first")
-    return _change(conn, "UPDATE message SET next_attempt = 0 WHERE id = ?", args.id, "will be attempted now")
+async def _delete(store: SqliteQueueStore, args: argparse.Namespace) -> int:
+    change = await store.delete(args.id)
+    print(f"{args.id}: " + ("in flight; removed after the current attempt" if change is Change.IN_FLIGHT
+                            else "deleted, not delivered"))
+    return 0
 
 
-def _delete(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
-    return _change(conn, "DELETE FROM message WHERE id = ?", args.id, "deleted, not delivered")
+async def _hold(store: SqliteQueueStore, args: argparse.Namespace) -> int:
+    change = await store.hold(args.id)
+    print(f"{args.id}: " + ("in flight; on hold after the current attempt" if change is Change.IN_FLIGHT
+                            else "on hold"))
+    return 0
 
 
-def _hold(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
-    return _change(conn, "UPDATE message SET held = 1 WHERE id = ?", args.id, "on hold")
-
-
-def _release(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
-    return _change(conn, "UPDATE message SET held = 0, next_attempt = 0 WHERE id = ?", args.id,
-                   "released; will be attempted now")
+async def _release(store: SqliteQueueStore, args: argparse.Namespace) -> int:
+    await store.release(args.id)
+    print(f"{args.id}: released; will be attempted now")
+    return 0
 
 
 _COMMANDS = {"list": _list, "show": _show, "retry": _retry, "delete": _delete, "hold": _hold,

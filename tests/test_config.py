@@ -103,7 +103,7 @@ def test_message_format_names_the_file(tmp_path):
     ('[server]\nhostname = "x"\n', "[keystore]: required value is missing"),
     ('[keystore]\npath = "keystore.db"\n', "[keystore] pepper_file: required value is missing"),
     ('[keystore]\npepper_file = "pepper"\n', "[keystore] path: required value is missing"),
-    (KEYSTORE + "[queue]\nworkers = 2\n", "[queue] path: required value is missing"),
+    (KEYSTORE + "[queue]\nmax_queue_lifetime = \"1d\"\n", "[queue] path: required value is missing"),
     (KEYSTORE + '[tls]\ncert = "c.pem"\n', "[tls] key: required value is missing"),
     (KEYSTORE + '[[upstream]]\nhost = "a"\n', "[upstream][0] name: required value is missing"),
     (KEYSTORE + '[[upstream]]\nname = "a"\n', "[[upstream]] a host: required for a smarthost"),

@@ -11,6 +11,7 @@ import ssl
 import pytest
 
 from relay.tlsconf import generate_self_signed
+from tests.support.dsn import read_dsn
 from tests.test_queue_cli import q
 
 MESSAGE = b"From: alice@example.com\r\nSubject: hello\r\n\r\nhi\r\n"
@@ -35,7 +36,7 @@ async def send(h, *, rcpts=("bob@example.net",)) -> None:
 
 async def wait_spool_empty(h, timeout: float = 5.0) -> None:
     for _ in range(int(timeout / 0.05)):
-        if await h.relay.spool.count() == 0:
+        if await h.relay.queue.store.count() == 0:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the spool did not drain")
@@ -49,7 +50,7 @@ async def test_temporary_failure_is_retried_until_accepted(h):
             break
         await asyncio.sleep(0.05)
     assert h.sink.handler.attempts >= 2  # retried after the 0.3 s backoff
-    assert await h.relay.spool.count() == 1
+    assert await h.relay.queue.store.count() == 1
     h.sink.handler.data_reply = None
     (message,) = await h.sink.wait_for(1)
     assert b"Subject: hello" in message.data
@@ -64,10 +65,11 @@ async def test_permanent_failure_bounces_to_the_sender_and_is_not_retried(h, cap
     assert message.rcpt_tos == ["bob@example.net"]
     # the DSN goes to the mailbox, from the null sender, naming the recipient and the reply
     assert (bounce.mail_from, bounce.rcpt_tos) == ("<>", ["alice@example.com"])
-    assert "multipart/report; report-type=delivery-status" in bounce.text
-    assert "Final-Recipient: rfc822; nobody@example.net" in bounce.text
-    assert "Status: 5.1.1" in bounce.text and "550 5.1.1 no such user" in bounce.text
-    assert "Subject: hello" in bounce.text  # the original headers come back
+    report = read_dsn(bounce.data)
+    assert report.recipients == [{"final-recipient": "rfc822; nobody@example.net", "action": "failed",
+                                  "status": "5.1.1", "diagnostic-code": "smtp; 550 5.1.1 no such user"}]
+    assert "550 5.1.1 no such user" in report.text
+    assert "Subject: hello" in report.headers  # the original headers come back
     await wait_spool_empty(h)
     bounced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bounced ")]
     assert len(bounced) == 1
@@ -79,7 +81,7 @@ async def test_upstream_down_then_back(h):
     await h.sink.stop()
     await send(h)
     await asyncio.sleep(0.5)
-    assert await h.relay.spool.count() == 1
+    assert await h.relay.queue.store.count() == 1
     await h.sink.start_on(port)
     await h.sink.wait_for(1, timeout=5)
     await wait_spool_empty(h)
@@ -93,7 +95,7 @@ async def test_connections_to_the_upstream_are_reused(h):
         await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
     await client.quit()
     await h.sink.wait_for(20)
-    assert h.sink.handler.connections <= 4  # at most one per delivery worker
+    assert h.sink.handler.connections <= 8  # at most the upstream's max_connections
 
 
 @pytest.mark.parametrize("route", ["second", None])
@@ -180,11 +182,14 @@ async def test_message_that_cannot_be_delivered_in_its_lifetime_bounces(relay_wi
         await wait_spool_empty(h, timeout=5)  # ~1 s of retries, then the bounce is delivered
         (bounce,) = await h.sink.wait_for(1)
         assert bounce.rcpt_tos == ["alice@example.com"]
-        assert "expired in queue" in bounce.text and "451 4.3.0 busy" in bounce.text
+        report = read_dsn(bounce.data)
+        assert "expired in queue" in report.text and "451 4.3.0 busy" in report.text
+        (failed,) = report.recipients
+        assert failed["status"] == "5.4.7"  # RFC 3463: delivery time expired
 
 
 async def test_a_bounce_is_never_bounced(relay_with, caplog):
-    caplog.set_level(logging.WARNING, logger="relay.delivery")
+    caplog.set_level(logging.WARNING, logger="relay.queue")
     async with relay_with() as h:
         h.sink.handler.rcpt_replies["bob@example.net"] = "550 5.1.1 no such user"
         h.sink.handler.rcpt_replies["alice@example.com"] = "550 5.1.1 the sender is gone too"

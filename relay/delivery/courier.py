@@ -1,6 +1,6 @@
 """The seam between the queue and the network: a Courier delivers one message.
 
-The engine only sees per-recipient outcomes already classified as sent, deferred
+The queue only sees per-recipient outcomes already classified as sent, deferred
 (temporary: retry later) or failed (permanent), so adding MX delivery or another provider
 kind means writing one more Courier, nothing else.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import Protocol
+
+from relay.delivery.replytext import clean
 
 __all__ = ["Courier", "Outcome", "Status"]
 
@@ -22,12 +24,20 @@ class Status(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """What became of one recipient in one attempt. `reply` is cleaned on the way in
+    (relay/delivery/replytext.py): whatever a remote server sent, an Outcome's reply is one
+    printable line of bounded length, safe for the spool, the log and a DSN."""
+
     status: Status
     reply: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reply", clean(self.reply))
 
 
 class Courier(Protocol):
     name: str
+    max_connections: int
 
     async def deliver(self, mail_from: str, recipients: list[str], body: bytes) -> dict[str, Outcome]:
         """Try once; return one Outcome per recipient. Must not raise for network faults."""

@@ -9,8 +9,9 @@ decided in errors.py; DNS answers are classified here:
     NXDOMAIN, null MX, no MX and no address   -> failed  (550 5.1.2 / 556 5.1.10)
     timeout, SERVFAIL, no usable address      -> deferred (451 4.4.3 / 4.4.4)
 
-A host that cannot be reached, refuses the session or answers 4xx hands the still
-undecided recipients to the next host; a 5xx to MAIL, RCPT or DATA is final.
+A host that cannot be reached, refuses the session (greeting, EHLO, STARTTLS, MAIL FROM)
+or answers 4xx hands the still undecided recipients to the next host; only a 5xx to RCPT
+or to the end of DATA is final (relay/delivery/errors.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import dns.resolver
 
 from relay.config import DnsConfig, UpstreamConfig
 from relay.delivery.courier import Outcome, Status
-from relay.delivery.errors import outcome_for_exception, outcome_for_reply
+from relay.delivery.errors import session_trouble
+from relay.delivery.transaction import SenderRefused, transaction
 
 __all__ = ["MAX_ADDRESSES", "MAX_MX_HOSTS", "MxCourier"]
 
@@ -50,6 +52,7 @@ class MxCourier:
         self._upstream = upstream
         self._local_hostname = local_hostname
         self._resolver = _make_resolver(dns)
+        self.max_connections = upstream.max_connections
         self._slots = asyncio.Semaphore(upstream.max_connections)
 
     async def deliver(self, mail_from: str, recipients: list[str], body: bytes) -> dict[str, Outcome]:
@@ -174,11 +177,11 @@ class MxCourier:
                 await client.connect()
             except Exception as exc:  # noqa: BLE001 - this host is unusable now; try the next
                 client.close()
-                return dict.fromkeys(rcpts, _host_trouble(address, exc))
+                return dict.fromkeys(rcpts, session_trouble(address, exc))
             try:
-                return await _transaction(client, mail_from, rcpts, body)
-            except Exception as exc:  # noqa: BLE001 - a connection lost mid-transaction
-                return dict.fromkeys(rcpts, outcome_for_exception(exc))
+                return (await transaction(client, address, mail_from, rcpts, body)).outcomes
+            except SenderRefused as refused:
+                return dict.fromkeys(rcpts, refused.outcome)
             finally:
                 await _quit(client)
 
@@ -208,45 +211,6 @@ def _by_preference(records: list) -> list[str]:
         random.shuffle(groups[preference])
         hosts += groups[preference]
     return list(dict.fromkeys(hosts))
-
-
-async def _transaction(
-    client: aiosmtplib.SMTP, mail_from: str, rcpts: list[str], body: bytes
-) -> dict[str, Outcome]:
-    """MAIL, RCPT per recipient, DATA; SMTP replies become outcomes, connection faults raise."""
-    options = []
-    if client.supports_extension("size"):
-        options.append(f"SIZE={len(body)}")
-    if not body.isascii() and client.supports_extension("8bitmime"):
-        options.append("BODY=8BITMIME")
-    try:
-        await client.mail(mail_from, options=options)
-    except (aiosmtplib.SMTPResponseException, ValueError) as exc:
-        return dict.fromkeys(rcpts, outcome_for_exception(exc))
-    outcomes: dict[str, Outcome] = {}
-    for rcpt in rcpts:
-        try:
-            await client.rcpt(rcpt)
-        except (aiosmtplib.SMTPResponseException, ValueError) as exc:
-            outcomes[rcpt] = outcome_for_exception(exc)
-    accepted = [rcpt for rcpt in rcpts if rcpt not in outcomes]
-    if accepted:
-        try:
-            response = await client.data(body)
-        except aiosmtplib.SMTPResponseException as exc:
-            outcomes.update(dict.fromkeys(accepted, outcome_for_exception(exc)))
-        else:
-            outcomes.update(dict.fromkeys(accepted, outcome_for_reply(response.code, response.message)))
-    return outcomes
-
-
-def _host_trouble(address: str, exc: Exception) -> Outcome:
-    """Connect, greeting, EHLO or STARTTLS failed: a fault of this host, never of the mail,
-    so even a 5xx greeting only moves on to the next host (and defers if it was the last)."""
-    outcome = outcome_for_exception(exc)
-    if outcome.status is Status.FAILED:
-        return Outcome(Status.DEFERRED, f"451 4.4.0 {address} refused the session: {outcome.reply}")
-    return outcome
 
 
 async def _quit(client: aiosmtplib.SMTP) -> None:

@@ -53,9 +53,18 @@ class Router:
     def knows(self, route: str) -> bool:
         return route in self._plans
 
+    def resolve(self, route: str | None) -> str:
+        """The upstream or group a message with this route goes to."""
+        return route if route and route in self._plans else self._default
+
+    def concurrency(self, name: str) -> int:
+        """Deliveries at once on a route: its upstream's max_connections, or its members'
+        sum for a group, so a slow route can never take another route's turn."""
+        return sum(courier.max_connections for courier in set(self._plans[name]))
+
     def plan(self, route: str | None) -> list[Courier]:
         """The couriers to try, in order, for one delivery attempt."""
-        name = route if route and route in self._plans else self._default
+        name = self.resolve(route)
         members = self._plans[name]
         rotation = self._rotations.get(name)
         if rotation is None:

@@ -2,7 +2,9 @@
 
 Opening a TCP (and TLS) connection per message would cost more than the message, so
 connections are kept in a small pool and reused: a finished transaction leaves the
-session clean (aiosmtplib RSETs after an error), and a broken one is simply dropped.
+session clean, and a broken one is dropped. A pooled connection the provider has
+silently closed is noticed at MAIL FROM, before anything was sent, and the message
+goes out on a fresh connection instead of waiting for the next retry.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import ssl
 import aiosmtplib
 
 from relay.config import UpstreamConfig
-from relay.delivery.courier import Outcome, Status
-from relay.delivery.errors import outcome_for_exception, outcome_for_reply
+from relay.delivery.courier import Outcome
+from relay.delivery.errors import session_trouble
+from relay.delivery.transaction import SenderRefused, transaction
 
 __all__ = ["SmarthostCourier"]
 
@@ -22,6 +25,7 @@ __all__ = ["SmarthostCourier"]
 class SmarthostCourier:
     def __init__(self, upstream: UpstreamConfig, *, local_hostname: str) -> None:
         self.name = upstream.name
+        self.max_connections = upstream.max_connections
         self._upstream = upstream
         self._local_hostname = local_hostname
         self._password = _read_password(upstream)
@@ -45,60 +49,46 @@ class SmarthostCourier:
             password=self._password,
         )
 
-    async def _acquire(self) -> aiosmtplib.SMTP:
+    async def deliver(self, mail_from: str, recipients: list[str], body: bytes) -> dict[str, Outcome]:
+        async with self._slots:
+            pooled = self._pooled()
+            while True:
+                client = pooled or self._client()
+                if pooled is None:
+                    try:
+                        await client.connect()  # greeting, EHLO, STARTTLS, AUTH
+                    except Exception as exc:  # noqa: BLE001 - the provider's fault, not the mail's
+                        client.close()
+                        return dict.fromkeys(recipients, session_trouble(self.name, exc))
+                try:
+                    result = await transaction(client, self.name, mail_from, recipients, body)
+                except SenderRefused as refused:
+                    if refused.connection_lost and pooled is not None:
+                        pooled = None  # a stale pooled connection: nothing was sent; a fresh one
+                        continue
+                    if client.is_connected:
+                        self._idle.append(client)
+                    return dict.fromkeys(recipients, refused.outcome)
+                if result.reusable:
+                    self._idle.append(client)
+                else:
+                    client.close()
+                return result.outcomes
+
+    def _pooled(self) -> aiosmtplib.SMTP | None:
         while self._idle:
             client = self._idle.pop()
             if client.is_connected:
                 return client
-        client = self._client()
-        await client.connect()
-        return client
-
-    async def deliver(self, mail_from: str, recipients: list[str], body: bytes) -> dict[str, Outcome]:
-        async with self._slots:
-            client = None
-            try:
-                client = await self._acquire()
-                refused, reply = await client.sendmail(mail_from, recipients, body)
-            except aiosmtplib.SMTPRecipientsRefused as exc:
-                self._release(client)
-                return {err.recipient: outcome_for_reply(err.code, err.message) for err in exc.recipients}
-            except ssl.SSLError as exc:  # caught before ValueError: certificate errors are both
-                await _discard(client)
-                return dict.fromkeys(recipients, outcome_for_exception(exc))
-            except (aiosmtplib.SMTPResponseException, ValueError) as exc:
-                self._release(client)
-                outcome = outcome_for_exception(exc)
-                return dict.fromkeys(recipients, outcome)
-            except Exception as exc:  # noqa: BLE001 - network faults become deferrals
-                await _discard(client)
-                return dict.fromkeys(recipients, outcome_for_exception(exc))
-            self._release(client)
-            outcomes = dict.fromkeys(recipients, Outcome(Status.SENT, f"250 {reply}"))
-            for rcpt, response in refused.items():
-                outcomes[rcpt] = outcome_for_reply(response.code, response.message)
-            return outcomes
-
-    def _release(self, client: aiosmtplib.SMTP | None) -> None:
-        if client is not None and client.is_connected:
-            self._idle.append(client)
+        return None
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
         for client in idle:
-            await _discard(client, polite=True)
-
-
-async def _discard(client: aiosmtplib.SMTP | None, *, polite: bool = False) -> None:
-    if client is None or not client.is_connected:
-        return
-    try:
-        if polite:
-            await asyncio.wait_for(client.quit(), 2)
-        else:
-            client.close()
-    except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
-        client.close()
+            try:
+                await asyncio.wait_for(client.quit(), 2)
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
+                client.close()
 
 
 def _read_password(upstream: UpstreamConfig) -> str | None:

@@ -1,4 +1,4 @@
-"""RelayHandler: aiosmtpd's hooks, wired to auth, policy, spool and delivery.
+"""RelayHandler: aiosmtpd's hooks, wired to auth, policy and the queue.
 
 Glue only: each hook asks the module that owns the rule and returns its reply. One
 handler object serves every connection, so per-session state lives on `session`.
@@ -19,10 +19,9 @@ from keystore.models import Identity
 from relay import maillog, policy, replies
 from relay.auth import Authenticator, split_plain
 from relay.config import Config
-from relay.delivery.engine import DeliveryEngine
+from relay.queue import Queue, QueueItem, SpoolFull, new_queue_id
 from relay.signing import DkimSigner
 from relay.smtpd.server import RelaySMTP
-from relay.spool import QueueItem, Spool, SpoolFull, new_queue_id
 
 __all__ = ["RelayHandler"]
 
@@ -31,13 +30,11 @@ log = logging.getLogger("relay.smtpd")
 
 class RelayHandler:
     def __init__(
-        self, config: Config, authenticator: Authenticator, spool: Spool, engine: DeliveryEngine,
-        signer: DkimSigner,
+        self, config: Config, authenticator: Authenticator, queue: Queue, signer: DkimSigner,
     ) -> None:
         self._server_cfg = config.server
         self._authenticator = authenticator
-        self._spool = spool
-        self._engine = engine
+        self._queue = queue
         self._signer = signer
         self._rates = policy.RateLimiter(config.server.rate_per_minute)
 
@@ -153,8 +150,8 @@ class RelayHandler:
         )
         try:
             # shielded: if the client drops mid-commit, the commit still completes and the
-            # message is still handed to delivery: stored and sent, or absent, never between
-            await asyncio.shield(self._accept(item))
+            # message is still scheduled: stored and sent, or absent, never between
+            await asyncio.shield(self._queue.put(item))
         except SpoolFull:
             log.error("spool is full; refusing message from key %s", identity.key_id)
             return replies.SPOOL_FULL
@@ -163,10 +160,6 @@ class RelayHandler:
             return replies.SPOOL_ERROR
         maillog.queued(session.peer, item)
         return replies.QUEUED.format(queue_id=queue_id)
-
-    async def _accept(self, item: QueueItem) -> None:
-        await self._spool.put(item)
-        self._engine.submit(item)
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("error in SMTP session: %r", error, exc_info=error)

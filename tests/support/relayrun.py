@@ -28,7 +28,6 @@ pepper_file = "pepper"
 [queue]
 path = "spool.db"
 retry_schedule = {retry}
-workers = 4
 {queue_extra}
 
 [routing]

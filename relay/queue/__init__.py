@@ -1,0 +1,173 @@
+"""The queue: it owns accepted messages from the 250 until every recipient is decided.
+
+    put()      store a message durably and schedule it, in one step (the session's 250)
+    start()    release what a dead relay left claimed; schedule everything waiting
+    stop()     let running deliveries record what they did; start nothing new
+    store      the storage (relay/queue/sqlite.py), whose admin operations `relay queue` uses
+
+A delivery claims its message in the spool, reads it, runs one attempt through the
+route's couriers (relay/queue/attempt.py) and writes everything the attempt learnt in
+one transaction. If that write fails (a full disk), the outcome is kept and the write
+retried until it lands; the delivery is never repeated for it. The queue therefore
+delivers each recipient at least once, and more than once only if the relay dies after
+an upstream received the data and before the relay stored its reply (RFC 5321 section
+6.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from relay.delivery.routing import Router
+from relay.queue.attempt import attempt
+from relay.queue.model import AttemptRecord, Delivery, Fate, QueueItem, new_queue_id
+from relay.queue.schedule import Scheduler, retry_delay
+from relay.queue.sqlite import SqliteQueueStore
+from relay.queue.store import QueueStore, SpoolBusy, SpoolError, SpoolFull
+
+__all__ = ["Queue", "QueueItem", "SpoolBusy", "SpoolError", "SpoolFull", "new_queue_id"]
+
+log = logging.getLogger("relay.queue")
+
+_FOLLOW_INTERVAL = 0.5  # seconds between looks for changes made by `relay queue`
+_RECORD_RETRY_MAX = 10.0  # seconds between tries to store an outcome the disk refused
+
+
+class Queue:
+    def __init__(
+        self, store: QueueStore, router: Router, *, hostname: str,
+        retry_schedule: tuple[float, ...], max_lifetime: float,
+    ) -> None:
+        self.store = store
+        self._router = router
+        self._hostname = hostname
+        self._retry = retry_schedule or (300.0,)
+        self._max_lifetime = max_lifetime
+        self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._scheduler = Scheduler(self._deliver, router.concurrency)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._version: int | None = None
+
+    @classmethod
+    async def open(cls, path: Path, router: Router, **options) -> Queue:
+        """The relay's queue on the sqlite spool at `path` (SpoolBusy if another relay has it)."""
+        return cls(await SqliteQueueStore.open(path, relay=True), router, **options)
+
+    async def start(self) -> None:
+        await self.store.recover()
+        await self._reschedule()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._scheduler.run()), loop.create_task(self._follow())]
+
+    async def put(self, item: QueueItem) -> None:
+        """Make `item` durable (fsync'd) and schedule its delivery; the caller answers 250
+        only after this returns. Claimed in the same write, so nothing else can schedule it."""
+        await self.store.put(item, claimed_by=self._owner)
+        self._scheduler.now(item.id, self._router.resolve(item.route), fresh=True)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._scheduler.stop(timeout)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    # ------------------------------------------------------------ schedule
+
+    async def _reschedule(self) -> None:
+        _, self._version = await self.store.changed_elsewhere(None)
+        entries = await self.store.schedule(self._owner)
+        self._scheduler.replace([(when, mid, self._router.resolve(route)) for when, mid, route in entries])
+
+    async def _follow(self) -> None:
+        """Pick up what `relay queue` changed; this loop must outlive a bad disk moment."""
+        while True:
+            await asyncio.sleep(_FOLLOW_INTERVAL)
+            try:
+                changed, _ = await self.store.changed_elsewhere(self._version)
+                if changed:
+                    await self._reschedule()
+            except Exception:
+                log.exception("cannot read the queue's schedule; trying again shortly")
+
+    # ------------------------------------------------------------ delivery
+
+    async def _deliver(self, message_id: str, fresh: bool, lane: str) -> None:
+        """One delivery: claim (or, fresh, just read), attempt, record, reschedule."""
+        try:
+            if fresh:
+                delivery = await self.store.load(message_id)
+            else:
+                delivery = await self.store.claim(message_id, self._owner, time.time())
+        except SpoolError as exc:
+            log.warning("cannot read %s from the spool (%s); trying again shortly", message_id, exc)
+            self._scheduler.later(time.time() + self._retry[0], message_id, lane)
+            return
+        if delivery is None:
+            return  # not due any more, deleted or on hold: a stale timer
+        try:
+            if delivery.stop:  # held or deleted by an admin after it was claimed
+                record = AttemptRecord(message_id=message_id, attempted=False)
+            else:
+                record = await attempt(
+                    delivery, self._router.plan(delivery.route), note=self.store.note,
+                    hostname=self._hostname, retry_schedule=self._retry, max_lifetime=self._max_lifetime,
+                )
+        except Exception as exc:  # noqa: BLE001 - attempt() keeps its own; this is a bug around it
+            log.exception("unexpected error delivering %s", message_id)
+            record = AttemptRecord(message_id=message_id, error=repr(exc),
+                                   next_attempt=time.time() + retry_delay(self._retry, delivery.attempts + 1))
+        fate = await self._record(record)
+        self._after(delivery, record, fate)
+
+    async def _record(self, record: AttemptRecord) -> Fate:
+        """Store the record, however long the disk needs: the delivery it describes is
+        never repeated because its outcome could not be written."""
+        delay = 0.25
+        while True:
+            try:
+                return await self.store.record(record)
+            except SpoolError as exc:
+                log.error("cannot record the attempt on %s (%s); the outcome is kept and written "
+                          "again in %.1f s", record.message_id, exc, delay)
+            except Exception:  # a bug in what we write: write less rather than repeat a delivery
+                log.exception("cannot record the attempt on %s; retrying without its texts",
+                              record.message_id)
+                record = _plain(record)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RECORD_RETRY_MAX)
+
+    def _after(self, delivery: Delivery, record: AttemptRecord, fate: Fate) -> None:
+        if record.bounce is not None:
+            self._scheduler.now(record.bounce.id, self._lane_of(record.bounce.route))
+        if fate is Fate.RETRY:
+            self._scheduler.later(record.next_attempt, delivery.id, self._lane_of(delivery.route))
+        elif fate is Fate.HELD and record.error is not None:
+            log.error("message %s put on hold after repeated unexpected errors (last: %s); "
+                      "`relay queue release %s` to try again", delivery.id, record.error, delivery.id)
+        elif fate is Fate.DELETED:
+            log.info("message %s deleted by an admin after its delivery attempt", delivery.id)
+
+    def _lane_of(self, route: str | None) -> str:
+        return self._router.resolve(route)
+
+
+def _plain(record: AttemptRecord) -> AttemptRecord:
+    """The same outcomes with ASCII-only texts and no bounce (its failures stay un-notified,
+    so the bounce is built again next time)."""
+
+    def ascii_(text: str | None) -> str | None:
+        return None if text is None else text.encode("ascii", "replace").decode("ascii")
+
+    return replace(
+        record, bounce=None, notified=[], last_error=ascii_(record.last_error), error=ascii_(record.error),
+        outcomes={rcpt: (status, ascii_(reply) or "") for rcpt, (status, reply) in record.outcomes.items()},
+    )

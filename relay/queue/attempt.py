@@ -1,0 +1,118 @@
+"""One delivery attempt of one message: through its route's couriers in order, then what
+it means (sent, deferred, failed, expired, a bounce), as one AttemptRecord to store.
+
+Nothing here writes the spool except `note`, which stores the recipients already decided
+before the attempt moves on to the next upstream of a group, so a crash there cannot
+send them again. An unexpected error never loses what was learnt before it: the
+outcomes gathered so far are returned with the error, and the error counts toward the
+poison limit (relay/queue/model.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from relay import maillog
+from relay.delivery.courier import Courier, Outcome, Status
+from relay.queue.dsn import build_dsn
+from relay.queue.model import AttemptRecord, Delivery, QueueItem, new_queue_id
+from relay.queue.schedule import retry_delay
+
+__all__ = ["attempt"]
+
+log = logging.getLogger("relay.queue")
+
+_NO_RESULT = Outcome(Status.DEFERRED, "451 4.3.0 no result from the upstream")
+_SPOOL_STATUS = {Status.SENT: "sent", Status.FAILED: "failed", Status.DEFERRED: "pending"}
+Note = Callable[[str, dict[str, tuple[str, str]]], Awaitable[None]]
+
+
+async def attempt(
+    delivery: Delivery, plan: list[Courier], *, note: Note, hostname: str,
+    retry_schedule: tuple[float, ...], max_lifetime: float,
+) -> AttemptRecord:
+    started = time.time()
+    outcomes: dict[str, Outcome] = {}
+    pending = list(delivery.pending)
+    error: str | None = None
+    try:
+        for index, courier in enumerate(plan if pending else []):
+            results = await courier.deliver(delivery.mail_from, pending, delivery.body)
+            for rcpt in pending:
+                outcomes[rcpt] = results.get(rcpt, _NO_RESULT)
+                maillog.attempt(delivery, rcpt, courier.name, outcomes[rcpt],
+                                delay=started - delivery.created)
+            decided = {r: _row(outcomes[r]) for r in pending if outcomes[r].status is not Status.DEFERRED}
+            pending = [r for r in pending if r not in decided]
+            if not pending:
+                break
+            if decided and index + 1 < len(plan):
+                await _note(note, delivery.id, decided)
+    except Exception as exc:  # noqa: BLE001 - keep what was learnt; the error counts as poison
+        log.exception("unexpected error delivering %s", delivery.id)
+        error = repr(exc)
+
+    age = started - delivery.created
+    if pending and age >= max_lifetime:
+        for rcpt in pending:
+            last = outcomes[rcpt].reply if rcpt in outcomes else "none"
+            outcomes[rcpt] = Outcome(Status.FAILED, f"554 5.4.7 expired in queue after {_age(age)}; "
+                                                    f"last reply: {last}")
+            maillog.attempt(delivery, rcpt, "-", outcomes[rcpt], delay=age)
+        pending = []
+
+    record = AttemptRecord(
+        message_id=delivery.id,
+        outcomes={rcpt: _row(outcome) for rcpt, outcome in outcomes.items()},
+        next_attempt=time.time() + retry_delay(retry_schedule, delivery.attempts + 1),
+        last_error=outcomes[pending[0]].reply if pending and pending[0] in outcomes else None,
+        error=error,
+    )
+    failures = [(r, o.reply) for r, o in outcomes.items() if o.status is Status.FAILED]
+    failures += delivery.unnotified
+    if failures:
+        _bounce(record, delivery, failures, hostname)
+    return record
+
+
+def _bounce(record: AttemptRecord, delivery: Delivery, failures: list[tuple[str, str]],
+            hostname: str) -> None:
+    """Attach the DSN for `failures` to the record, stored in the same commit as the
+    failures; if it cannot be built, the failures stay un-notified and it is tried again."""
+    if not delivery.mail_from:
+        log.warning("not bouncing a bounce: %s failed for %d recipient(s)", delivery.id, len(failures))
+        record.notified = [rcpt for rcpt, _ in failures]
+        return
+    now = time.time()
+    try:
+        body = build_dsn(original=delivery.body, mail_from=delivery.mail_from, queue_id=delivery.id,
+                         arrival=delivery.created, failures=failures, hostname=hostname, now=now)
+    except Exception as exc:  # noqa: BLE001 - the failures stay recorded; the DSN is retried
+        log.exception("cannot build the bounce for %s", delivery.id)
+        record.error = record.error or f"building the bounce failed: {exc!r}"
+        return
+    record.bounce = QueueItem(
+        id=new_queue_id(), created=now, mail_from="", recipients=[delivery.mail_from],
+        key_id=delivery.key_id, mailbox=delivery.mailbox, route=delivery.route, body=body,
+    )
+    record.notified = [rcpt for rcpt, _ in failures]
+
+
+async def _note(note: Note, message_id: str, decided: dict[str, tuple[str, str]]) -> None:
+    try:
+        await note(message_id, decided)
+    except Exception:  # noqa: BLE001 - best effort: the final record stores them too
+        log.warning("cannot store the outcomes of %s before failing over; carrying on", message_id)
+
+
+def _row(outcome: Outcome) -> tuple[str, str]:
+    return _SPOOL_STATUS[outcome.status], outcome.reply
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"

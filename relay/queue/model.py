@@ -1,0 +1,136 @@
+"""What the queue holds and hands out: plain dataclasses, no storage, no I/O.
+
+A message's truth is its recipients' states. A recipient is `pending` until an attempt
+decides it, then `sent` or `failed` for good; a failed recipient is `notified` once the
+bounce naming it is stored. A message leaves the queue when no recipient is pending and
+every failure is notified, so neither a delivery nor a bounce is ever repeated or lost.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from dataclasses import dataclass, field
+
+__all__ = [
+    "POISON_LIMIT",
+    "AttemptRecord",
+    "Change",
+    "Delivery",
+    "Fate",
+    "MessageHeld",
+    "MessageInfo",
+    "QueueItem",
+    "RecipientInfo",
+    "UnknownMessage",
+    "new_queue_id",
+]
+
+POISON_LIMIT = 3  # unexpected errors in a row before a message is put on hold
+
+
+def new_queue_id() -> str:
+    """Sortable by time (ms, hex), unique by 48 random bits."""
+    return f"{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
+
+
+@dataclass(slots=True, kw_only=True)
+class QueueItem:
+    """A message accepted by a session (or a bounce), as `Queue.put()` takes it."""
+
+    id: str
+    created: float
+    mail_from: str
+    recipients: list[str]
+    key_id: str
+    mailbox: str
+    route: str | None
+    body: bytes = field(repr=False)
+
+
+@dataclass(slots=True, kw_only=True)
+class Delivery:
+    """A claimed message as one attempt needs it, read from the spool when it starts."""
+
+    id: str
+    created: float
+    mail_from: str
+    key_id: str
+    mailbox: str
+    route: str | None
+    attempts: int
+    pending: list[str]
+    unnotified: list[tuple[str, str]]  # (recipient, reply): failed, bounce not yet stored
+    body: bytes = field(repr=False)
+    stop: bool = False  # put on hold or deleted by an admin since it was claimed
+
+
+@dataclass(slots=True, kw_only=True)
+class AttemptRecord:
+    """Everything one attempt learnt, written in one transaction (`QueueStore.record`)."""
+
+    message_id: str
+    outcomes: dict[str, tuple[str, str]] = field(default_factory=dict)  # rcpt: (status, reply)
+    notified: list[str] = field(default_factory=list)  # failed recipients the bounce covers
+    bounce: QueueItem | None = None
+    next_attempt: float = 0.0  # when recipients remain pending
+    last_error: str | None = None
+    error: str | None = None  # an unexpected error: counts toward POISON_LIMIT
+    attempted: bool = True  # False: the message was only released (held or deleted meanwhile)
+
+
+class Fate(enum.Enum):
+    """What a recorded attempt left of the message."""
+
+    DONE = "done"  # nothing left to do: removed
+    RETRY = "retry"  # pending recipients: due again at next_attempt
+    HELD = "held"  # on hold (by an admin, or as a poison message)
+    DELETED = "deleted"  # an admin deleted it while it was in flight
+
+
+class Change(enum.Enum):
+    """How an admin command took effect."""
+
+    DONE = "done"
+    IN_FLIGHT = "in_flight"  # the message is being delivered: effective after this attempt
+
+
+class UnknownMessage(LookupError):
+    def __init__(self, message_id: str) -> None:
+        super().__init__(f"no message {message_id} in the queue")
+
+
+class MessageHeld(Exception):
+    def __init__(self, message_id: str) -> None:
+        super().__init__(f"{message_id} is on hold; `relay queue release {message_id}` first")
+
+
+@dataclass(slots=True, kw_only=True)
+class RecipientInfo:
+    address: str
+    status: str
+    reply: str | None
+
+
+@dataclass(slots=True, kw_only=True)
+class MessageInfo:
+    """One queued message as an operator sees it (no body)."""
+
+    id: str
+    created: float
+    mail_from: str
+    key_id: str
+    mailbox: str
+    route: str | None
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+    held: bool
+    in_flight: bool
+    size: int
+    recipients: list[RecipientInfo]
+
+    @property
+    def pending(self) -> list[str]:
+        return [r.address for r in self.recipients if r.status == "pending"]

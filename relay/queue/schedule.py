@@ -1,0 +1,135 @@
+"""When and how many: the retry schedule's timers, and one lane per route.
+
+Postfix's qmgr keeps a concurrency window per destination so one slow destination never
+starves the rest; here every route (an upstream or a group) is a lane with its own limit
+(its upstreams' max_connections). A message due for delivery waits in its route's lane as
+an id, never as a body, so a long queue costs a few bytes per message; a task is started
+per delivery while the lane has room, and none exist while nothing is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+__all__ = ["Scheduler", "retry_delay"]
+
+log = logging.getLogger("relay.queue")
+
+Deliver = Callable[[str, bool, str], Awaitable[None]]  # (message id, claimed at put(), lane)
+
+
+def retry_delay(schedule: tuple[float, ...], attempts: int) -> float:
+    """The wait after the `attempts`-th failed attempt (1-based); the last delay repeats."""
+    return schedule[min(max(attempts, 1), len(schedule)) - 1]
+
+
+class _Lane:
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = max(limit, 1)
+        self.waiting: deque[tuple[str, bool]] = deque()
+        self.running: set[asyncio.Task[None]] = set()
+
+
+class Scheduler:
+    """Timers for deferred messages and lanes for due ones. `deliver(id, fresh, lane)` runs one
+    delivery; the scheduler guarantees one id is never being delivered twice at once."""
+
+    def __init__(self, deliver: Deliver, limit: Callable[[str], int]) -> None:
+        self._deliver = deliver
+        self._limit = limit
+        self._lanes: dict[str, _Lane] = {}
+        self._timers: list[tuple[float, int, str, str]] = []  # (when, seq, id, lane)
+        self._seq = itertools.count()
+        self._busy: set[str] = set()  # ids waiting in a lane or being delivered
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    # -------------------------------------------------------------- input
+
+    def now(self, message_id: str, lane: str, *, fresh: bool = False) -> None:
+        """Deliver as soon as the lane has room (fresh: already claimed by put())."""
+        if self._stopping or message_id in self._busy:
+            return
+        self._busy.add(message_id)
+        self._lane(lane).waiting.append((message_id, fresh))
+        self._fill(self._lane(lane))
+
+    def later(self, when: float, message_id: str, lane: str) -> None:
+        heapq.heappush(self._timers, (when, next(self._seq), message_id, lane))
+        self._wake.set()
+
+    def replace(self, entries: list[tuple[float, str, str]]) -> None:
+        """A new schedule read from the spool ((when, id, lane) of every waiting message)."""
+        self._timers = [(when, next(self._seq), mid, lane) for when, mid, lane in entries
+                        if mid not in self._busy]
+        heapq.heapify(self._timers)
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(lane.running) for lane in self._lanes.values())
+
+    # -------------------------------------------------------------- loops
+
+    async def run(self) -> None:
+        """Move due timers into their lanes; returns only when cancelled."""
+        while True:
+            now = time.time()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, message_id, lane = heapq.heappop(self._timers)
+                self.now(message_id, lane)
+            delay = min(self._timers[0][0] - now, 1.0) if self._timers else 1.0
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(delay, 0.0))
+            except TimeoutError:
+                pass
+
+    async def stop(self, timeout: float) -> None:
+        """Start nothing new; give running deliveries `timeout` to finish (and record what
+        they did), then cancel the rest: the spool has them, the next start resumes."""
+        self._stopping = True
+        for lane in self._lanes.values():
+            lane.waiting.clear()
+        running = [task for lane in self._lanes.values() for task in lane.running]
+        if not running:
+            return
+        _, stuck = await asyncio.wait(running, timeout=timeout)
+        for task in stuck:
+            task.cancel()
+        if stuck:
+            _, still = await asyncio.wait(stuck, timeout=2.0)
+            log.warning("%d delivery(ies) cancelled at shutdown; %d did not stop", len(stuck), len(still))
+
+    # -------------------------------------------------------------- lanes
+
+    def _lane(self, name: str) -> _Lane:
+        lane = self._lanes.get(name)
+        if lane is None:
+            lane = self._lanes[name] = _Lane(name, self._limit(name))
+        return lane
+
+    def _fill(self, lane: _Lane) -> None:
+        while lane.waiting and len(lane.running) < lane.limit and not self._stopping:
+            message_id, fresh = lane.waiting.popleft()
+            task = asyncio.get_running_loop().create_task(self._one(lane, message_id, fresh))
+            lane.running.add(task)
+
+    async def _one(self, lane: _Lane, message_id: str, fresh: bool) -> None:
+        try:
+            await self._deliver(message_id, fresh, lane.name)
+        except Exception:  # the deliver callback handles its own errors; this is a last resort
+            log.exception("delivery of %s failed unexpectedly", message_id)
+        finally:
+            self._busy.discard(message_id)
+            task = asyncio.current_task()
+            if task is not None:
+                lane.running.discard(task)
+            self._fill(lane)

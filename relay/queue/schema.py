@@ -1,0 +1,56 @@
+"""The spool's tables, versioned with PRAGMA user_version (the keystore's migration rules:
+one transaction per version, never edit a released migration, append one).
+
+Version 1 is the schema spools had before versioning (created with IF NOT EXISTS, so an
+old spool at user_version 0 passes through it unchanged). Version 2 adds what the queue
+needs to never repeat or lose anything: the claim of the relay delivering a message, an
+admin's delete or hold requested while it is in flight, the count of unexpected errors
+(poison messages), and per-recipient `notified` (the bounce naming a failure is stored).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from keystore.schema import run_migrations
+
+__all__ = ["MIGRATIONS", "migrate"]
+
+MIGRATIONS: list[str] = [
+    # 1: the schema before versioning
+    """
+    CREATE TABLE IF NOT EXISTS message (
+        id TEXT PRIMARY KEY,
+        created REAL NOT NULL,
+        mail_from TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        mailbox TEXT NOT NULL,
+        route TEXT,
+        body BLOB NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL NOT NULL,
+        last_error TEXT,
+        held INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE IF NOT EXISTS recipient (
+        message_id TEXT NOT NULL REFERENCES message(id) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'failed')),
+        reply TEXT,
+        PRIMARY KEY (message_id, address)
+    );
+    """,
+    # 2: claims, deferred admin changes, poison count, per-recipient bounce state
+    """
+    ALTER TABLE message ADD COLUMN claimed TEXT;
+    ALTER TABLE message ADD COLUMN delete_requested INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE message ADD COLUMN errors INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE recipient ADD COLUMN notified INTEGER NOT NULL DEFAULT 0;
+    UPDATE recipient SET notified = 1 WHERE status = 'failed';
+    CREATE INDEX message_due ON message(next_attempt);
+    """,
+]
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    return run_migrations(conn, MIGRATIONS, what="spool")
