@@ -33,48 +33,49 @@ async def attempt(
     delivery: Delivery, plan: list[Courier], *, note: Note, hostname: str,
     retry_schedule: tuple[float, ...], max_lifetime: float,
 ) -> AttemptRecord:
-    started = time.time()
-    outcomes: dict[str, Outcome] = {}
-    pending = list(delivery.pending)
-    error: str | None = None
+    record = AttemptRecord(
+        message_id=delivery.id,
+        next_attempt=time.time() + retry_delay(retry_schedule, delivery.attempts + 1),
+    )
+    outcomes: dict[str, Outcome] = {}  # filled as replies arrive, so an error keeps them
     try:
-        for index, courier in enumerate(plan if pending else []):
-            results = await courier.deliver(delivery.mail_from, pending, delivery.body)
-            for rcpt in pending:
-                outcomes[rcpt] = results.get(rcpt, _NO_RESULT)
-                maillog.attempt(delivery, rcpt, courier.name, outcomes[rcpt],
-                                delay=started - delivery.created)
-            decided = {r: _row(outcomes[r]) for r in pending if outcomes[r].status is not Status.DEFERRED}
-            pending = [r for r in pending if r not in decided]
-            if not pending:
-                break
-            if decided and index + 1 < len(plan):
-                await _note(note, delivery.id, decided)
+        await _through_plan(delivery, plan, note, outcomes, max_lifetime)
     except Exception as exc:  # noqa: BLE001 - keep what was learnt; the error counts as poison
         log.exception("unexpected error delivering %s", delivery.id)
-        error = repr(exc)
+        record.error = repr(exc)
+    record.outcomes = {rcpt: _row(outcome) for rcpt, outcome in outcomes.items()}
+    pending = [r for r in delivery.pending if r not in outcomes or outcomes[r].status is Status.DEFERRED]
+    if pending and pending[0] in outcomes:
+        record.last_error = outcomes[pending[0]].reply
+    failures = [(r, o.reply) for r, o in outcomes.items() if o.status is Status.FAILED]
+    failures += delivery.unnotified
+    if failures:
+        _bounce(record, delivery, failures, hostname)
+    return record
 
+
+async def _through_plan(delivery: Delivery, plan: list[Courier], note: Note,
+                        outcomes: dict[str, Outcome], max_lifetime: float) -> None:
+    started = time.time()
     age = started - delivery.created
+    pending = list(delivery.pending)
+    for index, courier in enumerate(plan if pending else []):
+        results = await courier.deliver(delivery.mail_from, pending, delivery.body)
+        for rcpt in pending:
+            outcomes[rcpt] = results.get(rcpt, _NO_RESULT)
+            maillog.attempt(delivery, rcpt, courier.name, outcomes[rcpt], delay=age)
+        decided = {r: _row(outcomes[r]) for r in pending if outcomes[r].status is not Status.DEFERRED}
+        pending = [r for r in pending if r not in decided]
+        if not pending:
+            return
+        if decided and index + 1 < len(plan):
+            await _note(note, delivery.id, decided)
     if pending and age >= max_lifetime:
         for rcpt in pending:
             last = outcomes[rcpt].reply if rcpt in outcomes else "none"
             outcomes[rcpt] = Outcome(Status.FAILED, f"554 5.4.7 expired in queue after {_age(age)}; "
                                                     f"last reply: {last}")
             maillog.attempt(delivery, rcpt, "-", outcomes[rcpt], delay=age)
-        pending = []
-
-    record = AttemptRecord(
-        message_id=delivery.id,
-        outcomes={rcpt: _row(outcome) for rcpt, outcome in outcomes.items()},
-        next_attempt=time.time() + retry_delay(retry_schedule, delivery.attempts + 1),
-        last_error=outcomes[pending[0]].reply if pending and pending[0] in outcomes else None,
-        error=error,
-    )
-    failures = [(r, o.reply) for r, o in outcomes.items() if o.status is Status.FAILED]
-    failures += delivery.unnotified
-    if failures:
-        _bounce(record, delivery, failures, hostname)
-    return record
 
 
 def _bounce(record: AttemptRecord, delivery: Delivery, failures: list[tuple[str, str]],

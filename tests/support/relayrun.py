@@ -26,7 +26,7 @@ path = "keystore.db"
 pepper_file = "pepper"
 
 [queue]
-path = "spool.db"
+path = "{spool}"
 retry_schedule = {retry}
 {queue_extra}
 
@@ -52,13 +52,13 @@ def make_certs(folder: Path) -> Path:
 
 def write_config(
     folder: Path, sink_port: int, *, server: str = "", auth: str = "", queue: str = "",
-    upstream_extra: str = "", retry: str = '["0.3s"]',
+    upstream_extra: str = "", retry: str = '["0.3s"]', spool: str = "spool.db",
 ) -> Path:
     make_certs(folder)
     path = folder / "relay.toml"
     path.write_text(BASE_CONFIG.format(
         server_extra=server, auth_extra=auth, queue_extra=queue, sink_port=sink_port,
-        upstream_extra=upstream_extra, retry=retry,
+        upstream_extra=upstream_extra, retry=retry, spool=spool,
     ))
     return path
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP, AuthResult
@@ -27,9 +28,14 @@ class Received:
 
 @dataclass
 class SinkHandler:
+    """Replies may be bytes: a provider that answers with bytes that are not UTF-8."""
+
     messages: list[Received] = field(default_factory=list)
-    data_reply: str | None = None       # e.g. "451 4.3.0 try later" or "554 5.7.1 rejected"
-    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    data_reply: str | bytes | None = None  # e.g. "451 4.3.0 try later" or "554 5.7.1 rejected"
+    rcpt_replies: dict[str, str | bytes] = field(default_factory=dict)
+    mail_reply: str | bytes | None = None  # e.g. "550 5.7.1 account suspended"
+    # awaited in DATA before the reply: hold the relay there, or fill its disk meanwhile
+    before_data_reply: Callable[[], Awaitable[None]] | None = None
     connections: int = 0
     attempts: int = 0
     require_auth: bool = False
@@ -37,6 +43,8 @@ class SinkHandler:
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.require_auth and not session.authenticated:
             return "530 5.7.0 Authentication required"
+        if self.mail_reply:
+            return self.mail_reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -50,6 +58,8 @@ class SinkHandler:
 
     async def handle_DATA(self, server, session, envelope):
         self.attempts += 1
+        if self.before_data_reply is not None:
+            await self.before_data_reply()
         if self.data_reply:
             return self.data_reply
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
@@ -80,22 +90,23 @@ class Sink:
         self._port = port
         self._tls = tls
         self._implicit = implicit
-        self._credentials = credentials
+        self.credentials = credentials
         self.logins: list[str] = []
         self.server: asyncio.AbstractServer | None = None
 
     def _authenticator(self, server, session, envelope, mechanism, auth_data):
-        ok = self._credentials == (auth_data.login.decode(), auth_data.password.decode())
-        if ok:
-            self.logins.append(auth_data.login.decode())
-        return AuthResult(success=ok)
+        ok = self.credentials == (auth_data.login.decode(), auth_data.password.decode())
+        if not ok:
+            return AuthResult(success=False, handled=False)  # aiosmtpd then answers 535
+        self.logins.append(auth_data.login.decode())
+        return AuthResult(success=True)
 
     def _protocol(self, loop) -> CountingSMTP:
         options: dict = {"hostname": "sink.test", "loop": loop}
         if self._tls is not None and not self._implicit:
             options["tls_context"] = self._tls
             options["require_starttls"] = True
-        if self._credentials is not None:
+        if self.credentials is not None:
             # aiosmtpd warns on auth_required without auth_require_tls (its implicit-TLS
             # blind spot), so on implicit TLS the handler enforces AUTH before MAIL itself
             options.update(authenticator=self._authenticator, auth_required=not self._implicit,
