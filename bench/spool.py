@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.spool import QueueItem, Spool, new_queue_id  # noqa: E402
+from relay.queue import QueueItem, new_queue_id  # noqa: E402
+from relay.queue.sqlite import SqliteQueueStore  # noqa: E402
 
 
 def item(size: int) -> QueueItem:
@@ -26,11 +27,11 @@ def item(size: int) -> QueueItem:
 
 async def run(writers: int, puts: int, size: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as folder:
-        spool = await Spool.open(Path(folder) / "spool.db")
+        spool = await SqliteQueueStore.open(Path(folder) / "spool.db", relay=True)
 
         async def writer() -> None:
             for _ in range(puts):
-                await spool.put(item(size))
+                await spool.put(item(size), claimed_by="bench")
 
         started = time.perf_counter()
         await asyncio.gather(*(writer() for _ in range(writers)))

@@ -15,12 +15,13 @@ __all__ = ["MAX_REPLY", "clean"]
 
 MAX_REPLY = 512  # characters kept of one reply; RFC 5321 allows 512 octets per reply line
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u2028\u2029]+")  # and runs of whitespace
 
 
 def clean(text: str, limit: int = MAX_REPLY) -> str:
-    """One line of printable text: bad bytes become U+FFFD, control characters (CR, LF,
-    ESC, ...) a single space, and anything past `limit` characters an ellipsis."""
+    """One line of printable text: bad bytes become U+FFFD, each run of control characters
+    (CR, LF, ESC, ...) and whitespace a single space, and anything past `limit` characters
+    an ellipsis."""
     if not text.isascii():
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     text = _CONTROL.sub(" ", text).strip()

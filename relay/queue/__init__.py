@@ -26,7 +26,7 @@ from pathlib import Path
 
 from relay.delivery.routing import Router
 from relay.queue.attempt import attempt
-from relay.queue.model import AttemptRecord, Delivery, Fate, QueueItem, new_queue_id
+from relay.queue.model import AttemptRecord, Delivery, Fate, NotDue, QueueItem, new_queue_id
 from relay.queue.schedule import Scheduler, retry_delay
 from relay.queue.sqlite import SqliteQueueStore
 from relay.queue.store import QueueStore, SpoolBusy, SpoolError, SpoolFull
@@ -112,7 +112,10 @@ class Queue:
             self._scheduler.later(time.time() + self._retry[0], message_id, lane)
             return
         if delivery is None:
-            return  # not due any more, deleted or on hold: a stale timer
+            return  # deleted, on hold or claimed meanwhile
+        if isinstance(delivery, NotDue):  # a stale timer: the spool knows the real time
+            self._scheduler.later(delivery.when, message_id, lane)
+            return
         try:
             if delivery.stop:  # held or deleted by an admin after it was claimed
                 record = AttemptRecord(message_id=message_id, attempted=False)
@@ -126,6 +129,7 @@ class Queue:
             record = AttemptRecord(message_id=message_id, error=repr(exc),
                                    next_attempt=time.time() + retry_delay(self._retry, delivery.attempts + 1))
         fate = await self._record(record)
+        log.debug("recorded id=%s fate=%s", message_id, fate.value)
         self._after(delivery, record, fate)
 
     async def _record(self, record: AttemptRecord) -> Fate:

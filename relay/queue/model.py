@@ -21,6 +21,7 @@ __all__ = [
     "Fate",
     "MessageHeld",
     "MessageInfo",
+    "NotDue",
     "QueueItem",
     "RecipientInfo",
     "UnknownMessage",
@@ -78,6 +79,13 @@ class AttemptRecord:
     last_error: str | None = None
     error: str | None = None  # an unexpected error: counts toward POISON_LIMIT
     attempted: bool = True  # False: the message was only released (held or deleted meanwhile)
+
+
+@dataclass(frozen=True, slots=True)
+class NotDue:
+    """A claim refused because the message is waiting until `when` (a stale timer)."""
+
+    when: float
 
 
 class Fate(enum.Enum):

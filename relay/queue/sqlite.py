@@ -32,6 +32,7 @@ from relay.queue.model import (
     Fate,
     MessageHeld,
     MessageInfo,
+    NotDue,
     QueueItem,
     RecipientInfo,
     UnknownMessage,
@@ -217,14 +218,18 @@ class SqliteQueueStore:
     async def put(self, item: QueueItem, *, claimed_by: str | None) -> None:
         await self._write_one(lambda conn: _insert(conn, item, claimed_by))
 
-    async def claim(self, message_id: str, owner: str, now: float) -> Delivery | None:
-        def op(conn: sqlite3.Connection) -> Delivery | None:
-            claimed = conn.execute(
-                "UPDATE message SET claimed = ? WHERE id = ? AND (claimed IS NULL OR claimed = ?) "
-                "AND held = 0 AND delete_requested = 0 AND next_attempt <= ?",
-                (owner, message_id, owner, now + 0.05),
-            ).rowcount
-            return _delivery(conn, message_id) if claimed else None
+    async def claim(self, message_id: str, owner: str, now: float) -> Delivery | NotDue | None:
+        def op(conn: sqlite3.Connection) -> Delivery | NotDue | None:
+            row = conn.execute(
+                "SELECT next_attempt FROM message WHERE id = ? AND (claimed IS NULL OR claimed = ?) "
+                "AND held = 0 AND delete_requested = 0", (message_id, owner),
+            ).fetchone()
+            if row is None:
+                return None
+            if row[0] > now + 0.05:
+                return NotDue(row[0])
+            conn.execute("UPDATE message SET claimed = ? WHERE id = ?", (owner, message_id))
+            return _delivery(conn, message_id)
 
         return await self._write_one(op)
 

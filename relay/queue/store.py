@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from relay.queue.model import AttemptRecord, Change, Delivery, Fate, MessageInfo, QueueItem
+from relay.queue.model import AttemptRecord, Change, Delivery, Fate, MessageInfo, NotDue, QueueItem
 
 __all__ = ["QueueStore", "SpoolBusy", "SpoolError", "SpoolFull"]
 
@@ -34,8 +34,9 @@ class QueueStore(Protocol):
     async def put(self, item: QueueItem, *, claimed_by: str | None) -> None:
         """Store a new message durably, claimed by `claimed_by` (about to be delivered by it)."""
 
-    async def claim(self, message_id: str, owner: str, now: float) -> Delivery | None:
-        """Claim a due, unclaimed message not on hold and read it; None if it is not."""
+    async def claim(self, message_id: str, owner: str, now: float) -> Delivery | NotDue | None:
+        """Claim a due, unclaimed message not on hold and read it; NotDue if it waits until
+        later (the caller's timer was stale), None if it is gone, held or claimed."""
 
     async def load(self, message_id: str) -> Delivery | None:
         """Read a message this relay has claimed (a fresh one, claimed at put())."""

@@ -23,16 +23,21 @@ def keystore_cli(config: Path, *args: str, stdin: str | None = None) -> subproce
     )
 
 
-async def start_relay_process(config: Path, port: int) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", "--config", str(config), "serve",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )
+async def start_relay_process(
+    config: Path, port: int, *, log_level: str = "INFO",
+) -> asyncio.subprocess.Process:
+    """The relay as its own process, its log appended to relay.log beside the config (a
+    pipe nobody reads would fill up and block the relay's logging)."""
+    log = config.parent / "relay.log"
+    with open(log, "ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", "--config", str(config), "--log-level", log_level, "serve",
+            stdout=asyncio.subprocess.DEVNULL, stderr=out,
+        )
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if proc.returncode is not None:
-            err = await proc.stderr.read()
-            raise AssertionError(f"relay exited early: {err.decode()}")
+            raise AssertionError(f"relay exited early: {log.read_text()[-2000:]}")
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:

@@ -39,6 +39,7 @@ class SinkHandler:
     connections: int = 0
     attempts: int = 0
     require_auth: bool = False
+    last_envelope: object = None
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.require_auth and not session.authenticated:
@@ -58,6 +59,7 @@ class SinkHandler:
 
     async def handle_DATA(self, server, session, envelope):
         self.attempts += 1
+        self.last_envelope = envelope
         if self.before_data_reply is not None:
             await self.before_data_reply()
         if self.data_reply:
