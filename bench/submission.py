@@ -267,7 +267,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--messages", type=int, default=100)
     parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--upstream-connections", type=int, default=16)
+    parser.add_argument("--upstream-connections", type=int, default=20)  # the relay's default
     parser.add_argument("--auth-samples", type=int, default=200)
     parser.add_argument("--idle", type=int, default=200)
     parser.add_argument("--profile", metavar="PATH", help="write py-spy collapsed stacks of the relay here")

@@ -114,7 +114,7 @@ class UpstreamConfig:
     ca_file: Path | None = None  # trust this CA (PEM) instead of the system store
     allow_plaintext: bool = False  # tls = "none" to a non-loopback host
     allow_private_targets: bool = False  # mx: connect to loopback/private addresses an MX names
-    max_connections: int = 8
+    max_connections: int = 20  # Postfix's default_destination_concurrency_limit
     timeout: Duration = Duration(60)
 
     @property

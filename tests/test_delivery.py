@@ -87,15 +87,16 @@ async def test_upstream_down_then_back(h):
     await wait_spool_empty(h)
 
 
-async def test_connections_to_the_upstream_are_reused(h):
-    await h.mailbox("alice@example.com")
-    secret = await h.key("alice@example.com")
-    client = await h.login("alice@example.com", secret)
-    for _ in range(20):
-        await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
-    await client.quit()
-    await h.sink.wait_for(20)
-    assert h.sink.handler.connections <= 8  # at most the upstream's max_connections
+async def test_connections_to_the_upstream_are_reused(relay_with):
+    async with relay_with(upstream_extra="max_connections = 4") as h:
+        await h.mailbox("alice@example.com")
+        secret = await h.key("alice@example.com")
+        client = await h.login("alice@example.com", secret)
+        for _ in range(20):
+            await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+        await client.quit()
+        await h.sink.wait_for(20)
+        assert h.sink.handler.connections <= 4  # at most the upstream's max_connections
 
 
 @pytest.mark.parametrize("route", ["second", None])

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,7 +70,7 @@ class Queue:
         """Make `item` durable (fsync'd) and schedule its delivery; the caller answers 250
         only after this returns. Claimed in the same write, so nothing else can schedule it."""
         await self.store.put(item, claimed_by=self._owner)
-        self._scheduler.now(item.id, self._router.resolve(item.route), fresh=True)
+        self._scheduler.now(item.id, self._router.resolve(item.route), fresh=True, preloaded=item)
 
     async def stop(self, timeout: float = 5.0) -> None:
         for task in self._tasks:
@@ -100,22 +101,27 @@ class Queue:
 
     # ------------------------------------------------------------ delivery
 
-    async def _deliver(self, message_id: str, fresh: bool, lane: str) -> None:
-        """One delivery: claim (or, fresh, just read), attempt, record, reschedule."""
+    async def _deliver(
+        self, message_id: str, fresh: bool, lane: str, preloaded: object,
+    ) -> Awaitable[None] | None:
+        """One delivery: claim (or, fresh, just read) and attempt; returns the recording
+        and rescheduling, which the scheduler runs once the lane has its place back."""
         try:
-            if fresh:
+            if isinstance(preloaded, QueueItem):  # just stored and claimed: no need to read it
+                delivery: Delivery | NotDue | None = _fresh(preloaded)
+            elif fresh:
                 delivery = await self.store.load(message_id)
             else:
                 delivery = await self.store.claim(message_id, self._owner, time.time())
         except SpoolError as exc:
             log.warning("cannot read %s from the spool (%s); trying again shortly", message_id, exc)
             self._scheduler.later(time.time() + self._retry[0], message_id, lane)
-            return
+            return None
         if delivery is None:
-            return  # deleted, on hold or claimed meanwhile
+            return None  # deleted, on hold or claimed meanwhile
         if isinstance(delivery, NotDue):  # a stale timer: the spool knows the real time
             self._scheduler.later(delivery.when, message_id, lane)
-            return
+            return None
         try:
             if delivery.stop:  # held or deleted by an admin after it was claimed
                 record = AttemptRecord(message_id=message_id, attempted=False)
@@ -128,8 +134,11 @@ class Queue:
             log.exception("unexpected error delivering %s", message_id)
             record = AttemptRecord(message_id=message_id, error=repr(exc),
                                    next_attempt=time.time() + retry_delay(self._retry, delivery.attempts + 1))
+        return self._finish(delivery, record)
+
+    async def _finish(self, delivery: Delivery, record: AttemptRecord) -> None:
         fate = await self._record(record)
-        log.debug("recorded id=%s fate=%s", message_id, fate.value)
+        log.debug("recorded id=%s fate=%s", delivery.id, fate.value)
         self._after(delivery, record, fate)
 
     async def _record(self, record: AttemptRecord) -> Fate:
@@ -162,6 +171,12 @@ class Queue:
 
     def _lane_of(self, route: str | None) -> str:
         return self._router.resolve(route)
+
+
+def _fresh(item: QueueItem) -> Delivery:
+    return Delivery(id=item.id, created=item.created, mail_from=item.mail_from, key_id=item.key_id,
+                    mailbox=item.mailbox, route=item.route, attempts=0, pending=list(item.recipients),
+                    unnotified=[], body=item.body)
 
 
 def _plain(record: AttemptRecord) -> AttemptRecord:

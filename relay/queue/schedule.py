@@ -21,7 +21,9 @@ __all__ = ["Scheduler", "retry_delay"]
 
 log = logging.getLogger("relay.queue")
 
-Deliver = Callable[[str, bool, str], Awaitable[None]]  # (message id, claimed at put(), lane)
+# (message id, claimed at put(), lane, the message itself if it is at hand) -> what is left
+# to do once the upstream is done with it (storing the outcome), run outside the lane
+Deliver = Callable[[str, bool, str, object], Awaitable[Awaitable[None] | None]]
 
 
 def retry_delay(schedule: tuple[float, ...], attempts: int) -> float:
@@ -34,12 +36,12 @@ class _Lane:
         self.name = name
         self.limit = max(limit, 1)
         self.waiting: deque[tuple[str, bool]] = deque()
-        self.running: set[asyncio.Task[None]] = set()
+        self.running: set[asyncio.Task[None]] = set()  # deliveries holding a place in the lane
 
 
 class Scheduler:
-    """Timers for deferred messages and lanes for due ones. `deliver(id, fresh, lane)` runs one
-    delivery; the scheduler guarantees one id is never being delivered twice at once."""
+    """Timers for deferred messages and lanes for due ones. `deliver(id, fresh, lane, preloaded)`
+    runs one delivery; the scheduler guarantees one id is never being delivered twice at once."""
 
     def __init__(self, deliver: Deliver, limit: Callable[[str], int]) -> None:
         self._deliver = deliver
@@ -48,18 +50,25 @@ class Scheduler:
         self._timers: list[tuple[float, int, str, str]] = []  # (when, seq, id, lane)
         self._seq = itertools.count()
         self._busy: set[str] = set()  # ids waiting in a lane or being delivered
+        self._tasks: set[asyncio.Task[None]] = set()  # every delivery task, recording ones too
         self._wake = asyncio.Event()
         self._stopping = False
 
     # -------------------------------------------------------------- input
 
-    def now(self, message_id: str, lane: str, *, fresh: bool = False) -> None:
-        """Deliver as soon as the lane has room (fresh: already claimed by put())."""
+    def now(self, message_id: str, lane: str, *, fresh: bool = False, preloaded: object = None) -> None:
+        """Deliver as soon as the lane has room (fresh: already claimed by put()). A message
+        at hand (`preloaded`) is used only if its delivery starts at once; a waiting one
+        keeps just its id, and its body is read from the spool when its turn comes."""
         if self._stopping or message_id in self._busy:
             return
         self._busy.add(message_id)
-        self._lane(lane).waiting.append((message_id, fresh))
-        self._fill(self._lane(lane))
+        lane_ = self._lane(lane)
+        if preloaded is not None and not lane_.waiting and len(lane_.running) < lane_.limit:
+            self._start(lane_, message_id, fresh, preloaded)
+            return
+        lane_.waiting.append((message_id, fresh))
+        self._fill(lane_)
 
     def later(self, when: float, message_id: str, lane: str) -> None:
         heapq.heappush(self._timers, (when, next(self._seq), message_id, lane))
@@ -74,7 +83,7 @@ class Scheduler:
 
     @property
     def in_flight(self) -> int:
-        return sum(len(lane.running) for lane in self._lanes.values())
+        return len(self._tasks)
 
     # -------------------------------------------------------------- loops
 
@@ -98,7 +107,7 @@ class Scheduler:
         self._stopping = True
         for lane in self._lanes.values():
             lane.waiting.clear()
-        running = [task for lane in self._lanes.values() for task in lane.running]
+        running = list(self._tasks)
         if not running:
             return
         _, stuck = await asyncio.wait(running, timeout=timeout)
@@ -119,17 +128,29 @@ class Scheduler:
     def _fill(self, lane: _Lane) -> None:
         while lane.waiting and len(lane.running) < lane.limit and not self._stopping:
             message_id, fresh = lane.waiting.popleft()
-            task = asyncio.get_running_loop().create_task(self._one(lane, message_id, fresh))
-            lane.running.add(task)
+            self._start(lane, message_id, fresh, None)
 
-    async def _one(self, lane: _Lane, message_id: str, fresh: bool) -> None:
+    def _start(self, lane: _Lane, message_id: str, fresh: bool, preloaded: object) -> None:
+        task = asyncio.get_running_loop().create_task(self._one(lane, message_id, fresh, preloaded))
+        lane.running.add(task)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _one(self, lane: _Lane, message_id: str, fresh: bool, preloaded: object) -> None:
+        """One delivery. Its place in the lane is given up as soon as the upstream is done
+        with the message, so the next one starts while this one's outcome is being stored
+        (an fsync); the id stays busy until it is stored."""
+        task = asyncio.current_task()
         try:
-            await self._deliver(message_id, fresh, lane.name)
+            tail = await self._deliver(message_id, fresh, lane.name, preloaded)
+            lane.running.discard(task)
+            self._fill(lane)
+            if tail is not None:
+                await tail
         except Exception:  # the deliver callback handles its own errors; this is a last resort
             log.exception("delivery of %s failed unexpectedly", message_id)
         finally:
             self._busy.discard(message_id)
-            task = asyncio.current_task()
-            if task is not None:
+            if task in lane.running:
                 lane.running.discard(task)
-            self._fill(lane)
+                self._fill(lane)

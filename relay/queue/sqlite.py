@@ -183,29 +183,34 @@ class SqliteQueueStore:
             self._committer = None
 
     def _apply(self, ops: list[_Op]) -> list[Any]:
-        """One transaction for the batch. An op that raises a non-sqlite error (a bug) is
-        rolled back alone, through a savepoint, so it cannot cost its neighbours their commit."""
+        """One transaction for the batch. An op that raises an error of its own (a bug, a
+        constraint) is answered alone: the batch is rolled back and run again without it,
+        so it cannot cost its neighbours their commit. A failure of the file (disk full,
+        I/O) fails the whole batch."""
         conn = self._wconn
         assert conn is not None
-        conn.execute("BEGIN IMMEDIATE")
-        results: list[Any] = []
-        try:
-            for op in ops:
-                conn.execute("SAVEPOINT op")
-                try:
-                    results.append(op(conn))
-                except Exception as exc:  # noqa: BLE001 - handed to that op's waiter
-                    if isinstance(exc, sqlite3.Error) and not isinstance(exc, _OP_ERRORS):
-                        raise  # the file's trouble (disk full, I/O): the whole batch fails
-                    conn.execute("ROLLBACK TO op")
-                    results.append(_Failed(exc))
-                conn.execute("RELEASE op")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # sqlite may already have rolled back (e.g. disk full)
+        results: list[Any] = [None] * len(ops)
+        todo = list(range(len(ops)))
+        while True:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for index in todo:
+                    try:
+                        results[index] = ops[index](conn)
+                    except Exception as exc:  # noqa: BLE001 - handed to that op's waiter
+                        if isinstance(exc, sqlite3.Error) and not isinstance(exc, _OP_ERRORS):
+                            raise
+                        results[index] = _Failed(exc)
+                        break
+                else:
+                    conn.execute("COMMIT")
+                    return results
                 conn.execute("ROLLBACK")
-            raise
-        return results
+            except BaseException:
+                if conn.in_transaction:  # sqlite may already have rolled back (e.g. disk full)
+                    conn.execute("ROLLBACK")
+                raise
+            todo = [i for i in todo if not isinstance(results[i], _Failed)]
 
     async def _write_one(self, op: _Op) -> Any:
         result = await self._write(op)
