@@ -26,9 +26,10 @@ def provider_tls(folder) -> ssl.SSLContext:
     return context
 
 
-async def send(h, *, rcpts=("bob@example.net",)) -> None:
+async def send(h, *, rcpts=("bob@example.net",), route: str | None = None) -> None:
+    """alice@example.com sends MESSAGE with a new key (routed to `route`, if given)."""
     await h.mailbox("alice@example.com")
-    secret = await h.key("alice@example.com")
+    secret = await h.key("alice@example.com", route=route)
     client = await h.login("alice@example.com", secret)
     await client.sendmail("alice@example.com", list(rcpts), MESSAGE)
     await client.quit()

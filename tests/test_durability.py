@@ -7,27 +7,14 @@ import signal
 
 import aiosmtplib
 
-from keystore.store import KeyStore
-from relay.config import load_config
-from tests.support.procs import free_port, start_relay_process
-from tests.support.relayrun import BASE_CONFIG, client_tls, make_certs
+from tests.support.procs import free_port, prepare_relay_folder, start_relay_process
+from tests.support.relayrun import client_tls
 from tests.support.sink import Sink
 
 
 async def test_sigkill_after_250_loses_nothing(tmp_path):
-    make_certs(tmp_path)
     sink_port, port = free_port(), free_port()
-    config_path = tmp_path / "relay.toml"
-    config_path.write_text(
-        BASE_CONFIG.format(server_extra="", auth_extra="", queue_extra="", upstream_extra="",
-                           sink_port=sink_port, retry='["0.2s"]', spool="spool.db")
-        .replace('submission = ["127.0.0.1:0"]', f'submission = ["127.0.0.1:{port}"]')
-    )
-    config = load_config(config_path)
-    store = await KeyStore.open(config.keystore.path, config.keystore.pepper_file, create=True)
-    await store.add_mailbox("alice@example.com", workspace="w", actor="t")
-    _, secret = await store.create_key(mailbox="alice@example.com", name="crm", actor="t")
-    await store.close()
+    config_path, secret = await prepare_relay_folder(tmp_path, sink_port, port, '["0.2s"]')
 
     # the upstream is down, so accepted mail can only be in the spool when we kill
     relay = await start_relay_process(config_path, port)

@@ -92,11 +92,7 @@ async def test_provider_refusing_auth_keeps_the_mail_queued_until_fixed(relay_wi
     (tmp_path / "provider-password").write_text("s3cret\n")
     async with Sink(tls=provider_tls(tmp_path), credentials=("relay", "changed")) as provider:
         async with relay_with(upstream_extra=provider_extra(provider.port), retry='["0.3s"]') as h:
-            await h.mailbox("alice@example.com")
-            secret = await h.key("alice@example.com", route="provider")
-            client = await h.login("alice@example.com", secret)
-            await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
-            await client.quit()
+            await send(h, route="provider")
             rows = await wait_rows(h, lambda rows: rows and rows[0]["attempts"] >= 2)
             assert len(rows) == 1 and rows[0]["sender"] == "alice@example.com"  # no bounce queued
             assert rows[0]["last_error"].startswith("451 4.4.0 provider refused AUTH: 535 5.7.8")
@@ -121,11 +117,7 @@ async def test_failover_group_moves_on_when_a_provider_refuses_the_session(relay
                  f'\n[[upstream]]\nname = "backup"\nhost = "127.0.0.1"\nport = {backup.port}\ntls = "none"\n'
                  '\n[[group]]\nname = "main"\nmembers = ["provider", "backup"]\nstrategy = "failover"\n')
         async with relay_with(upstream_extra=extra, retry='["1h"]') as h:
-            await h.mailbox("alice@example.com")
-            secret = await h.key("alice@example.com", route="main")
-            client = await h.login("alice@example.com", secret)
-            await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
-            await client.quit()
+            await send(h, route="main")
             (message,) = await backup.wait_for(1, timeout=3)  # the same attempt, not an hour later
             assert message.rcpt_tos == ["bob@example.net"]
             await wait_spool_empty(h)
@@ -138,11 +130,7 @@ async def test_a_bounce_through_a_refusing_provider_waits_and_says_who_refused(r
         provider.handler.mail_reply = "550 5.7.1 account suspended"
         async with relay_with(upstream_extra=provider_extra(provider.port), retry='["0.3s"]',
                               queue='max_queue_lifetime = "1s"') as h:
-            await h.mailbox("alice@example.com")
-            secret = await h.key("alice@example.com", route="provider")
-            client = await h.login("alice@example.com", secret)
-            await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
-            await client.quit()
+            await send(h, route="provider")
             # the message expires; its bounce takes the same route, is refused too, and waits
             rows = await wait_rows(h, lambda rows: len(rows) == 1 and rows[0]["sender"] == ""
                                    and rows[0]["attempts"] >= 2)

@@ -14,31 +14,13 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from keystore.store import KeyStore
-from relay.config import load_config
 from relay.queue import QueueItem, new_queue_id
 from relay.queue.sqlite import SqliteQueueStore
-from tests.support.procs import free_port, start_relay_process
-from tests.support.relayrun import BASE_CONFIG, client_tls, make_certs
+from tests.support.procs import free_port, prepare_relay_folder, start_relay_process
+from tests.support.relayrun import client_tls
 from tests.support.sink import Sink
 
 pytestmark = pytest.mark.slow
-
-
-async def prepare(folder: Path, sink_port: int, port: int, retry: str) -> tuple[Path, str]:
-    make_certs(folder)
-    config_path = folder / "relay.toml"
-    config_path.write_text(
-        BASE_CONFIG.format(server_extra="rate_per_minute = 0", auth_extra="", queue_extra="",
-                           upstream_extra="", sink_port=sink_port, retry=retry, spool="spool.db")
-        .replace('submission = ["127.0.0.1:0"]', f'submission = ["127.0.0.1:{port}"]')
-    )
-    config = load_config(config_path)
-    store = await KeyStore.open(config.keystore.path, config.keystore.pepper_file, create=True)
-    await store.add_mailbox("alice@example.com", workspace="w", actor="t")
-    _, secret = await store.create_key(mailbox="alice@example.com", name="crm", actor="t")
-    await store.close()
-    return config_path, secret
 
 
 async def test_sigkill_storm_loses_nothing_and_repeats_only_in_the_rfc5321_window(tmp_path):
@@ -61,7 +43,7 @@ async def test_sigkill_storm_loses_nothing_and_repeats_only_in_the_rfc5321_windo
 
         sink.handler.before_data_reply = note_arrival
         port = free_port()
-        config_path, secret = await prepare(tmp_path, sink.port, port, '["0.2s"]')
+        config_path, secret = await prepare_relay_folder(tmp_path, sink.port, port, '["0.2s"]')
         relay = await start_relay_process(config_path, port, log_level="DEBUG")
         accepted: set[str] = set()
         kill_times: list[float] = []
@@ -122,7 +104,7 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
 
 async def test_ten_thousand_queued_messages_cost_the_relay_little_memory(tmp_path):
     port, down = free_port(), free_port()  # nothing listens on the upstream's port
-    config_path, _ = await prepare(tmp_path, down, port, '["1h"]')
+    config_path, _ = await prepare_relay_folder(tmp_path, down, port, '["1h"]')
     relay = await start_relay_process(config_path, port)
     try:
         await asyncio.sleep(0.5)  # let the idle relay settle

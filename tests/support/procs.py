@@ -9,6 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+from keystore.store import KeyStore
+from relay.config import load_config
+from tests.support.relayrun import BASE_CONFIG, make_certs
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -49,3 +53,21 @@ async def start_relay_process(
     proc.kill()
     await proc.wait()
     raise AssertionError("relay did not start listening")
+
+
+async def prepare_relay_folder(folder: Path, sink_port: int, port: int, retry: str) -> tuple[Path, str]:
+    """A config on fixed ports (a restarted relay must come back on the same one), a keystore
+    with alice@example.com and a key for her: (config path, the key)."""
+    make_certs(folder)
+    config_path = folder / "relay.toml"
+    config_path.write_text(
+        BASE_CONFIG.format(server_extra="rate_per_minute = 0", auth_extra="", queue_extra="",
+                           upstream_extra="", sink_port=sink_port, retry=retry, spool="spool.db")
+        .replace('submission = ["127.0.0.1:0"]', f'submission = ["127.0.0.1:{port}"]')
+    )
+    config = load_config(config_path)
+    store = await KeyStore.open(config.keystore.path, config.keystore.pepper_file, create=True)
+    await store.add_mailbox("alice@example.com", workspace="w", actor="t")
+    _, secret = await store.create_key(mailbox="alice@example.com", name="crm", actor="t")
+    await store.close()
+    return config_path, secret
