@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from keystore.schema import migrate
+from keystore.schema import enable_wal, migrate
 
 __all__ = ["BUSY_TIMEOUT_MS", "open_database", "prepare_database"]
 
@@ -33,7 +33,7 @@ def prepare_database(path: Path, *, create: bool) -> None:
             pass  # another process (a concurrent `keystore init`) created it first
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
+        enable_wal(conn)
         migrate(conn)
     finally:
         conn.close()

@@ -7,8 +7,9 @@ database is always at a known version. Never edit a released migration: append o
 from __future__ import annotations
 
 import sqlite3
+import time
 
-__all__ = ["MIGRATIONS", "migrate", "run_migrations"]
+__all__ = ["MIGRATIONS", "enable_wal", "migrate", "run_migrations"]
 
 MIGRATIONS: list[str] = [
     # 1: the initial schema
@@ -71,6 +72,22 @@ MIGRATIONS: list[str] = [
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     """,
 ]
+
+
+def enable_wal(conn: sqlite3.Connection, timeout: float = 5.0) -> None:
+    """Put the file in WAL mode. Switching a new file's journal mode takes an exclusive lock
+    for which sqlite does not wait (busy_timeout does not apply), so several processes
+    creating the same file at once (`keystore init` twice, the relay and `relay queue`)
+    would see "database is locked": wait here instead."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def migrate(conn: sqlite3.Connection) -> int:

@@ -622,3 +622,24 @@ async def test_cli_writers_and_logins_run_concurrently(tmp_path, world):
     assert {e.actor for e in await world.audit_events() if e.mailbox and "writer" in e.mailbox} == {
         "concurrency-test"
     }
+
+
+def _prepare(path: str) -> str:
+    from keystore.db import prepare_database
+
+    try:
+        prepare_database(Path(path), create=True)
+    except Exception as exc:  # reported to the parent
+        return repr(exc)
+    return "ok"
+
+
+def test_processes_creating_the_same_database_at_once_all_succeed(tmp_path):
+    """Switching a new file to WAL takes a lock sqlite does not wait for; several
+    `keystore init` (or relay and `relay queue`) starting together must still all work."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        for round_ in range(15):
+            path = str(tmp_path / f"k{round_}.db")
+            assert pool.map(_prepare, [path] * 6) == ["ok"] * 6

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from keystore.schema import enable_wal
 from relay.queue.model import (
     POISON_LIMIT,
     AttemptRecord,
@@ -117,7 +118,7 @@ class SqliteQueueStore:
         if create and not self.path.exists():
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         conn = _connect(self.path)
-        conn.execute("PRAGMA journal_mode=WAL")
+        enable_wal(conn)
         conn.execute("PRAGMA synchronous=FULL")
         migrate(conn)
         self._wconn = conn
