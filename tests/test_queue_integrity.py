@@ -302,3 +302,15 @@ async def test_a_second_relay_on_the_same_spool_is_refused(h):
         await second.start()
     await second.stop(grace=0.1)
     assert (await queue_rows(h)) == []  # admin commands still work beside the relay
+
+
+async def test_a_pooled_connection_the_provider_closed_with_421_is_replaced_at_once(relay_with):
+    async with relay_with(retry='["1h"]') as h:
+        await send(h)  # leaves a pooled connection to the provider
+        await h.sink.wait_for(1)
+        h.sink.handler.mail_reply_once = "421 4.3.2 closing idle connection"
+        client = await h.login("alice@example.com", await h.key("alice@example.com", name="second"))
+        await client.sendmail("alice@example.com", ["carol@example.net"], MESSAGE)
+        await client.quit()
+        second = (await h.sink.wait_for(2, timeout=3))[1]  # not an hour later
+        assert second.rcpt_tos == ["carol@example.net"]

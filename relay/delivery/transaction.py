@@ -48,8 +48,10 @@ async def transaction(
     except ValueError as exc:  # aiosmtplib refused the address itself: no server will take it
         return Result(dict.fromkeys(rcpts, outcome_for_exception(exc, upstream)), await _reset(client))
     except aiosmtplib.SMTPResponseException as exc:
-        await _reset(client)
-        raise SenderRefused(session_trouble(upstream, exc), connection_lost=False) from None
+        # a 421 (or a RSET that fails) leaves no session: on a pooled connection that is a
+        # stale connection, worth one fresh try, rather than the provider's verdict
+        live = await _reset(client)
+        raise SenderRefused(session_trouble(upstream, exc), connection_lost=not live) from None
     except Exception as exc:  # noqa: BLE001 - the connection failed before anything was sent
         client.close()
         raise SenderRefused(session_trouble(upstream, exc), connection_lost=True) from None
@@ -65,10 +67,10 @@ async def transaction(
             return Result(outcomes, await _reset(client))
         try:
             response = await client.data(body)
-        except aiosmtplib.SMTPDataError as exc:
+        except aiosmtplib.SMTPDataError as exc:  # refused at DATA or at its end: RSET to reuse
             outcomes.update(dict.fromkeys(accepted, outcome_for_reply(exc.code, exc.message)))
-        else:
-            outcomes.update(dict.fromkeys(accepted, outcome_for_reply(response.code, response.message)))
+            return Result(outcomes, await _reset(client))
+        outcomes.update(dict.fromkeys(accepted, outcome_for_reply(response.code, response.message)))
         return Result(outcomes, client.is_connected)
     except Exception as exc:  # noqa: BLE001 - connection lost or timed out mid-transaction
         client.close()

@@ -17,6 +17,7 @@ an upstream received the data and before the relay stored its reply (RFC 5321 se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -25,8 +26,9 @@ from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
 
+from relay.delivery.courier import Outcome
 from relay.delivery.routing import Router
-from relay.queue.attempt import attempt
+from relay.queue.attempt import attempt, partial_record
 from relay.queue.model import AttemptRecord, Delivery, Fate, NotDue, QueueItem, new_queue_id
 from relay.queue.schedule import Scheduler, retry_delay
 from relay.queue.sqlite import SqliteQueueStore
@@ -54,6 +56,7 @@ class Queue:
         self._scheduler = Scheduler(self._deliver, router.concurrency)
         self._tasks: list[asyncio.Task[None]] = []
         self._version: int | None = None
+        self._unrecorded = 0  # outcomes the spool has refused to store so far (a full disk)
 
     @classmethod
     async def open(cls, path: Path, router: Router, **options) -> Queue:
@@ -84,9 +87,12 @@ class Queue:
     # ------------------------------------------------------------ schedule
 
     async def _reschedule(self) -> None:
-        _, self._version = await self.store.changed_elsewhere(None)
+        """Merge the spool's schedule into the timers; the version is kept only once that
+        worked, so a failed read is tried again rather than missed."""
+        _, version = await self.store.changed_elsewhere(None)
         entries = await self.store.schedule(self._owner)
-        self._scheduler.replace([(when, mid, self._router.resolve(route)) for when, mid, route in entries])
+        self._scheduler.merge([(when, mid, self._router.resolve(route)) for when, mid, route in entries])
+        self._version = version
 
     async def _follow(self) -> None:
         """Pick up what `relay queue` changed; this loop must outlive a bad disk moment."""
@@ -106,6 +112,9 @@ class Queue:
     ) -> Awaitable[None] | None:
         """One delivery: claim (or, fresh, just read) and attempt; returns the recording
         and rescheduling, which the scheduler runs once the lane has its place back."""
+        if self._unrecorded:  # the spool cannot store outcomes: deliver nothing more meanwhile
+            self._scheduler.later(time.time() + min(self._retry[0], 5.0), message_id, lane)
+            return None
         try:
             if isinstance(preloaded, QueueItem):  # just stored and claimed: no need to read it
                 delivery: Delivery | NotDue | None = _fresh(preloaded)
@@ -113,8 +122,11 @@ class Queue:
                 delivery = await self.store.load(message_id)
             else:
                 delivery = await self.store.claim(message_id, self._owner, time.time())
-        except SpoolError as exc:
-            log.warning("cannot read %s from the spool (%s); trying again shortly", message_id, exc)
+        except Exception as exc:  # noqa: BLE001 - a claim of ours is kept; try again shortly
+            if isinstance(exc, SpoolError):
+                log.warning("cannot read %s from the spool (%s); trying again shortly", message_id, exc)
+            else:
+                log.exception("cannot read %s from the spool; trying again shortly", message_id)
             self._scheduler.later(time.time() + self._retry[0], message_id, lane)
             return None
         if delivery is None:
@@ -122,14 +134,20 @@ class Queue:
         if isinstance(delivery, NotDue):  # a stale timer: the spool knows the real time
             self._scheduler.later(delivery.when, message_id, lane)
             return None
+        outcomes: dict[str, Outcome] = {}
         try:
             if delivery.stop:  # held or deleted by an admin after it was claimed
                 record = AttemptRecord(message_id=message_id, attempted=False)
             else:
                 record = await attempt(
-                    delivery, self._router.plan(delivery.route), note=self.store.note,
+                    delivery, self._router.plan(delivery.route), note=self.store.note, outcomes=outcomes,
                     hostname=self._hostname, retry_schedule=self._retry, max_lifetime=self._max_lifetime,
                 )
+        except asyncio.CancelledError:  # shutdown: keep what was learnt, then stop
+            if outcomes:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.store.record(partial_record(delivery, outcomes)))
+            raise
         except Exception as exc:  # noqa: BLE001 - attempt() keeps its own; this is a bug around it
             log.exception("unexpected error delivering %s", message_id)
             record = AttemptRecord(message_id=message_id, error=repr(exc),
@@ -143,20 +161,27 @@ class Queue:
 
     async def _record(self, record: AttemptRecord) -> Fate:
         """Store the record, however long the disk needs: the delivery it describes is
-        never repeated because its outcome could not be written."""
-        delay = 0.25
-        while True:
-            try:
-                return await self.store.record(record)
-            except SpoolError as exc:
-                log.error("cannot record the attempt on %s (%s); the outcome is kept and written "
-                          "again in %.1f s", record.message_id, exc, delay)
-            except Exception:  # a bug in what we write: write less rather than repeat a delivery
-                log.exception("cannot record the attempt on %s; retrying without its texts",
-                              record.message_id)
-                record = _plain(record)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RECORD_RETRY_MAX)
+        never repeated because its outcome could not be written. Meanwhile no new delivery
+        starts (see _deliver), so outcomes do not pile up in memory."""
+        delay, counted = 0.25, False
+        try:
+            while True:
+                try:
+                    return await self.store.record(record)
+                except SpoolError as exc:
+                    log.error("cannot record the attempt on %s (%s); the outcome is kept and written "
+                              "again in %.1f s", record.message_id, exc, delay)
+                except Exception:  # a bug in what we write: write less rather than repeat a delivery
+                    log.exception("cannot record the attempt on %s; retrying without its texts",
+                                  record.message_id)
+                    record = _plain(record)
+                if not counted:
+                    self._unrecorded, counted = self._unrecorded + 1, True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECORD_RETRY_MAX)
+        finally:
+            if counted:
+                self._unrecorded -= 1
 
     def _after(self, delivery: Delivery, record: AttemptRecord, fate: Fate) -> None:
         if record.bounce is not None:

@@ -20,7 +20,7 @@ from relay.queue.dsn import build_dsn
 from relay.queue.model import AttemptRecord, Delivery, QueueItem, new_queue_id
 from relay.queue.schedule import retry_delay
 
-__all__ = ["attempt"]
+__all__ = ["attempt", "partial_record"]
 
 log = logging.getLogger("relay.queue")
 
@@ -31,13 +31,14 @@ Note = Callable[[str, dict[str, tuple[str, str]]], Awaitable[None]]
 
 async def attempt(
     delivery: Delivery, plan: list[Courier], *, note: Note, hostname: str,
-    retry_schedule: tuple[float, ...], max_lifetime: float,
+    retry_schedule: tuple[float, ...], max_lifetime: float, outcomes: dict[str, Outcome],
 ) -> AttemptRecord:
+    """`outcomes` (the caller's, empty) is filled as replies arrive, so an error, or a
+    cancellation at shutdown, keeps what was learnt (see partial_record)."""
     record = AttemptRecord(
         message_id=delivery.id,
         next_attempt=time.time() + retry_delay(retry_schedule, delivery.attempts + 1),
     )
-    outcomes: dict[str, Outcome] = {}  # filled as replies arrive, so an error keeps them
     try:
         await _through_plan(delivery, plan, note, outcomes, max_lifetime)
     except Exception as exc:  # noqa: BLE001 - keep what was learnt; the error counts as poison
@@ -61,8 +62,8 @@ async def _through_plan(delivery: Delivery, plan: list[Courier], note: Note,
     pending = list(delivery.pending)
     for index, courier in enumerate(plan if pending else []):
         results = await courier.deliver(delivery.mail_from, pending, delivery.body)
+        outcomes.update({rcpt: results.get(rcpt, _NO_RESULT) for rcpt in pending})
         for rcpt in pending:
-            outcomes[rcpt] = results.get(rcpt, _NO_RESULT)
             maillog.attempt(delivery, rcpt, courier.name, outcomes[rcpt], delay=age)
         decided = {r: _row(outcomes[r]) for r in pending if outcomes[r].status is not Status.DEFERRED}
         pending = [r for r in pending if r not in decided]
@@ -76,6 +77,13 @@ async def _through_plan(delivery: Delivery, plan: list[Courier], note: Note,
             outcomes[rcpt] = Outcome(Status.FAILED, f"554 5.4.7 expired in queue after {_age(age)}; "
                                                     f"last reply: {last}")
             maillog.attempt(delivery, rcpt, "-", outcomes[rcpt], delay=age)
+
+
+def partial_record(delivery: Delivery, outcomes: dict[str, Outcome]) -> AttemptRecord:
+    """What an attempt interrupted (at shutdown) had learnt: stored so that nothing already
+    sent is sent again; its failures are bounced at the next attempt."""
+    return AttemptRecord(message_id=delivery.id, outcomes={r: _row(o) for r, o in outcomes.items()},
+                         next_attempt=time.time())
 
 
 def _bounce(record: AttemptRecord, delivery: Delivery, failures: list[tuple[str, str]],

@@ -48,6 +48,7 @@ class Scheduler:
         self._limit = limit
         self._lanes: dict[str, _Lane] = {}
         self._timers: list[tuple[float, int, str, str]] = []  # (when, seq, id, lane)
+        self._when: dict[str, float] = {}  # id -> its current timer; older heap entries are stale
         self._seq = itertools.count()
         self._busy: set[str] = set()  # ids waiting in a lane or being delivered
         self._tasks: set[asyncio.Task[None]] = set()  # every delivery task, recording ones too
@@ -71,15 +72,20 @@ class Scheduler:
         self._fill(lane_)
 
     def later(self, when: float, message_id: str, lane: str) -> None:
+        if self._when.get(message_id) == when:
+            return
+        self._when[message_id] = when
         heapq.heappush(self._timers, (when, next(self._seq), message_id, lane))
         self._wake.set()
 
-    def replace(self, entries: list[tuple[float, str, str]]) -> None:
-        """A new schedule read from the spool ((when, id, lane) of every waiting message)."""
-        self._timers = [(when, next(self._seq), mid, lane) for when, mid, lane in entries
-                        if mid not in self._busy]
-        heapq.heapify(self._timers)
-        self._wake.set()
+    def merge(self, entries: list[tuple[float, str, str]]) -> None:
+        """Times read from the spool ((when, id, lane) of every waiting message), merged
+        into the timers rather than replacing them: a timer set while the read was under
+        way must survive it. A time that is already stale costs one refused claim (the
+        spool answers NotDue with the right time)."""
+        for when, message_id, lane in entries:
+            if message_id not in self._busy:
+                self.later(when, message_id, lane)
 
     @property
     def in_flight(self) -> int:
@@ -92,8 +98,10 @@ class Scheduler:
         while True:
             now = time.time()
             while self._timers and self._timers[0][0] <= now:
-                _, _, message_id, lane = heapq.heappop(self._timers)
-                self.now(message_id, lane)
+                when, _, message_id, lane = heapq.heappop(self._timers)
+                if self._when.get(message_id) == when:  # else superseded by a newer timer
+                    del self._when[message_id]
+                    self.now(message_id, lane)
             delay = min(self._timers[0][0] - now, 1.0) if self._timers else 1.0
             self._wake.clear()
             try:

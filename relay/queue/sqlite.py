@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +44,8 @@ from relay.queue.schema import migrate
 from relay.queue.store import SpoolBusy, SpoolError, SpoolFull
 
 __all__ = ["SqliteQueueStore"]
+
+log = logging.getLogger("relay.queue")
 
 _Op = Callable[[sqlite3.Connection], Any]
 # sqlite errors that belong to one op's statement, not to the file: only that op fails
@@ -85,11 +89,16 @@ class SqliteQueueStore:
     def _lock(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolBusy(f"{self.path}: another relay is running on this spool") from None
+        deadline = time.monotonic() + 2.0  # `relay queue` holds a shared lock for an instant
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise SpoolBusy(f"{self.path}: another relay is running on this spool") from None
+                time.sleep(0.05)
         self._lock_fd = fd
 
     @property
@@ -291,10 +300,8 @@ class SqliteQueueStore:
         return row[0]
 
     async def retry(self, message_id: str) -> Change:
-        running = await asyncio.to_thread(self._relay_running)
-
         def op(conn: sqlite3.Connection) -> Change:
-            held, in_flight = _state(conn, message_id, running)
+            held, in_flight = _state(conn, message_id, self._relay_running())
             if held:
                 raise MessageHeld(message_id)
             if in_flight:
@@ -305,11 +312,13 @@ class SqliteQueueStore:
         return await self._write_one(op)
 
     async def retry_all(self) -> int:
-        running = await asyncio.to_thread(self._relay_running)
-        sql = "UPDATE message SET next_attempt = 0 WHERE held = 0 AND delete_requested = 0"
-        if running:
-            sql += " AND claimed IS NULL"
-        return await self._write_one(lambda conn: conn.execute(sql).rowcount)
+        def op(conn: sqlite3.Connection) -> int:
+            sql = "UPDATE message SET next_attempt = 0 WHERE held = 0 AND delete_requested = 0"
+            if self._relay_running():
+                sql += " AND claimed IS NULL"
+            return conn.execute(sql).rowcount
+
+        return await self._write_one(op)
 
     async def hold(self, message_id: str) -> Change:
         return await self._change(message_id, "UPDATE message SET held = 1 WHERE id = ?",
@@ -325,11 +334,12 @@ class SqliteQueueStore:
 
     async def _change(self, message_id: str, now_sql: str, in_flight_sql: str) -> Change:
         """One admin change in one transaction; a message a running relay is delivering is
-        changed so that the relay applies it when the attempt ends (see _record)."""
-        running = await asyncio.to_thread(self._relay_running)
+        changed so that the relay applies it when the attempt ends (see _record). Whether a
+        relay runs is asked inside the transaction: a relay starting meanwhile cannot claim
+        anything until it commits."""
 
         def op(conn: sqlite3.Connection) -> Change:
-            _, in_flight = _state(conn, message_id, running)
+            _, in_flight = _state(conn, message_id, self._relay_running())
             conn.execute(in_flight_sql if in_flight else now_sql, (message_id,))
             return Change.IN_FLIGHT if in_flight else Change.DONE
 
@@ -396,7 +406,8 @@ def _set_outcomes(conn: sqlite3.Connection, message_id: str, outcomes: dict[str,
 def _record(conn: sqlite3.Connection, record: AttemptRecord) -> Fate:
     row = conn.execute("SELECT held, delete_requested, errors FROM message WHERE id = ?",
                        (record.message_id,)).fetchone()
-    if row is None:  # cannot happen while we hold the claim; nothing left to write to
+    if row is None:  # cannot happen while we hold the claim: say so, there is nothing to write to
+        log.error("recording an attempt on %s, which is no longer in the spool", record.message_id)
         return Fate.DONE
     held, delete_requested, errors = row
     _set_outcomes(conn, record.message_id, record.outcomes)

@@ -34,6 +34,7 @@ class SinkHandler:
     data_reply: str | bytes | None = None  # e.g. "451 4.3.0 try later" or "554 5.7.1 rejected"
     rcpt_replies: dict[str, str | bytes] = field(default_factory=dict)
     mail_reply: str | bytes | None = None  # e.g. "550 5.7.1 account suspended"
+    mail_reply_once: str | None = None  # answered to the next MAIL only (e.g. a 421 and a close)
     # awaited in DATA before the reply: hold the relay there, or fill its disk meanwhile
     before_data_reply: Callable[[], Awaitable[None]] | None = None
     connections: int = 0
@@ -44,6 +45,11 @@ class SinkHandler:
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.require_auth and not session.authenticated:
             return "530 5.7.0 Authentication required"
+        if self.mail_reply_once:
+            reply, self.mail_reply_once = self.mail_reply_once, None
+            if reply.startswith("421"):  # RFC 5321 3.8: the reply, then the server closes
+                asyncio.get_running_loop().call_soon(server.transport.close)
+            return reply
         if self.mail_reply:
             return self.mail_reply
         envelope.mail_from = address
