@@ -35,6 +35,10 @@ async def test_a_spool_from_before_versioning_is_migrated_and_delivered(tmp_path
         assert message.rcpt_tos == ["bob@example.net"]
     conn = sqlite3.connect(tmp_path / "spool.db")
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    # a finished message took its recipients and its body along
+    assert [conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("message", "recipient", "body")] == [0, 0, 0]
     conn.close()
 
 

@@ -6,6 +6,12 @@ old spool at user_version 0 passes through it unchanged). Version 2 adds what th
 needs to never repeat or lose anything: the claim of the relay delivering a message, an
 admin's delete or hold requested while it is in flight, the count of unexpected errors
 (poison messages), and per-recipient `notified` (the bounce naming a failure is stored).
+It also moves bodies to a table of their own: columns stored after a large blob can only
+be read by walking the blob's overflow pages, so the schedule and `relay queue list`
+would read every body of a long queue.
+
+Migrations run with foreign keys off (sqlite's recipe for rebuilding a table: dropping the
+old `message` must not cascade to its recipients).
 """
 
 from __future__ import annotations
@@ -40,14 +46,38 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (message_id, address)
     );
     """,
-    # 2: claims, deferred admin changes, poison count, per-recipient bounce state
+    # 2: claims, deferred admin changes, poison count, per-recipient bounce state; bodies apart
     """
-    ALTER TABLE message ADD COLUMN claimed TEXT;
-    ALTER TABLE message ADD COLUMN delete_requested INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE message ADD COLUMN errors INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE message_v2 (
+        id TEXT PRIMARY KEY,
+        created REAL NOT NULL,
+        mail_from TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        mailbox TEXT NOT NULL,
+        route TEXT,
+        size INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL NOT NULL,
+        last_error TEXT,
+        held INTEGER NOT NULL DEFAULT 0,
+        claimed TEXT,
+        delete_requested INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO message_v2 (id, created, mail_from, key_id, mailbox, route, size, attempts,
+                            next_attempt, last_error, held)
+        SELECT id, created, mail_from, key_id, mailbox, route, length(body), attempts, next_attempt,
+               last_error, held FROM message;
+    CREATE TABLE body (
+        message_id TEXT PRIMARY KEY REFERENCES message(id) ON DELETE CASCADE,
+        data BLOB NOT NULL
+    );
+    INSERT INTO body (message_id, data) SELECT id, body FROM message;
+    DROP TABLE message;
+    ALTER TABLE message_v2 RENAME TO message;
+    CREATE INDEX message_due ON message(next_attempt);
     ALTER TABLE recipient ADD COLUMN notified INTEGER NOT NULL DEFAULT 0;
     UPDATE recipient SET notified = 1 WHERE status = 'failed';
-    CREATE INDEX message_due ON message(next_attempt);
     """,
 ]
 

@@ -126,10 +126,11 @@ class SqliteQueueStore:
     def _open_writer(self, create: bool) -> None:
         if create and not self.path.exists():
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        conn = _connect(self.path)
+        conn = _connect(self.path, foreign_keys=False)
         enable_wal(conn)
         conn.execute("PRAGMA synchronous=FULL")
-        migrate(conn)
+        migrate(conn)  # with foreign keys off: a rebuilt table must not cascade (schema.py)
+        conn.execute("PRAGMA foreign_keys=ON")
         self._wconn = conn
 
     def _open_reader(self) -> None:
@@ -294,7 +295,7 @@ class SqliteQueueStore:
 
     async def body(self, message_id: str) -> bytes:
         row = await self._read(lambda conn: conn.execute(
-            "SELECT body FROM message WHERE id = ?", (message_id,)).fetchone())
+            "SELECT data FROM body WHERE message_id = ?", (message_id,)).fetchone())
         if row is None:
             raise UnknownMessage(message_id)
         return row[0]
@@ -353,20 +354,22 @@ class _Failed:
         self.error = error
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, *, foreign_keys: bool = True) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=5000")
-    conn.execute("PRAGMA foreign_keys=ON")  # a deleted message takes its recipients along
+    if foreign_keys:  # a deleted message takes its recipients and body along
+        conn.execute("PRAGMA foreign_keys=ON")
     return conn
 
 
 def _insert(conn: sqlite3.Connection, item: QueueItem, claimed_by: str | None) -> None:
     conn.execute(
-        "INSERT INTO message (id, created, mail_from, key_id, mailbox, route, body, next_attempt, claimed) "
+        "INSERT INTO message (id, created, mail_from, key_id, mailbox, route, size, next_attempt, claimed) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (item.id, item.created, item.mail_from, item.key_id, item.mailbox, item.route, item.body,
+        (item.id, item.created, item.mail_from, item.key_id, item.mailbox, item.route, len(item.body),
          item.created, claimed_by),
     )
+    conn.execute("INSERT INTO body (message_id, data) VALUES (?, ?)", (item.id, item.body))
     conn.executemany(
         "INSERT OR IGNORE INTO recipient (message_id, address) VALUES (?, ?)",
         [(item.id, rcpt) for rcpt in item.recipients],
@@ -375,8 +378,8 @@ def _insert(conn: sqlite3.Connection, item: QueueItem, claimed_by: str | None) -
 
 def _delivery(conn: sqlite3.Connection, message_id: str) -> Delivery | None:
     row = conn.execute(
-        "SELECT created, mail_from, key_id, mailbox, route, attempts, body, held, delete_requested "
-        "FROM message WHERE id = ?", (message_id,),
+        "SELECT created, mail_from, key_id, mailbox, route, attempts, data, held, delete_requested "
+        "FROM message JOIN body ON body.message_id = message.id WHERE id = ?", (message_id,),
     ).fetchone()
     if row is None:
         return None
@@ -454,7 +457,7 @@ def _messages(conn: sqlite3.Connection, message_id: str | None, running: bool) -
     only, params = (" AND id = ?", (message_id,)) if message_id else ("", ())
     rows = conn.execute(
         "SELECT id, created, mail_from, key_id, mailbox, route, attempts, next_attempt, last_error, held, "
-        f"claimed, length(body) FROM message WHERE delete_requested = 0{only} ORDER BY created", params,
+        f"claimed, size FROM message WHERE delete_requested = 0{only} ORDER BY created", params,
     ).fetchall()
     recipients: dict[str, list[RecipientInfo]] = {row[0]: [] for row in rows}
     only = " WHERE message_id = ?" if message_id else ""
