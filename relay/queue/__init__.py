@@ -9,9 +9,10 @@ A delivery claims its message in the spool, reads it, runs one attempt through t
 route's couriers (relay/queue/attempt.py) and writes everything the attempt learnt in
 one transaction. If that write fails (a full disk), the outcome is kept and the write
 retried until it lands; the delivery is never repeated for it. The queue therefore
-delivers each recipient at least once, and more than once only if the relay dies after
-an upstream received the data and before the relay stored its reply (RFC 5321 section
-6.1).
+delivers each recipient at least once, and more than once only when the upstream's reply
+to the end of the data never reaches the spool: the relay died or stopped after the
+upstream received the data, or the connection broke while waiting for that reply (RFC
+5321 section 6.1).
 """
 
 from __future__ import annotations
