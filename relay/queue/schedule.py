@@ -87,10 +87,6 @@ class Scheduler:
             if message_id not in self._busy:
                 self.later(when, message_id, lane)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
-
     # -------------------------------------------------------------- loops
 
     async def run(self) -> None:
