@@ -19,7 +19,7 @@ from email.policy import compat32
 from pathlib import Path
 
 from relay.delivery.replytext import clean
-from relay.queue.model import Change, MessageHeld, MessageInfo, UnknownMessage
+from relay.queue.model import Change, MessageHeld, MessageInfo, UnknownMessage, format_age
 from relay.queue.sqlite import SqliteQueueStore
 from relay.queue.store import SpoolError
 
@@ -72,13 +72,6 @@ def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
-
-
 def _row(info: MessageInfo, now: float) -> dict:
     if info.in_flight:
         next_attempt = "in flight"
@@ -86,7 +79,7 @@ def _row(info: MessageInfo, now: float) -> dict:
         next_attempt = "held"
     else:
         next_attempt = "now" if info.next_attempt <= now else _when(info.next_attempt)
-    return {"id": info.id, "created": _when(info.created), "age": _age(now - info.created),
+    return {"id": info.id, "created": _when(info.created), "age": format_age(now - info.created),
             "sender": info.mail_from, "key_id": info.key_id, "mailbox": info.mailbox, "route": info.route,
             "attempts": info.attempts, "next_attempt": next_attempt, "last_error": info.last_error,
             "held": info.held, "in_flight": info.in_flight, "size": info.size, "recipients": info.pending}

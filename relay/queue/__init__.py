@@ -186,17 +186,14 @@ class Queue:
 
     def _after(self, delivery: Delivery, record: AttemptRecord, fate: Fate) -> None:
         if record.bounce is not None:
-            self._scheduler.now(record.bounce.id, self._lane_of(record.bounce.route))
+            self._scheduler.now(record.bounce.id, self._router.resolve(record.bounce.route))
         if fate is Fate.RETRY:
-            self._scheduler.later(record.next_attempt, delivery.id, self._lane_of(delivery.route))
+            self._scheduler.later(record.next_attempt, delivery.id, self._router.resolve(delivery.route))
         elif fate is Fate.HELD and record.error is not None:
             log.error("message %s put on hold after repeated unexpected errors (last: %s); "
                       "`relay queue release %s` to try again", delivery.id, record.error, delivery.id)
         elif fate is Fate.DELETED:
             log.info("message %s deleted by an admin after its delivery attempt", delivery.id)
-
-    def _lane_of(self, route: str | None) -> str:
-        return self._router.resolve(route)
 
 
 def _fresh(item: QueueItem) -> Delivery:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from relay import maillog
 from relay.delivery.courier import Courier, Outcome, Status
 from relay.queue.dsn import build_dsn
-from relay.queue.model import AttemptRecord, Delivery, QueueItem, new_queue_id
+from relay.queue.model import AttemptRecord, Delivery, QueueItem, format_age, new_queue_id
 from relay.queue.schedule import retry_delay
 
 __all__ = ["attempt", "partial_record"]
@@ -74,7 +74,7 @@ async def _through_plan(delivery: Delivery, plan: list[Courier], note: Note,
     if pending and age >= max_lifetime:
         for rcpt in pending:
             last = outcomes[rcpt].reply if rcpt in outcomes else "none"
-            outcomes[rcpt] = Outcome(Status.FAILED, f"554 5.4.7 expired in queue after {_age(age)}; "
+            outcomes[rcpt] = Outcome(Status.FAILED, f"554 5.4.7 expired in queue after {format_age(age)}; "
                                                     f"last reply: {last}")
             maillog.attempt(delivery, rcpt, "-", outcomes[rcpt], delay=age)
 
@@ -119,9 +119,3 @@ async def _note(note: Note, message_id: str, decided: dict[str, tuple[str, str]]
 def _row(outcome: Outcome) -> tuple[str, str]:
     return _SPOOL_STATUS[outcome.status], outcome.reply
 
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.1f}s"

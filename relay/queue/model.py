@@ -25,10 +25,19 @@ __all__ = [
     "QueueItem",
     "RecipientInfo",
     "UnknownMessage",
+    "format_age",
     "new_queue_id",
 ]
 
 POISON_LIMIT = 3  # unexpected errors in a row before a message is put on hold
+
+
+def format_age(seconds: float) -> str:
+    """"45s", "12m", "3h", "5d": how long a message has waited, for people."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def new_queue_id() -> str:

@@ -287,8 +287,7 @@ class SqliteQueueStore:
     # ------------------------------------------------------------- admin
 
     async def messages(self, message_id: str | None = None) -> list[MessageInfo]:
-        running = await asyncio.to_thread(self._relay_running)
-        infos = await self._read(lambda conn: _messages(conn, message_id, running))
+        infos = await self._read(lambda conn: _messages(conn, message_id, self._relay_running()))
         if message_id is not None and not infos:
             raise UnknownMessage(message_id)
         return infos
@@ -416,10 +415,11 @@ def _record(conn: sqlite3.Connection, record: AttemptRecord) -> Fate:
     _set_outcomes(conn, record.message_id, record.outcomes)
     if record.bounce is not None:
         _insert(conn, record.bounce, None)
-    conn.executemany(
-        "UPDATE recipient SET notified = 1 WHERE message_id = ? AND address = ? AND status = 'failed'",
-        [(record.message_id, rcpt) for rcpt in record.notified],
-    )
+    if record.notified:
+        conn.executemany(
+            "UPDATE recipient SET notified = 1 WHERE message_id = ? AND address = ? AND status = 'failed'",
+            [(record.message_id, rcpt) for rcpt in record.notified],
+        )
     unfinished = conn.execute(
         f"SELECT count(*) FROM recipient WHERE message_id = ? AND {_UNFINISHED}", (record.message_id,),
     ).fetchone()[0]
