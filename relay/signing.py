@@ -77,6 +77,11 @@ class DkimSigner:
     def domains(self) -> list[str]:
         return sorted(self._keys)
 
+    @property
+    def enabled(self) -> bool:
+        """True when some domain has a key (otherwise nothing is ever signed)."""
+        return bool(self._keys)
+
     async def sign_async(self, message: bytes) -> bytes:
         """`sign` off the event loop (it is CPU-bound); free when no key is configured."""
         if not self._keys:

@@ -30,12 +30,12 @@ from pathlib import Path
 from relay.delivery.courier import Outcome
 from relay.delivery.routing import Router
 from relay.queue.attempt import attempt, partial_record
-from relay.queue.model import AttemptRecord, Delivery, Fate, NotDue, QueueItem, new_queue_id
+from relay.queue.model import AttemptRecord, Delivery, Fate, FileBody, NotDue, QueueItem, new_queue_id
 from relay.queue.schedule import Scheduler, retry_delay
 from relay.queue.sqlite import SqliteQueueStore
 from relay.queue.store import QueueStore, SpoolBusy, SpoolError, SpoolFull
 
-__all__ = ["Queue", "QueueItem", "SpoolBusy", "SpoolError", "SpoolFull", "new_queue_id"]
+__all__ = ["FileBody", "Queue", "QueueItem", "SpoolBusy", "SpoolError", "SpoolFull", "new_queue_id"]
 
 log = logging.getLogger("relay.queue")
 
@@ -72,9 +72,16 @@ class Queue:
 
     async def put(self, item: QueueItem) -> None:
         """Make `item` durable (fsync'd) and schedule its delivery; the caller answers 250
-        only after this returns. Claimed in the same write, so nothing else can schedule it."""
-        await self.store.put(item, claimed_by=self._owner)
-        self._scheduler.now(item.id, self._router.resolve(item.route), fresh=True, preloaded=item)
+        only after this returns. Claimed in the same write, so nothing else can schedule it.
+        A FileBody is closed once copied; its delivery reads the body back from the spool
+        rather than keep a big message in memory until then."""
+        try:
+            await self.store.put(item, claimed_by=self._owner)
+        finally:
+            if isinstance(item.body, FileBody):
+                item.body.close()
+        preloaded = item if isinstance(item.body, bytes) else None
+        self._scheduler.now(item.id, self._router.resolve(item.route), fresh=True, preloaded=preloaded)
 
     async def stop(self, timeout: float = 5.0) -> None:
         for task in self._tasks:

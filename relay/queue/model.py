@@ -9,8 +9,10 @@ every failure is notified, so neither a delivery nor a bounce is ever repeated o
 from __future__ import annotations
 
 import enum
+import os
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "Change",
     "Delivery",
     "Fate",
+    "FileBody",
     "MessageHeld",
     "MessageInfo",
     "NotDue",
@@ -45,6 +48,45 @@ def new_queue_id() -> str:
     return f"{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
 
 
+@dataclass(slots=True, eq=False)
+class FileBody:
+    """A message too big to hold in memory: `head` (the relay's trace and added header
+    fields), then `size - len(head)` bytes of the open file `fd` from offset 0.
+
+    The spool copies it in chunks, so a 25 MiB message never sits in memory whole. The
+    fd is the body's own (a dup of the session's), so the session may close its file
+    while the spool is still copying; `close()` once the copy is done.
+    """
+
+    head: bytes
+    fd: int
+    size: int
+    chunk_size: int = 1 << 20
+
+    def __len__(self) -> int:
+        return self.size
+
+    def chunks(self) -> Iterator[bytes]:
+        """The whole message in order; pread, so no shared file offset matters."""
+        yield self.head
+        offset, end = 0, self.size - len(self.head)
+        while offset < end:
+            chunk = os.pread(self.fd, min(self.chunk_size, end - offset), offset)
+            if not chunk:
+                raise OSError(f"message file ended {end - offset} bytes early")
+            yield chunk
+            offset += len(chunk)
+
+    def read(self) -> bytes:
+        """The whole message in memory: for what needs it whole (a DKIM signature)."""
+        return b"".join(self.chunks())
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 @dataclass(slots=True, kw_only=True)
 class QueueItem:
     """A message accepted by a session (or a bounce), as `Queue.put()` takes it."""
@@ -56,7 +98,7 @@ class QueueItem:
     key_id: str
     mailbox: str
     route: str | None
-    body: bytes = field(repr=False)
+    body: bytes | FileBody = field(repr=False)
 
 
 @dataclass(slots=True, kw_only=True)

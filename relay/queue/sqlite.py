@@ -33,6 +33,7 @@ from relay.queue.model import (
     Change,
     Delivery,
     Fate,
+    FileBody,
     MessageHeld,
     MessageInfo,
     NotDue,
@@ -368,7 +369,14 @@ def _insert(conn: sqlite3.Connection, item: QueueItem, claimed_by: str | None) -
         (item.id, item.created, item.mail_from, item.key_id, item.mailbox, item.route, len(item.body),
          item.created, claimed_by),
     )
-    conn.execute("INSERT INTO body (message_id, data) VALUES (?, ?)", (item.id, item.body))
+    if isinstance(item.body, FileBody):  # copied in chunks: never whole in memory
+        rowid = conn.execute("INSERT INTO body (message_id, data) VALUES (?, zeroblob(?))",
+                             (item.id, item.body.size)).lastrowid
+        with conn.blobopen("body", "data", rowid) as blob:
+            for chunk in item.body.chunks():
+                blob.write(chunk)
+    else:
+        conn.execute("INSERT INTO body (message_id, data) VALUES (?, ?)", (item.id, item.body))
     conn.executemany(
         "INSERT OR IGNORE INTO recipient (message_id, address) VALUES (?, ?)",
         [(item.id, rcpt) for rcpt in item.recipients],
