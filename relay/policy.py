@@ -9,8 +9,11 @@ from __future__ import annotations
 import email.utils
 import re
 import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.errors import HeaderParseError
+from email.header import Header, decode_header
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
@@ -37,6 +40,16 @@ _NOT_IN_TRACE = re.compile(r"[^\x21-\x7e]")
 # ("From : x", a stray line) is read differently by different parsers: ours may skip a From:
 # that the recipient's software shows.
 _FIELD_OR_FOLD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:|[ \t]")
+# What a reader could take for an address anywhere in a sender field (display name,
+# comment, the address itself): text@text without spaces or address punctuation.
+_SHOWN_ADDRESS = re.compile(r"[^\s<>()\[\]\",;:@\\]+@[^\s<>()\[\]\",;:@\\]+")
+_AROUND_ADDRESS = "'.!?"  # "Write to 'me@example.com'!": quotes and punctuation around it
+# Sender fields, each group with the reply that refuses it. Every one names who sent the
+# message to a reader, so each must be the authenticated mailbox or an alias.
+_SENDER_FIELDS = (
+    (("From", "Sender"), replies.HEADER_FROM_NOT_OWNED, replies.HEADER_FROM_NAME_NOT_OWNED),
+    (("Resent-From", "Resent-Sender"), replies.HEADER_RESENT_NOT_OWNED, replies.HEADER_RESENT_NOT_OWNED),
+)
 
 
 def sender_allowed(identity: Identity, address: str) -> bool:
@@ -72,16 +85,61 @@ def check_headers(identity: Identity, content: bytes, *, check_from: bool) -> He
     block = content if end < 0 else content[: end + 2]
     headers = _HEADER_PARSER.parsebytes(block)
     if check_from:
-        senders = headers.get_all("From", []) + headers.get_all("Sender", [])
         if not headers.get_all("From"):
             return replies.NO_FROM_HEADER
         lines = block.split(b"\r\n")[:-1]
         if lines[0][:1] in (b" ", b"\t") or not all(_FIELD_OR_FOLD.match(line) for line in lines):
             return replies.HEADER_MALFORMED
-        for _, address in email.utils.getaddresses([str(s) for s in senders]):
-            if not address or not sender_allowed(identity, address):
-                return replies.HEADER_FROM_NOT_OWNED
+        for names, not_owned, name_not_owned in _SENDER_FIELDS:
+            fields = [_field_text(v) for name in names for v in headers.get_all(name, [])]
+            for field in fields:  # an empty field names nobody the reader could check
+                addresses = email.utils.getaddresses([field])
+                if not addresses or not all(a and sender_allowed(identity, a) for _, a in addresses):
+                    return not_owned
+            for field in fields:
+                shown = _shown_text(field)
+                if shown is None:
+                    return replies.HEADER_UNDECODABLE
+                if not all(_shown_address_allowed(identity, a) for a in _SHOWN_ADDRESS.findall(shown)):
+                    return name_not_owned
     return HeaderInfo("Date" in headers, "Message-ID" in headers)
+
+
+def _shown_address_allowed(identity: Identity, text: str) -> bool:
+    return sender_allowed(identity, text) or sender_allowed(identity, text.strip(_AROUND_ADDRESS))
+
+
+def _field_text(value: str | Header) -> str:
+    """A field's raw text. compat32 hands a field with 8-bit bytes back as a Header of
+    "unknown-8bit" chunks; those bytes are most likely UTF-8 (RFC 6532), as readers assume."""
+    if isinstance(value, Header):
+        return "".join(_chunk_text(chunk, charset) for chunk, charset in decode_header(value))
+    return value
+
+
+def _shown_text(field: str) -> str | None:
+    """The field as a mail reader may show it, so a forged address in it cannot hide: encoded
+    words (RFC 2047) decoded wherever they are (some readers decode them inside quotes too),
+    compatibility forms folded (NFKC: a fullwidth "＠" reads as "@"), invisible format
+    characters (zero-width spaces, direction marks) dropped. None when an encoded word
+    cannot be decoded: a lenient reader might still show something we did not check."""
+    try:
+        text = "".join(_chunk_text(chunk, charset) for chunk, charset in decode_header(field))
+    except HeaderParseError:
+        return None
+    text = unicodedata.normalize("NFKC", text)
+    return "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+
+
+def _chunk_text(chunk: bytes | str, charset: str | None) -> str:
+    if isinstance(chunk, str):
+        return chunk
+    if charset is None:  # decode_header's plain text beside encoded words: its own encoding
+        return chunk.decode("raw-unicode-escape", "backslashreplace")
+    try:
+        return chunk.decode(charset, "replace")
+    except LookupError:  # "unknown-8bit", a misspelt or RFC 2231 "utf-8*en" charset: readers guess UTF-8
+        return chunk.decode("utf-8", "replace")
 
 
 def _rfc5322_date(when: float) -> str:

@@ -48,6 +48,14 @@ BARE_LINE_ENDING = (
 HEADER_FROM_NOT_OWNED = (
     "550 5.7.1 From: or Sender: header is not the authenticated mailbox or one of its aliases"
 )
+HEADER_FROM_NAME_NOT_OWNED = (
+    "550 5.7.1 From: or Sender: header shows an address (in a display name or comment) that is not "
+    "the authenticated mailbox or one of its aliases"
+)
+HEADER_RESENT_NOT_OWNED = (
+    "550 5.7.1 Resent-From: or Resent-Sender: header is not the authenticated mailbox or one of its aliases"
+)
+HEADER_UNDECODABLE = "550 5.6.0 Message header has a sender field with an encoded word that cannot be decoded"
 NO_FROM_HEADER = "550 5.6.0 Message has no From: header"
 HEADER_MALFORMED = "550 5.6.0 Message header has a line that is not a header field"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
