@@ -12,11 +12,12 @@ import ssl
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import pytest
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from relay.config import DnsConfig, UpstreamConfig
 from relay.delivery.courier import Status
-from relay.delivery.mx import MxCourier, _by_preference
+from relay.delivery.mx import MxCourier, _by_preference, _public
 from relay.tlsconf import generate_self_signed
 from tests.support.dns import DnsServer
 from tests.support.sink import SinkHandler
@@ -230,3 +231,36 @@ async def test_mx_pointing_at_loopback_is_refused_unless_allowed():
         outcomes = await courier.deliver("a@example.com", ["x@evil.example"], b"Subject: x\r\n\r\nx\r\n")
         assert outcomes["x@evil.example"].status == "failed"
         assert outcomes["x@evil.example"].reply.startswith("550 5.4.4 ")
+
+
+@pytest.mark.parametrize("address", [
+    "64:ff9b::127.0.0.1",  # NAT64 well-known prefix (RFC 6052)
+    "64:ff9b::10.0.0.1",
+    "64:ff9b::192.168.1.1",
+    "64:ff9b:1::a00:1",  # RFC 8215 local-use NAT64: a translator inside our own network
+    "64:ff9b:1:c0a8:1:100::",  # ... with the address at the /48 position
+    "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+    "2002:a00:1::1",  # 6to4 of 10.0.0.1
+    "2002:c0a8:101::1",  # 6to4 of 192.168.1.1
+    "::ffff:127.0.0.1",  # IPv4-mapped
+    "::ffff:0:10.0.0.1",  # IPv4-translated (SIIT)
+    "::127.0.0.1",  # IPv4-compatible (deprecated)
+])
+async def test_mx_behind_an_ipv6_form_of_a_private_address_is_refused(address):
+    """An IPv6 address embedding a loopback or private IPv4 address reaches that address."""
+    zone = {("evil.example.", "MX"): ["10 mx.evil.example."], ("mx.evil.example.", "AAAA"): [address]}
+    async with DnsServer(zone) as server:
+        courier = MxCourier(UpstreamConfig(name="mx", kind="mx", port=25, timeout=2),
+                            DnsConfig(nameservers=("127.0.0.1",), port=server.port, timeout=2),
+                            local_hostname="relay.test")
+        outcomes = await courier.deliver("a@example.com", ["x@evil.example"], b"Subject: x\r\n\r\nx\r\n")
+        assert ("mx.evil.example.", "AAAA") in server.queries
+    assert outcomes["x@evil.example"].status == "failed"
+    assert outcomes["x@evil.example"].reply == (
+        "550 5.4.4 mx.evil.example. has only private or loopback addresses")
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::8.8.8.8", "2002:808:808::1", "::ffff:8.8.8.8", "8.8.8.8",
+                                     "2001:4860:4860::8888"])
+def test_ipv6_forms_of_public_addresses_stay_usable(address):
+    assert _public(address)

@@ -186,8 +186,28 @@ class MxCourier:
                 await _quit(client)
 
 
+# IPv6 forms that carry an IPv4 address the packets end up at: NAT64's well-known prefix
+# (RFC 6052), the SIIT "IPv4-translated" form (RFC 2765) and the deprecated IPv4-compatible
+# form (RFC 4291); IPv4-mapped and 6to4 (RFC 3056) have their own ipaddress properties.
+_IPV4_IN_LOW_BITS = tuple(map(ipaddress.IPv6Network, ("64:ff9b::/96", "::ffff:0:0:0/96", "::/96")))
+# RFC 8215 local-use NAT64: a translator inside the operator's own network, whatever follows.
+_NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
 def _public(address: str) -> bool:
-    return ipaddress.ip_address(address).is_global
+    """Whether an MX target is on the public internet. An IPv6 address that embeds an IPv4
+    one reaches that address (through a NAT64 translator or 6to4 relay, or the host's own
+    stack), so `64:ff9b::127.0.0.1` or `2002:0a00:0001::` is as private as the IPv4 inside."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL_USE:
+            return False
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and any(ip in network for network in _IPV4_IN_LOW_BITS):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+        if embedded is not None:
+            return embedded.is_global
+    return ip.is_global
 
 
 def _make_resolver(config: DnsConfig) -> dns.asyncresolver.Resolver:
