@@ -193,3 +193,31 @@ async def test_a_full_disk_while_a_big_message_arrives_is_a_temporary_refusal(tm
             reply = await session.send(f"From: {ALICE}\r\n\r\n".encode() + chunk * 2048 + b".\r\n")
             assert reply == replies.SPOOL_FULL
             assert await session.command(b"NOOP") == "250 2.0.0 OK"
+
+
+# ------------------------------------------------------------------ delivery in chunks
+
+
+async def test_a_message_sent_in_chunks_is_dot_stuffed_across_chunk_boundaries(sink):
+    """relay.internals.data_in_chunks against a real SMTP server: a line-leading dot right
+    after a chunk that ends in CRLF, or in a lone CR, arrives as one dot."""
+    import aiosmtplib
+
+    from relay.internals import data_in_chunks
+
+    pieces = [b"From: a@example.com\r\n\r\nfirst\r\n", b".one\r\n", b"..two\r", b"\n.three\r\n", b"."]
+    pieces.append(b"\r\nend\r\n")
+
+    async def chunks():
+        for piece in pieces:
+            yield piece
+
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, start_tls=False, timeout=5)
+    await client.connect()
+    await client.mail("a@example.com")
+    await client.rcpt("b@example.net")
+    response = await data_in_chunks(client, chunks(), timeout=5)
+    assert response.code == 250
+    await client.quit()
+    (received,) = await sink.wait_for(1)
+    assert received.data == b"".join(pieces)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from relay.delivery.replytext import clean
+
+if TYPE_CHECKING:
+    from relay.queue.model import Body
 
 __all__ = ["Courier", "Outcome", "Status"]
 
@@ -39,7 +42,7 @@ class Courier(Protocol):
     name: str
     max_connections: int
 
-    async def deliver(self, mail_from: str, recipients: list[str], body: bytes) -> dict[str, Outcome]:
+    async def deliver(self, mail_from: str, recipients: list[str], body: Body) -> dict[str, Outcome]:
         """Try once; return one Outcome per recipient. Must not raise for network faults."""
         ...
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+from typing import TYPE_CHECKING
 
 import aiosmtplib
 import dns.asyncresolver
@@ -30,6 +31,9 @@ from relay.config import DnsConfig, UpstreamConfig
 from relay.delivery.courier import Outcome, Status
 from relay.delivery.errors import session_trouble
 from relay.delivery.transaction import SenderRefused, transaction
+
+if TYPE_CHECKING:
+    from relay.queue.model import Body
 
 __all__ = ["MAX_ADDRESSES", "MAX_MX_HOSTS", "MxCourier"]
 
@@ -55,7 +59,7 @@ class MxCourier:
         self.max_connections = upstream.max_connections
         self._slots = asyncio.Semaphore(upstream.max_connections)
 
-    async def deliver(self, mail_from: str, recipients: list[str], body: bytes) -> dict[str, Outcome]:
+    async def deliver(self, mail_from: str, recipients: list[str], body: Body) -> dict[str, Outcome]:
         outcomes: dict[str, Outcome] = {}
         by_domain: dict[str, list[str]] = {}
         for rcpt in recipients:
@@ -81,7 +85,7 @@ class MxCourier:
         """Nothing to release: every session is closed when its transaction ends."""
 
     async def _deliver_domain(
-        self, domain: str, mail_from: str, rcpts: list[str], body: bytes
+        self, domain: str, mail_from: str, rcpts: list[str], body: Body
     ) -> dict[str, Outcome]:
         pending = list(dict.fromkeys(rcpts))
         try:
@@ -161,7 +165,7 @@ class MxCourier:
         return list(answer)
 
     async def _session(
-        self, address: str, mail_from: str, rcpts: list[str], body: bytes
+        self, address: str, mail_from: str, rcpts: list[str], body: Body
     ) -> dict[str, Outcome]:
         up = self._upstream
         client = aiosmtplib.SMTP(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from typing import TYPE_CHECKING
 
 import aiosmtplib
 
@@ -18,6 +19,9 @@ from relay.config import UpstreamConfig
 from relay.delivery.courier import Outcome
 from relay.delivery.errors import session_trouble
 from relay.delivery.transaction import SenderRefused, transaction
+
+if TYPE_CHECKING:
+    from relay.queue.model import Body
 
 __all__ = ["SmarthostCourier"]
 
@@ -49,7 +53,7 @@ class SmarthostCourier:
             password=self._password,
         )
 
-    async def deliver(self, mail_from: str, recipients: list[str], body: bytes) -> dict[str, Outcome]:
+    async def deliver(self, mail_from: str, recipients: list[str], body: Body) -> dict[str, Outcome]:
         async with self._slots:
             pooled = self._pooled()
             while True:

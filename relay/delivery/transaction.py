@@ -9,11 +9,16 @@ are deferred.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiosmtplib
 
 from relay.delivery.courier import Outcome, Status
 from relay.delivery.errors import outcome_for_exception, outcome_for_reply, session_trouble
+from relay.internals import data_in_chunks
+
+if TYPE_CHECKING:
+    from relay.queue.model import Body
 
 __all__ = ["Result", "SenderRefused", "transaction"]
 
@@ -36,12 +41,14 @@ class Result:
 
 
 async def transaction(
-    client: aiosmtplib.SMTP, upstream: str, mail_from: str, rcpts: list[str], body: bytes,
+    client: aiosmtplib.SMTP, upstream: str, mail_from: str, rcpts: list[str], body: Body,
 ) -> Result:
     options = []
     if client.supports_extension("size"):
         options.append(f"SIZE={len(body)}")
-    if not body.isascii() and client.supports_extension("8bitmime"):
+    # a spooled body is not scanned for 8-bit bytes: BODY=8BITMIME is allowed on 7-bit
+    # content too (RFC 6152), and a big message is what most likely carries some
+    if (not isinstance(body, bytes) or not body.isascii()) and client.supports_extension("8bitmime"):
         options.append("BODY=8BITMIME")
     try:
         await client.mail(mail_from, options=options)
@@ -66,7 +73,10 @@ async def transaction(
         if not accepted:
             return Result(outcomes, await _reset(client))
         try:
-            response = await client.data(body)
+            if isinstance(body, bytes):
+                response = await client.data(body)
+            else:  # a big message: sent as it is read from the spool
+                response = await data_in_chunks(client, body.chunks(), timeout=client.timeout)
         except aiosmtplib.SMTPDataError as exc:  # refused at DATA or at its end: RSET to reuse
             outcomes.update(dict.fromkeys(accepted, outcome_for_reply(exc.code, exc.message)))
             return Result(outcomes, await _reset(client))

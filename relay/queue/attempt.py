@@ -96,7 +96,8 @@ def _bounce(record: AttemptRecord, delivery: Delivery, failures: list[tuple[str,
         return
     now = time.time()
     try:
-        body = build_dsn(original=delivery.body, mail_from=delivery.mail_from, queue_id=delivery.id,
+        original = delivery.body if isinstance(delivery.body, bytes) else delivery.body.head
+        body = build_dsn(original=original, mail_from=delivery.mail_from, queue_id=delivery.id,
                          arrival=delivery.created, failures=failures, hostname=hostname, now=now)
     except Exception as exc:  # noqa: BLE001 - the failures stay recorded; the DSN is retried
         log.exception("cannot build the bounce for %s", delivery.id)

@@ -12,12 +12,13 @@ import enum
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 __all__ = [
     "POISON_LIMIT",
     "AttemptRecord",
+    "Body",
     "Change",
     "Delivery",
     "Fate",
@@ -27,6 +28,7 @@ __all__ = [
     "NotDue",
     "QueueItem",
     "RecipientInfo",
+    "SpooledBody",
     "UnknownMessage",
     "format_age",
     "new_queue_id",
@@ -87,6 +89,34 @@ class FileBody:
             self.fd = -1
 
 
+class SpooledBody:
+    """A big message's body left in the spool while it is delivered: read a chunk at a
+    time as the upstream takes it, so a delivery holds about one chunk, not the message.
+    `head` is its first bytes (the header block, for a bounce)."""
+
+    __slots__ = ("_read", "head", "size")
+
+    def __init__(self, head: bytes, size: int, read: Callable[[int, int], Awaitable[bytes]]) -> None:
+        self.head = head
+        self.size = size
+        self._read = read  # (offset, length) -> bytes
+
+    def __len__(self) -> int:
+        return self.size
+
+    async def chunks(self, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        offset = 0
+        while offset < self.size:
+            chunk = await self._read(offset, min(chunk_size, self.size - offset))
+            if not chunk:
+                raise OSError(f"the spooled body ended {self.size - offset} bytes early")
+            yield chunk
+            offset += len(chunk)
+
+
+Body = bytes | SpooledBody  # what a delivery sends: small bodies are read whole
+
+
 @dataclass(slots=True, kw_only=True)
 class QueueItem:
     """A message accepted by a session (or a bounce), as `Queue.put()` takes it."""
@@ -114,7 +144,7 @@ class Delivery:
     attempts: int
     pending: list[str]
     unnotified: list[tuple[str, str]]  # (recipient, reply): failed, bounce not yet stored
-    body: bytes = field(repr=False)
+    body: Body = field(repr=False)
     stop: bool = False  # put on hold or deleted by an admin since it was claimed
 
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from keystore.schema import enable_wal
 from relay.queue.model import (
     POISON_LIMIT,
     AttemptRecord,
+    Body,
     Change,
     Delivery,
     Fate,
@@ -39,6 +41,7 @@ from relay.queue.model import (
     NotDue,
     QueueItem,
     RecipientInfo,
+    SpooledBody,
     UnknownMessage,
 )
 from relay.queue.schema import migrate
@@ -51,6 +54,10 @@ log = logging.getLogger("relay.queue")
 _Op = Callable[[sqlite3.Connection], Any]
 # sqlite errors that belong to one op's statement, not to the file: only that op fails
 _OP_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
+# A delivery reads a body up to this size whole; a bigger one a piece at a time as it is
+# sent (SpooledBody), with its first _BODY_HEAD bytes at hand for a bounce's headers.
+_WHOLE_BODY = 1 << 20
+_BODY_HEAD = 256 * 1024
 _UNFINISHED = "(status = 'pending' OR (status = 'failed' AND notified = 0))"
 
 
@@ -246,12 +253,21 @@ class SqliteQueueStore:
             if row[0] > now + 0.05:
                 return NotDue(row[0])
             conn.execute("UPDATE message SET claimed = ? WHERE id = ?", (owner, message_id))
-            return _delivery(conn, message_id)
+            return _delivery(conn, message_id, self._body_piece)
 
         return await self._write_one(op)
 
     async def load(self, message_id: str) -> Delivery | None:
-        return await self._read(lambda conn: _delivery(conn, message_id))
+        return await self._read(lambda conn: _delivery(conn, message_id, self._body_piece))
+
+    async def _body_piece(self, rowid: int, offset: int, length: int) -> bytes:
+        """Part of a big body, for SpooledBody: a blob handle per piece, on the read thread."""
+        def op(conn: sqlite3.Connection) -> bytes:
+            with conn.blobopen("body", "data", rowid, readonly=True) as blob:
+                blob.seek(offset)
+                return blob.read(length)
+
+        return await self._read(op)
 
     async def note(self, message_id: str, outcomes: dict[str, tuple[str, str]]) -> None:
         await self._write_one(lambda conn: _set_outcomes(conn, message_id, outcomes))
@@ -383,13 +399,23 @@ def _insert(conn: sqlite3.Connection, item: QueueItem, claimed_by: str | None) -
     )
 
 
-def _delivery(conn: sqlite3.Connection, message_id: str) -> Delivery | None:
+def _delivery(
+    conn: sqlite3.Connection, message_id: str, piece: Callable[[int, int, int], Awaitable[bytes]],
+) -> Delivery | None:
+    """The message as a delivery needs it: a body up to _WHOLE_BODY read whole, a bigger
+    one as a SpooledBody that reads itself in pieces while it is sent."""
     row = conn.execute(
-        "SELECT created, mail_from, key_id, mailbox, route, attempts, data, held, delete_requested "
-        "FROM message JOIN body ON body.message_id = message.id WHERE id = ?", (message_id,),
+        "SELECT created, mail_from, key_id, mailbox, route, attempts, "
+        "CASE WHEN length(data) <= ? THEN data END, held, delete_requested, length(data), body.rowid "
+        "FROM message JOIN body ON body.message_id = message.id WHERE id = ?", (_WHOLE_BODY, message_id),
     ).fetchone()
     if row is None:
         return None
+    body: Body = row[6]
+    if body is None:
+        with conn.blobopen("body", "data", row[10], readonly=True) as blob:
+            head = blob.read(_BODY_HEAD)
+        body = SpooledBody(head, row[9], functools.partial(piece, row[10]))
     pending, unnotified = [], []
     for address, status, reply in conn.execute(
         f"SELECT address, status, reply FROM recipient WHERE message_id = ? AND {_UNFINISHED} "
@@ -401,7 +427,7 @@ def _delivery(conn: sqlite3.Connection, message_id: str) -> Delivery | None:
             unnotified.append((address, reply or ""))
     return Delivery(
         id=message_id, created=row[0], mail_from=row[1], key_id=row[2], mailbox=row[3], route=row[4],
-        attempts=row[5], body=row[6], pending=pending, unnotified=unnotified, stop=bool(row[7] or row[8]),
+        attempts=row[5], body=body, pending=pending, unnotified=unnotified, stop=bool(row[7] or row[8]),
     )
 
 

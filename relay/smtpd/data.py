@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay import replies
-from relay.smtpd.internals import reader_limit
+from relay.internals import reader_limit
 
 __all__ = ["CHUNK", "DataLimits", "DataResult", "MemoryBudget", "MessageBody", "read_data"]
 
