@@ -84,7 +84,7 @@ class Relay:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        for proc in self.procs:
+        for proc in reversed(self.procs):  # the relay first, so it sees no upstream vanish
             proc.terminate()
         for proc in self.procs:
             proc.wait(10)
@@ -131,6 +131,26 @@ async def direct_send(port: int, body: bytes) -> float:
     return took
 
 
+async def send_elsewhere(relay: Relay, size: int) -> None:
+    """Send one message of `size` bytes from another process: building and sending it
+    costs the client enough CPU to stall this process's own NOOP timing."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--send-one", str(size), "--port", str(relay.port),
+        "--cafile", str(relay.folder / "cert.pem"), "--secret", relay.secret)
+    if await proc.wait() != 0:
+        raise RuntimeError("the sending process failed")
+
+
+async def send_one(args: argparse.Namespace) -> None:
+    tls = ssl.create_default_context(cafile=args.cafile)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=args.port, start_tls=True, tls_context=tls,
+                             timeout=120)
+    await client.connect()
+    await client.login(SENDER, args.secret)
+    await client.sendmail(SENDER, ["rcpt@example.net"], message(args.send_one, "elsewhere"))
+    await client.quit()
+
+
 async def bystander_noops(relay: Relay, during) -> list[float]:
     """NOOP round trips of an idle authenticated session while `during` runs."""
     client = await relay.client()
@@ -146,13 +166,27 @@ async def bystander_noops(relay: Relay, during) -> list[float]:
     return times
 
 
-async def raw_header_message(relay: Relay, fields: int) -> str:
-    """Send a message whose header is `fields` fields of 6 bytes (the most fields, so the
-    most parsing work, that fit in a block); returns the end-of-data reply."""
+def many_fields(size: int) -> bytes:
+    """A header block of `size` bytes in 6-byte fields: the most fields that fit."""
+    return f"From: {SENDER}\r\n".encode() + b"A: b\r\n" * ((size - 40) // 6)
+
+
+def many_senders(size: int) -> bytes:
+    """A From: field of `size` bytes listing our own address again and again (folded):
+    every one is parsed and checked against the key's mailbox."""
+    line = f" {SENDER},".encode()
+    per_line = 70 // len(line)
+    lines = (size - 40) // (len(line) * per_line + 2)
+    folded = b"\r\n".join([line * per_line] * lines)
+    return b"From:" + folded + f" {SENDER}\r\n".encode()
+
+
+async def raw_header_message(relay: Relay, header: bytes) -> str:
+    """Send a message with this header block; returns the end-of-data reply."""
     client = await relay.client()
     await client.mail(SENDER)
     await client.rcpt("rcpt@example.net")
-    body = f"From: {SENDER}\r\n".encode() + b"A: b\r\n" * fields + b"\r\nbody\r\n"
+    body = header + b"\r\nbody\r\n"
     try:
         reply = await client.data(body)
         text = f"{reply.code} {reply.message}"
@@ -208,20 +242,20 @@ async def bench(args: argparse.Namespace) -> None:
             print(f"{'10 MiB MAIL..250, straight to the sink':52} median {statistics.median(direct):6.3f} s"
                   f"   relay / direct {statistics.median(through) / statistics.median(direct):.2f}x")
 
-            fields = (HEADER_LIMIT - 40) // 6
             report_latency("bystander, idle relay", await bystander_noops(relay, asyncio.sleep(1)))
-            replies = []
+            for label, build in (("6-byte header fields", many_fields), ("addresses in From:", many_senders)):
+                replies = []
 
-            async def worst_headers() -> None:
-                for _ in range(5):
-                    replies.append(await raw_header_message(relay, fields))
-                    replies.append(await raw_header_message(relay, fields + 100))
+                async def worst_headers(build=build, replies=replies) -> None:
+                    for _ in range(5):
+                        replies.append(await raw_header_message(relay, build(HEADER_LIMIT)))
+                        replies.append(await raw_header_message(relay, build(HEADER_LIMIT + 1024)))
 
-            report_latency(f"bystander, 5 x {fields} header fields + 5 over",
-                           await bystander_noops(relay, worst_headers()))
-            print(f"{'  replies':52} {sorted(set(r[:40] for r in replies))}")
+                report_latency(f"bystander, 100 KiB of {label} x 5, +5 over",
+                               await bystander_noops(relay, worst_headers()))
+                print(f"{'  replies':52} {sorted({r[:13] + '...' for r in replies})}")
             report_latency(f"bystander, one {args.size_mib} MiB message arriving",
-                           await bystander_noops(relay, relay.send([big])))
+                           await bystander_noops(relay, send_elsewhere(relay, size)))
     finally:
         direct_sink.terminate()
         direct_sink.wait(10)
@@ -232,7 +266,12 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=25)
     parser.add_argument("--concurrent", type=int, default=10)
     parser.add_argument("--ten-mib-runs", type=int, default=5)
-    asyncio.run(bench(parser.parse_args()))
+    parser.add_argument("--send-one", type=int, help=argparse.SUPPRESS)  # the sending process
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--cafile", help=argparse.SUPPRESS)
+    parser.add_argument("--secret", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    asyncio.run(send_one(args) if args.send_one else bench(args))
 
 
 if __name__ == "__main__":
