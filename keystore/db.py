@@ -16,7 +16,7 @@ import aiosqlite
 
 from keystore.schema import enable_wal, migrate
 
-__all__ = ["BUSY_TIMEOUT_MS", "open_database", "prepare_database"]
+__all__ = ["BUSY_TIMEOUT_MS", "open_database", "open_reader", "prepare_database"]
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -47,5 +47,16 @@ async def open_database(path: Path, *, create: bool = False) -> aiosqlite.Connec
         "PRAGMA foreign_keys=ON",
         "PRAGMA synchronous=NORMAL",
     ):
+        await conn.execute(pragma)
+    return conn
+
+
+async def open_reader(path: Path) -> aiosqlite.Connection:
+    """A second, read-only connection for logins. A connection runs one statement at a
+    time on its own thread, so a login read queued behind a write waiting for the database
+    lock (held by a backup or a long CLI transaction) would wait up to busy_timeout; in WAL
+    mode a reader on its own connection never waits for a writer."""
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    for pragma in (f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}", "PRAGMA query_only=ON"):
         await conn.execute(pragma)
     return conn

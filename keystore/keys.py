@@ -36,6 +36,7 @@ __all__ = [
     "hash_secret",
     "load_pepper",
     "parse_key",
+    "redact_keys",
 ]
 
 KEY_PREFIX = "rak_"
@@ -46,6 +47,9 @@ _KEY_RE = re.compile(
     rf"^{KEY_PREFIX}([a-z2-7]{{{_ID_LEN}}})_([0-9A-Za-z]{{{_SECRET_LEN}}})([0-9A-Za-z]{{{_CHECK_LEN}}})$"
 )
 _ID_RE = re.compile(rf"^[a-z2-7]{{{_ID_LEN}}}$")
+# Anything that looks like a key, even mistyped, upper-cased (aiosmtpd upper-cases command
+# words it logs) or cut short: the prefix, an id-like word, then the secret part to hide.
+_KEYLIKE_RE = re.compile(rf"({KEY_PREFIX}[0-9A-Za-z]{{0,64}}_)[0-9A-Za-z]+", re.IGNORECASE)
 
 
 class PepperError(Exception):
@@ -105,6 +109,13 @@ def parse_key(text: str) -> ParsedKey | None:
     if not hmac.compare_digest(_checksum(body), match.group(3)):
         return None
     return ParsedKey(match.group(1), match.group(2))
+
+
+def redact_keys(text: str) -> str:
+    """`text` with the secret of every key-shaped string replaced: ``rak_<id>_…``. For
+    anything that may reach a log: a client that swaps username and password, or pastes
+    its key at a prompt, must not get its secret written down."""
+    return _KEYLIKE_RE.sub(r"\1…", text)
 
 
 def hash_secret(pepper: bytes, key_id: str, secret: str) -> bytes:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "PERMISSIONS",
@@ -35,6 +35,7 @@ class Reason(enum.StrEnum):
     EXPIRED = "expired"
     SUSPENDED = "suspended"
     NO_SEND_PERMISSION = "no_send_permission"
+    ROTATED = "rotated"  # only from recheck: the secret a session logged in with is no longer valid
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +49,10 @@ class Identity:
     aliases: tuple[str, ...]
     route: str | None
     rate_limit: int | None = None  # messages per minute; None: the relay's default
+    # The keyed hash of the secret the session logged in with (never the secret): a
+    # recheck compares it with the key's current and rotation-grace hashes, so a session
+    # ends with its secret. Not shown by repr, not part of equality.
+    secret_hash: bytes = field(default=b"", repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -4,11 +4,17 @@ Everything the relay and the CLI do with credentials goes through this class, so
 backend (PostgreSQL for several relays) only has to implement these methods. This one is
 sqlite through aiosqlite.
 
-`authenticate` is on the hot path (every AUTH). It is one SELECT that always returns a row,
+`authenticate` is on the hot path (every AUTH). It reads on a connection of its own (writes,
+such as the last-use bookkeeping, may wait for the database lock; a login never waits
+behind them). It is one SELECT that always returns a row,
 whether or not the key and the mailbox exist, and it always computes the HMAC and compares
 it in constant time, so an unknown mailbox, an unknown key and a wrong secret cost the
 same and answer the same `bad_credentials`. Reasons such as `revoked` are only given when
 the presented secret is right: the caller already holds the key, so nothing leaks.
+
+A login's Identity carries the keyed hash of the secret it presented, so `recheck` can end
+a session whose secret was rotated away (`rotated`: at once without a grace, else when
+the grace ends) while sessions on the new secret go on.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 import aiosqlite
 
 from keystore import keys
-from keystore.db import open_database
+from keystore.db import open_database, open_reader
 from keystore.models import (
     PERMISSIONS,
     AuditEvent,
@@ -91,8 +97,12 @@ FROM mailbox m JOIN workspace w ON w.id = m.workspace_id
 class KeyStore:
     """Async access to the keystore. Open with `await KeyStore.open(...)`, then `close()`."""
 
-    def __init__(self, conn: aiosqlite.Connection, pepper: bytes, default_key_limit: int) -> None:
+    def __init__(
+        self, conn: aiosqlite.Connection, pepper: bytes, default_key_limit: int,
+        reader: aiosqlite.Connection | None = None,
+    ) -> None:
         self._conn = conn
+        self._reader = reader or conn  # logins and rechecks (see the module docstring)
         self._pepper = pepper
         self._default_key_limit = default_key_limit
         self._write_lock = asyncio.Lock()
@@ -117,17 +127,26 @@ class KeyStore:
             conn = await open_database(path, create=create)
         except (sqlite3.Error, FileNotFoundError) as exc:
             raise KeystoreUnavailable(str(exc)) from exc
-        return cls(conn, pepper, default_key_limit)
+        try:
+            reader = await open_reader(path)
+        except sqlite3.Error as exc:
+            await conn.close()
+            raise KeystoreUnavailable(str(exc)) from exc
+        return cls(conn, pepper, default_key_limit, reader)
 
     async def close(self) -> None:
         if self._use_flusher is not None:
             self._use_flusher.cancel()
         await self.flush_uses()
+        if self._reader is not self._conn:
+            await self._reader.close()
         await self._conn.close()
 
-    async def _rows(self, sql: str, params: Iterable[object] = ()) -> list[tuple]:
+    async def _rows(
+        self, sql: str, params: Iterable[object] = (), *, conn: aiosqlite.Connection | None = None,
+    ) -> list[tuple]:
         try:
-            return list(await self._conn.execute_fetchall(sql, tuple(params)))
+            return list(await (conn or self._conn).execute_fetchall(sql, tuple(params)))
         except (sqlite3.Error, ValueError) as exc:  # aiosqlite: ValueError once closed
             raise KeystoreUnavailable(f"keystore query failed: {exc}") from exc
 
@@ -160,29 +179,31 @@ class KeyStore:
             address = normalize_address(username)
         except StoreError:
             address = ""
-        (row,) = await self._rows(_AUTH_SQL, (parsed.key_id, address))
+        (row,) = await self._rows(_AUTH_SQL, (parsed.key_id, address), conn=self._reader)
         now = time.time()
         presented = keys.hash_secret(self._pepper, parsed.key_id, parsed.secret)
-        current_ok = hmac.compare_digest(presented, row[3] or _DUMMY_HASH)
-        previous_ok = hmac.compare_digest(presented, row[4] or _DUMMY_HASH)
-        in_grace = row[5] is not None and now < row[5]
-        if row[0] is None or not (current_ok or (previous_ok and in_grace)):
+        if not _secret_valid(row, presented, now) or row[0] is None:
             return Reason.BAD_CREDENTIALS
-        outcome = self._judge(row, now)
+        outcome = self._judge(row, now, presented)
         if isinstance(outcome, Identity):
             self._remember_use(parsed.key_id, now, client_ip)
         return outcome
 
     async def recheck(self, identity: Identity) -> Identity | Reason:
         """Re-read an authenticated session's key and mailbox (done at every MAIL FROM) so a
-        key revoked or a mailbox suspended while a connection stays open stops at once."""
-        (row,) = await self._rows(_AUTH_SQL, (identity.key_id, identity.mailbox))
+        key revoked, a mailbox suspended or the session's secret rotated away while a
+        connection stays open stops at once."""
+        (row,) = await self._rows(_AUTH_SQL, (identity.key_id, identity.mailbox), conn=self._reader)
         if row[0] is None:
             return Reason.REVOKED  # deleted since login
-        return self._judge(row, time.time())
+        now = time.time()
+        outcome = self._judge(row, now, identity.secret_hash)
+        if isinstance(outcome, Identity) and not _secret_valid(row, identity.secret_hash, now):
+            return Reason.ROTATED
+        return outcome
 
     @staticmethod
-    def _judge(row: tuple, now: float) -> Identity | Reason:
+    def _judge(row: tuple, now: float, secret_hash: bytes) -> Identity | Reason:
         (key_id, status, expires, _, _, _, perms, key_route, key_mailbox, key_ws, rate_limit,
          mailbox_id, address, mailbox_status, mailbox_ws, mailbox_route, ws_name, aliases) = row
         in_scope = mailbox_id is not None and (
@@ -209,6 +230,7 @@ class KeyStore:
             aliases=tuple(aliases.split()) if aliases else (),
             route=key_route or mailbox_route,
             rate_limit=rate_limit,
+            secret_hash=secret_hash,
         )
 
     def _remember_use(self, key_id: str, now: float, client_ip: str) -> None:
@@ -577,6 +599,15 @@ class KeyStore:
         except sqlite3.Error as exc:
             raise StoreError(f"backup failed: {exc}") from exc
         target.chmod(0o600)
+
+
+def _secret_valid(row: tuple, presented: bytes, now: float) -> bool:
+    """Whether a keyed hash is the key's current secret, or its previous one within the
+    rotation grace. Both comparisons always run, in constant time."""
+    current_ok = hmac.compare_digest(presented, row[3] or _DUMMY_HASH)
+    previous_ok = hmac.compare_digest(presented, row[4] or _DUMMY_HASH)
+    in_grace = row[5] is not None and now < row[5]
+    return current_ok or (previous_ok and in_grace)
 
 
 def _check_permissions(permissions: Iterable[str]) -> tuple[str, ...]:

@@ -65,7 +65,9 @@ class Relay:
         )
         await self.queue.start()
         authenticator = Authenticator(
-            self.store, FailureLimiter(cfg.auth.max_failures, cfg.auth.failure_window),
+            self.store,
+            FailureLimiter(cfg.auth.max_failures, cfg.auth.failure_window,
+                           max_failures_per_address=cfg.auth.address_ceiling),
             recheck_interval=cfg.auth.recheck_interval,
         )
         handler = RelayHandler(cfg, authenticator, self.queue, signer)

@@ -18,6 +18,7 @@ from pathlib import Path
 from keystore.keys import PepperError
 from keystore.store import KeystoreUnavailable
 from relay.config import ConfigError, load_config, resolve_config_path
+from relay.maillog import KeyRedactor
 from relay.queue.store import SpoolBusy, SpoolError
 from relay.queuecli import QueueRefused, add_queue_parser, run_queue_command
 
@@ -54,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd: per-command chatter
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(KeyRedactor())  # a key a client typed in the wrong place stays secret
     if args.command == "dev-sink":
         try:
             asyncio.run(_sink(args))

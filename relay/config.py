@@ -77,9 +77,21 @@ class TLSConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AuthConfig:
-    max_failures: int = 10
+    """The AUTH throttle (relay/auth.py says how it counts) and the session recheck.
+
+    There is no "off": 0 is refused, since a throttle that silently stops is worse than a
+    large number an operator chose on purpose."""
+
+    max_failures: int = 10  # wrong secrets per (client address, username) per window
+    max_failures_per_address: int | None = None  # per client address (IPv6: /64); None: 10 x max_failures
     failure_window: Duration = Duration(300)
     recheck_interval: Duration = Duration(0.5)
+
+    @property
+    def address_ceiling(self) -> int:
+        if self.max_failures_per_address is not None:
+            return self.max_failures_per_address
+        return 10 * self.max_failures
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,6 +224,7 @@ def _cross_check(config: Config, source: Path) -> None:
             split_hostport(listener)
         except ValueError as exc:
             raise ConfigError(f"{source}: [server] listener {listener!r}: {exc}") from None
+    _check_auth(config.auth, source)
     if (config.server.submission or config.server.submissions) and config.tls is None:
         raise ConfigError(f"{source}: [tls]: required when [server] has listeners")
     names = config.route_names
@@ -236,6 +249,20 @@ def _cross_check(config: Config, source: Path) -> None:
         raise ConfigError(
             f"{source}: [routing] default: no [[upstream]] or [[group]] named {config.routing.default!r}"
         )
+
+
+def _check_auth(auth: AuthConfig, source: Path) -> None:
+    if auth.max_failures < 1:
+        raise ConfigError(
+            f"{source}: [auth] max_failures: at least 1 (the AUTH throttle cannot be turned off; "
+            "a large number makes it lenient)"
+        )
+    if auth.address_ceiling < auth.max_failures:
+        raise ConfigError(
+            f"{source}: [auth] max_failures_per_address: at least max_failures ({auth.max_failures})"
+        )
+    if auth.failure_window <= 0:
+        raise ConfigError(f"{source}: [auth] failure_window: longer than 0")
 
 
 _LOOPBACK = ("127.", "::1", "localhost")

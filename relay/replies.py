@@ -21,6 +21,8 @@ AUTH_UNAVAILABLE = "454 4.7.0 Temporary authentication failure, try again later"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
 AUTH_BAD_BASE64 = "501 5.5.2 Can't decode base64"  # the same words as aiosmtpd's own
 AUTH_CANNOT_SPLIT = "501 5.5.2 Can't split auth value"
+AUTH_ABORTED = "501 5.7.0 Auth aborted"  # aiosmtpd's words, for a client's `*` (RFC 4954)
+AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"  # RFC 4954 section 4
 
 REASON_REPLIES = {
     "revoked": "535 5.7.8 Authentication credentials invalid: this auth key has been revoked",
@@ -29,6 +31,8 @@ REASON_REPLIES = {
     "suspended": "535 5.7.8 Authentication credentials invalid: this mailbox is suspended",
     "no_send_permission":
         "535 5.7.8 Authentication credentials invalid: this auth key lacks the email.send permission",
+    # only for a session already logged in: its secret was rotated (no grace, or the grace ended)
+    "rotated": "535 5.7.8 Authentication credentials invalid: this auth key's secret has been rotated",
 }
 
 # --- MAIL / RCPT

@@ -4,11 +4,15 @@ admin revoking its key or suspending its mailbox with the `keystore` CLI."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiosmtplib
 import pytest
 
+from keystore.models import Identity
+from keystore.store import KeyStore
+from relay.auth import Authenticator, FailureLimiter
 from tests.support.procs import keystore_cli
 
 MESSAGE = b"From: alice@example.com\r\n\r\nhi\r\n"
@@ -57,3 +61,74 @@ async def test_expiry_during_an_open_session(h):
     code, message, _ = await refused_within(client, 1.0)
     assert (code, "expired" in message) == (535, True)
     client.close()
+
+
+async def mail_refused_within(client, seconds: float) -> tuple[int, str]:
+    """MAIL FROM (then RSET) until the relay refuses it: the check at MAIL itself."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        try:
+            await client.mail("alice@example.com")
+        except aiosmtplib.SMTPSenderRefused as exc:
+            return exc.code, exc.message
+        await client.rset()
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"MAIL FROM still accepted {seconds}s later")
+
+
+async def test_rotation_without_grace_ends_sessions_on_the_old_secret(relay_with):
+    async with relay_with(auth='recheck_interval = "0s"') as h:
+        await h.mailbox("alice@example.com")
+        record, old = await h.relay.store.create_key(mailbox="alice@example.com", name="crm", actor="t")
+        client = await h.login("alice@example.com", old)
+        await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+
+        result = await asyncio.to_thread(keystore_cli, h.config_path, "key", "rotate", record.id, "--json")
+        assert result.returncode == 0, result.stderr
+        new = json.loads(result.stdout)["secret"]
+
+        with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:  # the very next MAIL FROM
+            await client.mail("alice@example.com")
+        assert (refused.value.code, refused.value.message) == (
+            535, "5.7.8 Authentication credentials invalid: this auth key's secret has been rotated")
+        client.close()
+        client = await h.login("alice@example.com", new)
+        await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+        client.close()
+        await h.sink.wait_for(2)
+
+
+async def test_a_rotation_grace_keeps_old_sessions_until_it_ends(relay_with):
+    async with relay_with(auth='recheck_interval = "0s"') as h:
+        await h.mailbox("alice@example.com")
+        record, old = await h.relay.store.create_key(mailbox="alice@example.com", name="crm", actor="t")
+        on_old = await h.login("alice@example.com", old)
+        _, new = await h.relay.store.rotate_key(record.id, grace=1.5, actor="t")
+        on_new = await h.login("alice@example.com", new)
+
+        await on_old.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)  # within the grace
+        code, message = await mail_refused_within(on_old, 5)
+        assert (code, message) == (
+            535, "5.7.8 Authentication credentials invalid: this auth key's secret has been rotated")
+        await on_new.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)  # goes on
+        on_old.close()
+        on_new.close()
+        await h.sink.wait_for(2)
+
+
+async def test_a_fresh_recheck_does_not_trust_the_cache(tmp_path):
+    """The end of DATA asks the keystore itself, however recently MAIL FROM did."""
+    store = await KeyStore.open(tmp_path / "keystore.db", tmp_path / "pepper", create=True)
+    try:
+        await store.add_mailbox("alice@example.com", workspace="w", actor="t")
+        record, secret = await store.create_key(mailbox="alice@example.com", name="crm", actor="t")
+        authenticator = Authenticator(store, FailureLimiter(10, 60), recheck_interval=3600)
+        identity = (await authenticator.login("alice@example.com", secret, "192.0.2.1")).identity
+        assert isinstance(identity, Identity)
+        await store.revoke_key(record.id, actor="t")
+        assert await authenticator.recheck(identity) == identity  # cached
+        refusal = await authenticator.recheck(identity, fresh=True)
+        assert refusal == "535 5.7.8 Authentication credentials invalid: this auth key has been revoked"
+        assert await authenticator.recheck(identity) == refusal  # and the cache learnt it
+    finally:
+        await store.close()

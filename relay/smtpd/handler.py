@@ -21,7 +21,7 @@ from relay.auth import Authenticator, split_plain
 from relay.config import Config
 from relay.queue import Queue, QueueItem, SpoolFull, new_queue_id
 from relay.signing import DkimSigner
-from relay.smtpd.server import RelaySMTP
+from relay.smtpd.server import AuthLineTooLong, RelaySMTP
 
 __all__ = ["RelayHandler"]
 
@@ -50,7 +50,10 @@ class RelayHandler:
     async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
         if not await _on_tls(server):
             return AuthResult(success=False, handled=True)
-        blob = await _first_response(server, args, prompt="")
+        try:
+            blob = await _first_response(server, args, prompt="")
+        except AuthLineTooLong:
+            return await self._exchange_too_long(server, "")
         if blob is MISSING:
             return AuthResult(success=False, handled=True)
         parts = split_plain(blob)
@@ -65,10 +68,16 @@ class RelayHandler:
     async def auth_LOGIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
         if not await _on_tls(server):
             return AuthResult(success=False, handled=True)
-        user_blob = await _first_response(server, args, prompt="Username:")
+        try:
+            user_blob = await _first_response(server, args, prompt="Username:")
+        except AuthLineTooLong:
+            return await self._exchange_too_long(server, "")
         if user_blob is MISSING:
             return AuthResult(success=False, handled=True)
-        secret_blob = await server.challenge_auth("Password:")
+        try:
+            secret_blob = await server.challenge_auth("Password:")
+        except AuthLineTooLong:
+            return await self._exchange_too_long(server, user_blob.decode("utf-8", "replace"))
         if secret_blob is MISSING:
             return AuthResult(success=False, handled=True)
         try:
@@ -86,6 +95,13 @@ class RelayHandler:
             server.transport.close()
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=result.reply)
+
+    async def _exchange_too_long(self, server: RelaySMTP, username: str) -> AuthResult:
+        """RFC 4954's reply to an overlong answer; it counts as a failed AUTH (for the
+        username, when LOGIN gave one first)."""
+        self._authenticator.exchange_failed(username, _client_ip(server.session))
+        await server.push(replies.AUTH_LINE_TOO_LONG)
+        return AuthResult(success=False, handled=True)
 
     # ------------------------------------------------------------- MAIL/RCPT
 
@@ -168,9 +184,12 @@ class RelayHandler:
 
 async def _first_response(server: RelaySMTP, args: list[str], *, prompt: str):
     """The initial response given with the AUTH command, or the answer to a 334 prompt;
-    MISSING once a 501 has been sent (bad base64, or the client aborted with `*`)."""
+    MISSING once a 501 has been sent (bad base64, or the client aborted with `*`). An
+    initial response `=` is an empty one (RFC 4954 section 4)."""
     if len(args) == 1:
         return await server.challenge_auth(prompt)
+    if args[1] == "=":
+        return b""
     try:
         return b64decode(args[1], validate=True)
     except ValueError:

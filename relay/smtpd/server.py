@@ -9,18 +9,25 @@
 from __future__ import annotations
 
 import asyncio
+import binascii
 import re
+from base64 import b64decode, b64encode
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from typing import AnyStr
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import MISSING, SMTP
 
 from relay import replies
 
-__all__ = ["ConnectionRegistry", "RelaySMTP"]
+__all__ = ["AuthLineTooLong", "ConnectionRegistry", "RelaySMTP"]
 
 _NULL_SENDER = re.compile(r"^FROM:\s*<>", re.IGNORECASE)
+
+
+class AuthLineTooLong(Exception):
+    """A client's answer to a 334 prompt was longer than the stream's line limit; the
+    whole line has been read and dropped. The mechanism answers 500 5.5.6 (RFC 4954)."""
 
 
 class ConnectionRegistry:
@@ -88,6 +95,55 @@ class RelaySMTP(SMTP):
             await self.push(reply)
             return
         await super().smtp_MAIL(arg)
+
+    # ------------------------------------------------------------------ AUTH
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        """Mechanism names are case-insensitive (RFC 4954 section 4 via RFC 4422); aiosmtpd
+        matches them exactly, so `AUTH plain` got 504."""
+        if arg:
+            mechanism, space, rest = arg.lstrip().partition(" ")
+            arg = mechanism.upper() + space + rest
+        await super().smtp_AUTH(arg)
+
+    async def challenge_auth(
+        self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False,
+    ) -> object:
+        """aiosmtpd's 334 prompt and answer, except for an answer longer than the stream's
+        limit: aiosmtpd's readline() raised ValueError (451 with a traceback, and the rest
+        of the line was then read as commands); here the line is read to its end and
+        dropped, and AuthLineTooLong raised. The answer is never logged."""
+        if isinstance(challenge, str):
+            challenge = challenge.encode()
+        await self.push(b"334 " + (b64encode(challenge) if encode_to_b64 else challenge))
+        blob = (await self._auth_line()).strip()
+        if blob == b"*":
+            await self.push(replies.AUTH_ABORTED)
+            return MISSING
+        try:
+            return b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push(replies.AUTH_BAD_BASE64)
+            return MISSING
+
+    async def _auth_line(self) -> bytes:
+        reader: asyncio.StreamReader = self._reader  # type: ignore[attr-defined]
+        try:
+            return await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial  # the client went away mid-line: what readline() gave
+        except asyncio.LimitOverrunError as exc:
+            consumed = exc.consumed
+        while True:  # drop the line in limit-sized pieces, as aiosmtpd does a long command
+            await reader.readexactly(consumed)
+            try:
+                await reader.readuntil(b"\n")
+                break
+            except asyncio.IncompleteReadError:
+                break
+            except asyncio.LimitOverrunError as exc:
+                consumed = exc.consumed
+        raise AuthLineTooLong
 
     @property
     def tls_info(self) -> str | None:
