@@ -85,9 +85,10 @@ def client_network(ip: str) -> str:
 class _Window:
     """Failure times within the window, plus reservations whose outcome is not known yet."""
 
-    __slots__ = ("pending", "times")
+    __slots__ = ("pending", "slot", "times")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, slot: tuple[str, str, str], size: int) -> None:
+        self.slot = slot
         self.times: deque[float] = deque(maxlen=size)
         self.pending = 0
 
@@ -116,7 +117,7 @@ class Attempt:
         self._settled = True
         for window in self._windows():
             window.pending -= 1
-        self._limiter.wake()
+        self._limiter.settled(self._windows())
         return True
 
     def release(self) -> None:
@@ -171,6 +172,10 @@ class FailureLimiter:
         self._windows: OrderedDict[tuple[str, str, str], _Window] = OrderedDict()
         self._settled: asyncio.Event | None = None
 
+    def __len__(self) -> int:
+        """Counters held (each a few hundred bytes): for tests and a bench."""
+        return len(self._windows)
+
     def _get(self, slot: tuple[str, str, str], horizon: float) -> _Window | None:
         window = self._windows.get(slot)
         if window is None:
@@ -185,7 +190,7 @@ class FailureLimiter:
         return window
 
     def _make(self, slot: tuple[str, str, str], size: int) -> _Window:
-        window = self._windows[slot] = _Window(size)
+        window = self._windows[slot] = _Window(slot, size)
         while len(self._windows) > self._max_entries:
             self._windows.popitem(last=False)
         return window
@@ -200,8 +205,12 @@ class FailureLimiter:
                 self._settled = asyncio.Event()
             await self._settled.wait()
 
-    def wake(self) -> None:
-        """An attempt settled: logins waiting for a place decide again."""
+    def settled(self, windows: list[_Window]) -> None:
+        """An attempt settled: counters left empty (a success) are dropped at once, so
+        successful logins cost no memory, and logins waiting for a place decide again."""
+        for window in windows:
+            if not window.times and not window.pending and self._windows.get(window.slot) is window:
+                del self._windows[window.slot]
         if self._settled is not None:
             self._settled.set()
             self._settled = None

@@ -170,3 +170,10 @@ def test_a_throttle_cannot_be_turned_off_by_a_zero(tmp_path, auth, complaint):
 def test_the_address_ceiling_defaults_to_ten_budgets(tmp_path):
     config = load_config(write_config(tmp_path, 2525, auth="max_failures = 3"))
     assert config.auth.address_ceiling == 30
+
+
+async def test_successful_logins_leave_nothing_behind():
+    limiter = FailureLimiter(3, 60)
+    for n in range(1000):
+        (await limiter.reserve(f"192.0.2.{n % 250}", f"user{n}@example.com", "abcdefghijkl")).release()
+    assert len(limiter) == 0
