@@ -20,6 +20,7 @@ from relay.auth import Authenticator, FailureLimiter
 from relay.config import Config, ConfigError
 from relay.delivery.courier import Courier
 from relay.delivery.routing import Router, make_couriers
+from relay.fdlimit import ensure_fd_limit
 from relay.queue import Queue
 from relay.signing import DkimSigner
 from relay.smtpd.handler import RelayHandler
@@ -36,7 +37,9 @@ class Relay:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.listeners: list[Listener] = []
-        self.registry = ConnectionRegistry(config.server.max_connections)
+        self.registry = ConnectionRegistry(
+            config.server.max_connections, config.server.max_connections_per_address,
+        )
         self.couriers: dict[str, Courier] = {}
         self.store: KeyStore | None = None
         self.queue: Queue | None = None
@@ -49,6 +52,7 @@ class Relay:
         if cfg.queue is None or cfg.routing is None or cfg.tls is None:
             missing = [n for n in ("tls", "queue", "routing") if getattr(cfg, n) is None]
             raise ConfigError(f"{cfg.source}: [{missing[0]}]: required to run the relay")
+        ensure_fd_limit(cfg)
         tls = server_context(cfg.tls)
         limit_tls_buffers()
         signer = DkimSigner(cfg.dkim)
@@ -89,6 +93,8 @@ class Relay:
     async def stop(self, grace: float = 5.0) -> None:
         for listener in self.listeners:
             listener.server.close()
+        for handshake in list(self.registry.handshakes):
+            handshake.abort()
         deadline = asyncio.get_running_loop().time() + grace
         while self.registry.live and asyncio.get_running_loop().time() < deadline:
             for session in list(self.registry.live):

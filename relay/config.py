@@ -64,7 +64,14 @@ class ServerConfig:
     max_message_size: int = 26_214_400
     max_recipients: int = 100
     max_connections: int = 1000
+    # Connections from one client address (IPv6: one /64) at once; Postfix's
+    # smtpd_client_connection_count_limit is 50 too. A shared egress (a CRM, a NAT) needs
+    # room, one scanner must not take every slot.
+    max_connections_per_address: int = 50
     idle_timeout: Duration = Duration(300)
+    # Idle timeout until AUTH succeeds (then idle_timeout): a connection that has not
+    # logged in holds its slot for at most this long between commands.
+    pre_auth_timeout: Duration = Duration(30)
     check_header_from: bool = True
     rate_per_minute: int = 600
 
@@ -225,6 +232,9 @@ def _cross_check(config: Config, source: Path) -> None:
         except ValueError as exc:
             raise ConfigError(f"{source}: [server] listener {listener!r}: {exc}") from None
     _check_auth(config.auth, source)
+    for name in ("max_connections", "max_connections_per_address", "idle_timeout", "pre_auth_timeout"):
+        if getattr(config.server, name) <= 0:
+            raise ConfigError(f"{source}: [server] {name}: must be more than 0 (there is no \"off\")")
     if (config.server.submission or config.server.submissions) and config.tls is None:
         raise ConfigError(f"{source}: [tls]: required when [server] has listeners")
     names = config.route_names

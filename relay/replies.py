@@ -69,6 +69,8 @@ QUEUED = "250 2.0.0 OK queued as {queue_id}"
 
 # --- connection
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+TOO_MANY_FROM_ADDRESS = "421 4.7.0 Too many connections from your address, try again later"
+TOO_MANY_COMMANDS = "421 4.7.0 Too many commands before authentication"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 
 # aiosmtpd's own replies without an enhanced code: code → the code to insert.

@@ -1,9 +1,11 @@
 """Opening the 587-style (STARTTLS) and 465-style (implicit TLS) listeners.
 
 aiosmtpd's implicit TLS is half-supported (its Controller just passes ssl= to asyncio, so
-the protocol never learns it is on TLS), hence the recipe: asyncio does the TLS for the
-465 listener, the protocol gets no tls_context (no STARTTLS inside TLS) and
-auth_require_tls=False, and our AUTH mechanisms check the transport for TLS themselves.
+the protocol never learns it is on TLS), hence the recipe: the 465 listener accepts plain
+TCP and `ImplicitTLSAcceptor` (relay/smtpd/connections.py) runs the handshake, counted
+against the connection caps from accept; the protocol gets no tls_context (no STARTTLS
+inside TLS) and auth_require_tls=False, and our AUTH mechanisms check the transport for
+TLS themselves.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import ssl
 from dataclasses import dataclass
+from functools import partial
 
 from relay.config import Config, split_hostport
+from relay.smtpd.connections import ImplicitTLSAcceptor
 from relay.smtpd.handler import RelayHandler
 from relay.smtpd.server import ConnectionRegistry, RelaySMTP
 
@@ -51,6 +55,7 @@ async def open_listeners(
                 auth_required=False,  # enforced in handle_MAIL with our reply
                 command_call_limit=_CALL_LIMITS,
                 timeout=cfg.idle_timeout,
+                pre_auth_timeout=cfg.pre_auth_timeout,
                 loop=loop,
             )
         return make
@@ -60,10 +65,9 @@ async def open_listeners(
             implicit = kind == "submissions"
             for address in addresses:
                 host, port = split_hostport(address)
-                server = await loop.create_server(
-                    factory(implicit), host, port, ssl=tls if implicit else None,
-                    ssl_handshake_timeout=30 if implicit else None,
-                )
+                accept = (partial(ImplicitTLSAcceptor, registry, tls, factory(True)) if implicit
+                          else factory(False))
+                server = await loop.create_server(accept, host, port)
                 bound = server.sockets[0].getsockname()
                 opened.append(Listener(kind, host, bound[1], server))
     except BaseException:

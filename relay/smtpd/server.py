@@ -2,7 +2,11 @@
 
 * every reply passes through `replies.enhance`, so aiosmtpd's bare replies carry RFC 3463
   codes;
-* a cap on concurrent sessions (aiosmtpd has none): over it, 421 4.7.0 and close;
+* caps on connections, all together and per client address (relay/smtpd/connections.py):
+  over one, 421 4.7.0 and close;
+* before AUTH succeeds a session has a shorter idle timeout (`[server] pre_auth_timeout`)
+  and a budget of PRE_AUTH_COMMANDS commands (NOOP/RSET/EHLO loops end with 421 4.7.0);
+  a STARTTLS handshake has HANDSHAKE_TIMEOUT;
 * `MAIL FROM:<>` gets our policy reply instead of aiosmtpd's syntax error.
 """
 
@@ -12,17 +16,22 @@ import asyncio
 import binascii
 import re
 from base64 import b64decode, b64encode
+from collections.abc import Awaitable, Callable
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from typing import AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP
 
-from relay import replies
+from relay import internals, replies
+from relay.smtpd.connections import HANDSHAKE_TIMEOUT, ConnectionRegistry, Slot
 
 __all__ = ["AuthLineTooLong", "ConnectionRegistry", "RelaySMTP"]
 
 _NULL_SENDER = re.compile(r"^FROM:\s*<>", re.IGNORECASE)
+# Commands a session may send before AUTH succeeds. A client needs 4 (EHLO, STARTTLS,
+# EHLO, AUTH) and a few more for retries; a loop of NOOP or RSET is holding a slot.
+PRE_AUTH_COMMANDS = 20
 
 
 class AuthLineTooLong(Exception):
@@ -30,45 +39,86 @@ class AuthLineTooLong(Exception):
     whole line has been read and dropped. The mechanism answers 500 5.5.6 (RFC 4954)."""
 
 
-class ConnectionRegistry:
-    """Live sessions of all listeners: for the connection cap and graceful shutdown."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.live: set[RelaySMTP] = set()
-
-    @property
-    def full(self) -> bool:
-        return len(self.live) >= self.limit
-
-
 class RelaySMTP(SMTP):
-    def __init__(self, handler, *, registry: ConnectionRegistry, **kwargs) -> None:
+    def __init__(
+        self, handler, *, registry: ConnectionRegistry, pre_auth_timeout: float, **kwargs,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self._registry = registry
         self._refused = False
+        self._slot: Slot | None = None
+        self._idle_timeout = float(kwargs.get("timeout", 300))
+        self._pre_auth_timeout = pre_auth_timeout
+        self._pre_auth_commands = 0
+        internals.wrap_commands(self, self._command_rules)
+
+    @property
+    def started(self) -> bool:
+        """connection_made has run (on 465: the TLS handshake is done)."""
+        return self.session is not None
+
+    def adopt_slot(self, slot: Slot) -> None:
+        """The implicit-TLS listener took this connection's slot at TCP accept."""
+        self._slot = slot
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self._original_transport is None and self.transport is None
-        if first and self._registry.full:
-            self._refused = True
-            transport.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())  # type: ignore[attr-defined]
-            transport.close()
-            return
+        first = internals.first_connection_made(self)
+        if first and self._slot is None:
+            peer = transport.get_extra_info("peername")
+            refusal = self._registry.refusal(peer)
+            if refusal is not None:
+                self._refused = True
+                transport.write(f"{refusal}\r\n".encode())  # type: ignore[attr-defined]
+                transport.close()
+                return
+            self._slot = self._registry.take(peer)
         if first:
             self._registry.live.add(self)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._refused:
+        if self._slot is not None:
+            self._slot.release()
+        if self._refused or self.session is None:  # never started (refused, or TLS failed)
             return
         self._registry.live.discard(self)
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
-        if self._refused:  # the session never started: aiosmtpd's own handler would assert
+        if self._refused or self.session is None:  # aiosmtpd's own handler would assert
             return False
         return super().eof_received()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd restarts its idle timer with this (at connect and every command): the
+        timeout depends on whether the session has authenticated."""
+        if duration is None:
+            authenticated = self.session is not None and self.session.authenticated
+            duration = self._idle_timeout if authenticated else self._pre_auth_timeout
+        super()._reset_timeout(duration)
+
+    async def _command_rules(self, command: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Around every recognised command: the pre-AUTH budget, the STARTTLS handshake's
+        timeout, and the idle timeout once AUTH succeeds."""
+        assert self.session is not None and self.transport is not None
+        authenticated = self.session.authenticated
+        if not authenticated and command != "QUIT":
+            self._pre_auth_commands += 1
+            if self._pre_auth_commands > PRE_AUTH_COMMANDS:
+                await self.push(replies.TOO_MANY_COMMANDS)
+                self.transport.close()
+                return
+        if command == "STARTTLS":
+            self._reset_timeout(HANDSHAKE_TIMEOUT)
+        await run()
+        if self.transport is None:
+            return
+        if command == "STARTTLS" and self.transport.is_closing():
+            # The idle timer closed a handshake in progress: asyncio then finishes
+            # STARTTLS as if it had worked and never reports the loss; end the session.
+            self.connection_lost(None)
+        elif not authenticated and self.session.authenticated:
+            self._reset_timeout()  # from now on the (longer) idle timeout
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
