@@ -20,10 +20,11 @@ import hmac
 import os
 import re
 import secrets
-import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from keystore.secretfile import secret_file_problem
 
 __all__ = [
     "KEY_PREFIX",
@@ -149,8 +150,9 @@ def load_pepper(path: Path) -> bytes:
         raise PepperError(f"{path}: pepper file not found (run `keystore init`)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PepperError(f"{path}: cannot read pepper file: {exc}") from None
-    if info.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise PepperError(f"{path}: pepper file is world-accessible; run chmod 600 {path}")
+    problem = secret_file_problem(path, info, "pepper file")
+    if problem is not None:
+        raise PepperError(problem)
     try:
         pepper = bytes.fromhex(text)
     except ValueError:

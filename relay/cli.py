@@ -17,7 +17,7 @@ from pathlib import Path
 
 from keystore.keys import PepperError
 from keystore.store import KeystoreUnavailable
-from relay.config import ConfigError, load_config, resolve_config_path
+from relay.config import ConfigError, check_secret_files, load_config, resolve_config_path
 from relay.maillog import KeyRedactor
 from relay.queue.store import SpoolBusy, SpoolError
 from relay.queuecli import QueueRefused, add_queue_parser, run_queue_command
@@ -77,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_queue_command(config.queue.path, args)
         from relay.app import run
 
+        check_secret_files(config)
         run(config)
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)

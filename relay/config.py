@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keystore.secretfile import secret_file_problem
+
 __all__ = [
     "AuthConfig",
     "Config",
@@ -28,6 +30,8 @@ __all__ = [
     "ServerConfig",
     "TLSConfig",
     "UpstreamConfig",
+    "check_secret_file",
+    "check_secret_files",
     "load_config",
     "parse_duration",
     "resolve_config_path",
@@ -297,6 +301,29 @@ def _check_upstream(upstream: UpstreamConfig, source: Path) -> None:
         raise ConfigError(f"{where}: username needs password_file")
     if upstream.max_connections < 1:
         raise ConfigError(f"{where} max_connections: at least 1")
+
+
+def check_secret_files(config: Config) -> None:
+    """Refuse to start with an upstream password file that another user could read or change
+    (keystore/secretfile.py has the rule). The TLS key is checked where it is loaded
+    (relay/tlsconf.py), the pepper by the keystore."""
+    for upstream in config.upstream:
+        if upstream.password_file is not None:
+            where = f"{config.source}: [[upstream]] {upstream.name} password_file"
+            check_secret_file(upstream.password_file, where, "password file")
+
+
+def check_secret_file(path: Path, where: str, what: str) -> None:
+    """ConfigError unless `path` is a file only the running user owns and can read."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: {path}: cannot read: {exc.strerror}") from None
+    problem = secret_file_problem(path, info, what)
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
 
 
 def split_hostport(text: str) -> tuple[str, int]:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from relay.config import ConfigError, TLSConfig
+from relay.config import ConfigError, TLSConfig, check_secret_file
 
 __all__ = ["generate_self_signed", "limit_tls_buffers", "server_context"]
 
@@ -31,12 +31,14 @@ def limit_tls_buffers() -> None:
 
 
 def server_context(tls: TLSConfig) -> ssl.SSLContext:
-    """TLS 1.2+ server context; a missing, unreadable or mismatched pair is a clear error."""
+    """TLS 1.2+ server context; a missing, unreadable or mismatched pair, or a key that other
+    users could read or change, is a clear error."""
     for label, path in (("cert", tls.cert), ("key", tls.key)):
         if not path.is_file():
             raise ConfigError(f"[tls] {label}: {path}: file not found (run `make certs` for a dev pair)")
         if not os.access(path, os.R_OK):
             raise ConfigError(f"[tls] {label}: {path}: not readable by this user")
+    check_secret_file(tls.key, "[tls] key", "TLS private key")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION

@@ -12,6 +12,7 @@ import pytest
 
 from relay.tlsconf import generate_self_signed
 from tests.support.dsn import read_dsn
+from tests.support.relayrun import write_secret
 from tests.test_queue_cli import q
 
 MESSAGE = b"From: alice@example.com\r\nSubject: hello\r\n\r\nhi\r\n"
@@ -123,7 +124,7 @@ async def test_upstream_tls_modes_with_auth_to_the_provider(relay_with, tmp_path
     from tests.support.sink import Sink
 
     server_tls = provider_tls(tmp_path)
-    (tmp_path / "provider-password").write_text("s3cret\n")
+    write_secret(tmp_path / "provider-password", "s3cret\n")
     async with Sink(tls=server_tls, implicit=mode == "implicit", credentials=("relay", "s3cret")) as provider:
         extra = (f'\n[[upstream]]\nname = "provider"\nhost = "127.0.0.1"\nport = {provider.port}\n'
                  f'tls = "{mode}"\nca_file = "provider.pem"\nusername = "relay"\n'

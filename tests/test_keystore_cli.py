@@ -182,9 +182,15 @@ def test_commands_before_init_are_refused(tmp_path):
     assert not (tmp_path / "keystore.db").exists()
 
 
-def test_world_readable_pepper_is_refused(cli):
-    (cli.folder / "pepper").chmod(0o644)
-    assert "world-accessible" in cli.refused("key", "list")
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660], ids=lambda mode: f"{mode:04o}")
+def test_pepper_readable_by_other_users_is_refused(cli, mode):
+    """Group-readable too: a group is other users, and the pepper with a copy of the
+    database lets them test guessed keys offline."""
+    pepper = cli.folder / "pepper"
+    pepper.chmod(mode)
+    line = cli.refused("key", "list")
+    assert f"{pepper}: the pepper file has mode {mode:04o}" in line
+    assert line.endswith(f"run `chmod 600 {pepper}`")
 
 
 # ---------------------------------------------------------- usage and config

@@ -16,6 +16,7 @@ from relay.queue.sqlite import SqliteQueueStore
 from tests.conftest import running_relay
 from tests.support.dsn import read_dsn
 from tests.support.fs import fill, small_filesystem
+from tests.support.relayrun import write_secret
 from tests.support.servers import RawServer
 from tests.support.sink import Sink
 from tests.test_delivery import MESSAGE, provider_tls, send, wait_spool_empty
@@ -89,7 +90,7 @@ def provider_extra(port: int, name: str = "provider", tls: str = "starttls") -> 
 
 
 async def test_provider_refusing_auth_keeps_the_mail_queued_until_fixed(relay_with, tmp_path):
-    (tmp_path / "provider-password").write_text("s3cret\n")
+    write_secret(tmp_path / "provider-password", "s3cret\n")
     async with Sink(tls=provider_tls(tmp_path), credentials=("relay", "changed")) as provider:
         async with relay_with(upstream_extra=provider_extra(provider.port), retry='["0.3s"]') as h:
             await send(h, route="provider")
@@ -105,7 +106,7 @@ async def test_provider_refusing_auth_keeps_the_mail_queued_until_fixed(relay_wi
 
 @pytest.mark.parametrize("refusal", ["greeting", "auth", "mail"])
 async def test_failover_group_moves_on_when_a_provider_refuses_the_session(relay_with, tmp_path, refusal):
-    (tmp_path / "provider-password").write_text("s3cret\n")
+    write_secret(tmp_path / "provider-password", "s3cret\n")
     async with (Sink(tls=provider_tls(tmp_path), credentials=("relay", "s3cret")) as provider,
                 RawServer(b"554 5.3.2 not accepting mail") as refusing, Sink() as backup):
         if refusal == "auth":
@@ -125,7 +126,7 @@ async def test_failover_group_moves_on_when_a_provider_refuses_the_session(relay
 
 
 async def test_a_bounce_through_a_refusing_provider_waits_and_says_who_refused(relay_with, tmp_path):
-    (tmp_path / "provider-password").write_text("s3cret\n")
+    write_secret(tmp_path / "provider-password", "s3cret\n")
     async with Sink(tls=provider_tls(tmp_path), credentials=("relay", "s3cret")) as provider:
         provider.handler.mail_reply = "550 5.7.1 account suspended"
         async with relay_with(upstream_extra=provider_extra(provider.port), retry='["0.3s"]',

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from pathlib import Path
 
@@ -48,6 +49,15 @@ def make_certs(folder: Path) -> Path:
     if not cert.exists():
         generate_self_signed("relay.test", cert, folder / "key.pem")
     return cert
+
+
+def write_secret(path: Path, text: str) -> None:
+    """A secret file (an upstream password) as an operator should make one: 0600 from the
+    first byte; the relay refuses one that other users could read."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.chmod(path, 0o600)  # it may have existed with another mode
 
 
 def write_config(
