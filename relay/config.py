@@ -66,6 +66,12 @@ class ServerConfig:
     submission: tuple[str, ...] = ()
     submissions: tuple[str, ...] = ()
     max_message_size: int = 26_214_400
+    # The header block (every field, not the body) a message may have; Postfix's
+    # header_size_limit is 100 KiB per field, ours bounds the whole block the relay parses.
+    max_header_size: int = 102_400
+    # Message data all sessions together may hold in memory while it arrives; beyond it
+    # (and for any message over 1 MiB) the data goes to a file beside the spool.
+    max_data_memory: int = 67_108_864
     max_recipients: int = 100
     max_connections: int = 1000
     # Connections from one client address (IPv6: one /64) at once; Postfix's
@@ -235,6 +241,9 @@ def _cross_check(config: Config, source: Path) -> None:
             split_hostport(listener)
         except ValueError as exc:
             raise ConfigError(f"{source}: [server] listener {listener!r}: {exc}") from None
+    for name in ("max_message_size", "max_header_size", "max_data_memory"):
+        if getattr(config.server, name) < 1:
+            raise ConfigError(f"{source}: [server] {name}: at least 1 (there is no \"off\")")
     _check_auth(config.auth, source)
     for name in ("max_connections", "max_connections_per_address", "idle_timeout", "pre_auth_timeout"):
         if getattr(config.server, name) <= 0:

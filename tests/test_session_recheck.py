@@ -23,7 +23,9 @@ async def refused_within(client, seconds: float) -> tuple[int, str, float]:
     while time.monotonic() - started < seconds:
         try:
             await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
-        except aiosmtplib.SMTPSenderRefused as exc:
+        except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPDataError) as exc:
+            # at MAIL FROM (535, from the cached recheck) or, when the change lands while
+            # the message is sent, at the end of DATA (554, which asks the keystore itself)
             return exc.code, exc.message, time.monotonic() - started
         await asyncio.sleep(0.05)
     raise AssertionError(f"still sending {seconds}s after the CLI command")
@@ -45,8 +47,8 @@ async def test_open_session_is_cut_off_by_the_cli(h, command, reason):
     assert result.returncode == 0, result.stderr
 
     code, message, after = await refused_within(client, 1.0)
-    assert code == 535
-    assert message.startswith("5.7.8 Authentication credentials invalid: ")
+    assert (code, message.partition(": ")[0]) in (
+        (535, "5.7.8 Authentication credentials invalid"), (554, "5.7.8 Message refused"))
     assert reason in message
     client.close()
     await h.sink.wait_for(1)  # the message sent before the change was delivered
@@ -59,7 +61,7 @@ async def test_expiry_during_an_open_session(h):
     await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
     await asyncio.sleep(0.6)
     code, message, _ = await refused_within(client, 1.0)
-    assert (code, "expired" in message) == (535, True)
+    assert code in (535, 554) and "this auth key has expired" in message
     client.close()
 
 

@@ -9,6 +9,7 @@ or a hook.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from base64 import b64decode
@@ -19,13 +20,18 @@ from keystore.models import Identity
 from relay import maillog, policy, replies
 from relay.auth import Authenticator, split_plain
 from relay.config import Config
-from relay.queue import Queue, QueueItem, SpoolFull, new_queue_id
+from relay.queue import FileBody, Queue, QueueItem, SpoolFull, new_queue_id
 from relay.signing import DkimSigner
+from relay.smtpd.data import MessageBody
 from relay.smtpd.server import AuthLineTooLong, RelaySMTP
 
 __all__ = ["RelayHandler"]
 
 log = logging.getLogger("relay.smtpd")
+
+# A header block longer than this is checked on a thread: the email parser is pure Python
+# (about 1 ms per 10 KB), and other sessions must not wait for it.
+_HEADER_ON_LOOP = 16 * 1024
 
 
 class RelayHandler:
@@ -141,14 +147,22 @@ class RelayHandler:
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         identity: Identity = session.auth_data
-        content: bytes = envelope.original_content or b""
-        if policy.has_bare_line_ending(content):
-            maillog.rejected(session.peer, identity.key_id, replies.BARE_LINE_ENDING)
-            return replies.BARE_LINE_ENDING
-        info = policy.check_headers(identity, content, check_from=self._server_cfg.check_header_from)
+        body: MessageBody = envelope.body  # type: ignore[attr-defined]  # see RelaySMTP.smtp_DATA
+        header = body.header + b"\r\n" if body.header_done else body.header
+        if len(header) > _HEADER_ON_LOOP:  # parsing is pure Python: keep big ones off the loop
+            info = await asyncio.to_thread(
+                policy.check_headers, identity, header, check_from=self._server_cfg.check_header_from)
+        else:
+            info = policy.check_headers(identity, header, check_from=self._server_cfg.check_header_from)
         if isinstance(info, str):
             maillog.rejected(session.peer, identity.key_id, info)
             return info
+        # The key may have been revoked while the message arrived: ask the keystore itself.
+        current = await self._authenticator.recheck(identity, fresh=True)
+        if isinstance(current, str):
+            reply = _refused_at_data(current)
+            maillog.rejected(session.peer, identity.key_id, reply)
+            return reply
         now = time.time()
         queue_id = new_queue_id()
         hostname = self._server_cfg.hostname
@@ -158,11 +172,27 @@ class RelayHandler:
             key_id=identity.key_id, when=now,
         )
         added = policy.missing_headers(info, hostname=hostname, queue_id=queue_id, when=now)
-        signature = await self._signer.sign_async(added + content)
+        try:
+            content: bytes | FileBody
+            if body.on_disk:  # Queue.put closes the FileBody once the spool has it
+                content = FileBody(b"", await body.file_fd(), body.size)
+                try:
+                    signature = await self._sign_file(added, content)
+                except BaseException:
+                    content.close()
+                    raise
+                content.head = trace + signature + added
+                content.size += len(content.head)
+            else:
+                message = body.content()
+                signature = await self._signer.sign_async(added + message)
+                content = trace + signature + added + message
+        except OSError as exc:
+            log.error("cannot read the message back from its file: %s", exc)
+            return replies.SPOOL_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else replies.SPOOL_ERROR
         item = QueueItem(
             id=queue_id, created=now, mail_from=envelope.mail_from, recipients=list(envelope.rcpt_tos),
-            key_id=identity.key_id, mailbox=identity.mailbox, route=identity.route,
-            body=trace + signature + added + content,
+            key_id=identity.key_id, mailbox=identity.mailbox, route=identity.route, body=content,
         )
         try:
             # shielded: if the client drops mid-commit, the commit still completes and the
@@ -176,6 +206,14 @@ class RelayHandler:
             return replies.SPOOL_ERROR
         maillog.queued(session.peer, item)
         return replies.QUEUED.format(queue_id=queue_id)
+
+    async def _sign_file(self, added: bytes, content: FileBody) -> bytes:
+        """A DKIM signature over a message on disk: dkimpy needs it whole in memory, so
+        this is the one step where a big message is read back whole (only with DKIM on)."""
+        if not self._signer.enabled:
+            return b""
+        whole = await asyncio.to_thread(content.read)
+        return await self._signer.sign_async(added + whole)
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("error in SMTP session: %r", error, exc_info=error)
@@ -203,6 +241,16 @@ async def _on_tls(server: RelaySMTP) -> bool:
         await server.push(replies.AUTH_NEEDS_TLS)
         return False
     return True
+
+
+def _refused_at_data(reply: str) -> str:
+    """The recheck's AUTH-style refusal ("535 5.7.8 ...: this auth key has been revoked")
+    as an end-of-data reply that names the same reason."""
+    code, _, text = reply.partition(" ")
+    if code.startswith("4"):
+        return reply  # temporary (keystore unavailable): the client tries again
+    text = text.partition(" ")[2]  # past the enhanced code
+    return replies.REVOKED_DURING_DATA.format(reason=text.partition(": ")[2] or text)
 
 
 def _client_ip(session: Session) -> str:

@@ -17,6 +17,7 @@ from functools import partial
 
 from relay.config import Config, split_hostport
 from relay.smtpd.connections import ImplicitTLSAcceptor
+from relay.smtpd.data import DataLimits, MemoryBudget
 from relay.smtpd.handler import RelayHandler
 from relay.smtpd.server import ConnectionRegistry, RelaySMTP
 
@@ -25,6 +26,9 @@ __all__ = ["Listener", "open_listeners"]
 # Per connection: AUTH at most 3 times (a brake on guessing within one session); every
 # other command unlimited, since a pooled client sends many messages per session.
 _CALL_LIMITS = {"AUTH": 3, "*": 10**9}
+# Messages up to this size are kept in memory while they arrive (within [server]
+# max_data_memory for all sessions together); bigger ones go to disk as they arrive.
+_IN_MEMORY_MESSAGE = 1 << 20
 
 
 @dataclass(slots=True)
@@ -41,15 +45,22 @@ async def open_listeners(
     loop = asyncio.get_running_loop()
     cfg = config.server
     opened: list[Listener] = []
+    assert config.queue is not None
+    limits = DataLimits(
+        message=cfg.max_message_size, header=cfg.max_header_size,
+        in_memory=min(cfg.max_data_memory, _IN_MEMORY_MESSAGE), spool_dir=config.queue.path.parent,
+    )
+    memory = MemoryBudget(cfg.max_data_memory)
 
     def factory(implicit: bool):
         def make() -> RelaySMTP:
             return RelaySMTP(
                 handler,
                 registry=registry,
+                data_limits=limits,
+                memory=memory,
                 hostname=cfg.hostname,
                 ident="keyrelay ESMTP",
-                data_size_limit=cfg.max_message_size,
                 tls_context=None if implicit else tls,
                 auth_require_tls=not implicit,
                 auth_required=False,  # enforced in handle_MAIL with our reply

@@ -7,7 +7,9 @@
 * before AUTH succeeds a session has a shorter idle timeout (`[server] pre_auth_timeout`)
   and a budget of PRE_AUTH_COMMANDS commands (NOOP/RSET/EHLO loops end with 421 4.7.0);
   a STARTTLS handshake has HANDSHAKE_TIMEOUT;
-* `MAIL FROM:<>` gets our policy reply instead of aiosmtpd's syntax error.
+* `MAIL FROM:<>` gets our policy reply instead of aiosmtpd's syntax error;
+* DATA is read by relay/smtpd/data.py (in chunks, to memory or disk), and the handler's
+  `handle_DATA` finds the message as `envelope.body`, a `MessageBody`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from aiosmtpd.smtp import MISSING, SMTP
 
 from relay import internals, replies
 from relay.smtpd.connections import HANDSHAKE_TIMEOUT, ConnectionRegistry, Slot
+from relay.smtpd.data import DataLimits, MemoryBudget, read_data
 
 __all__ = ["AuthLineTooLong", "ConnectionRegistry", "RelaySMTP"]
 
@@ -41,10 +44,13 @@ class AuthLineTooLong(Exception):
 
 class RelaySMTP(SMTP):
     def __init__(
-        self, handler, *, registry: ConnectionRegistry, pre_auth_timeout: float, **kwargs,
+        self, handler, *, registry: ConnectionRegistry, data_limits: DataLimits, memory: MemoryBudget,
+        pre_auth_timeout: float, **kwargs,
     ) -> None:
-        super().__init__(handler, **kwargs)
+        super().__init__(handler, data_size_limit=data_limits.message, **kwargs)
         self._registry = registry
+        self._data_limits = data_limits
+        self._memory = memory
         self._refused = False
         self._slot: Slot | None = None
         self._idle_timeout = float(kwargs.get("timeout", 300))
@@ -87,7 +93,11 @@ class RelaySMTP(SMTP):
     def eof_received(self) -> bool | None:
         if self._refused or self.session is None:  # aiosmtpd's own handler would assert
             return False
-        return super().eof_received()
+        super().eof_received()
+        # aiosmtpd has just cancelled the session's task, but asks to keep a plain
+        # transport open: a client whose FIN came before the greeting (a port probe) then
+        # held its slot until the idle timer. Nothing more can happen here: close.
+        return False
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """aiosmtpd restarts its idle timer with this (at connect and every command): the
@@ -145,6 +155,38 @@ class RelaySMTP(SMTP):
             await self.push(reply)
             return
         await super().smtp_MAIL(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA command with our reading (see relay/smtpd/data.py)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            result = await read_data(self._reader, self._data_limits, self._memory, self._reset_timeout)
+        except asyncio.IncompleteReadError:  # the client closed mid-message: nothing to answer
+            self._set_post_data_state()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if result.body is None:
+            self._set_post_data_state()
+            await self.push(result.reply or replies.SPOOL_ERROR)
+            return
+        envelope = self.envelope
+        envelope.body = result.body  # type: ignore[attr-defined]
+        try:
+            status = await self.event_handler.handle_DATA(self, self.session, envelope)
+        finally:
+            result.body.close()
+            self._set_post_data_state()
+        await self.push(status)
 
     # ------------------------------------------------------------------ AUTH
 
