@@ -1,7 +1,7 @@
 """`relay`: run the relay, and the small operator commands around it.
 
-Exit status: 0 done, 1 runtime failure, 2 configuration or usage error (systemd's
-RestartPreventExitStatus=2 keeps a broken config from restart-looping).
+Exit status: 0 done, 1 runtime failure, 2 configuration or usage error, or a spool file
+that cannot be used (systemd's RestartPreventExitStatus=2 keeps either from restart-looping).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from keystore.keys import PepperError
 from keystore.store import KeystoreUnavailable
 from relay.config import ConfigError, check_secret_files, load_config, resolve_config_path
 from relay.maillog import KeyRedactor
+from relay.queue.sqlite import SpoolUnusable
 from relay.queue.store import SpoolBusy, SpoolError
 from relay.queuecli import QueueRefused, add_queue_parser, run_queue_command
 
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         check_secret_files(config)
         run(config)
-    except ConfigError as exc:
+    except (ConfigError, SpoolUnusable) as exc:  # waiting will not fix either: no restart loop
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     except (QueueRefused, SpoolBusy, SpoolError) as exc:

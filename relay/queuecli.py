@@ -20,7 +20,7 @@ from pathlib import Path
 
 from relay.delivery.replytext import clean
 from relay.queue.model import Change, MessageHeld, MessageInfo, UnknownMessage, format_age
-from relay.queue.sqlite import SqliteQueueStore
+from relay.queue.sqlite import SpoolUnusable, SqliteQueueStore
 from relay.queue.store import SpoolError
 
 __all__ = ["QueueRefused", "add_queue_parser", "run_queue_command"]
@@ -53,6 +53,8 @@ def run_queue_command(spool_path: Path, args: argparse.Namespace) -> int:
         return asyncio.run(_run(spool_path, args))
     except (UnknownMessage, MessageHeld) as exc:
         raise QueueRefused(str(exc)) from None
+    except SpoolUnusable:
+        raise  # names the file already; the CLI exits 2 on it
     except SpoolError as exc:
         text = str(exc)
         raise QueueRefused(text if text.startswith(str(spool_path)) else f"{spool_path}: {text}") from None

@@ -16,11 +16,16 @@ old `message` must not cascade to its recipients).
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 
 from keystore.schema import run_migrations
 
-__all__ = ["MIGRATIONS", "migrate"]
+__all__ = ["MIGRATIONS", "SchemaDamaged", "check_tables", "migrate"]
+
+
+class SchemaDamaged(sqlite3.DatabaseError):
+    """The file says it is at a version whose tables it does not have."""
 
 MIGRATIONS: list[str] = [
     # 1: the schema before versioning
@@ -84,3 +89,29 @@ MIGRATIONS: list[str] = [
 
 def migrate(conn: sqlite3.Connection) -> int:
     return run_migrations(conn, MIGRATIONS, what="spool")
+
+
+def check_tables(conn: sqlite3.Connection) -> None:
+    """SchemaDamaged if a table or column the queue uses is missing: a file whose version
+    matches but whose tables were dropped or altered (by hand, another program, a partial
+    restore). Found at open, such a file stops the start with one clear line instead of
+    failing on the first query of a running relay."""
+    for table, wanted in _newest_tables().items():
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if not present:
+            raise SchemaDamaged(f"spool table {table!r} is missing")
+        if missing := sorted(wanted - present):
+            raise SchemaDamaged(f"spool table {table!r} lacks column(s) {', '.join(missing)}")
+
+
+@functools.cache
+def _newest_tables() -> dict[str, frozenset[str]]:
+    """Table -> columns of a spool made by MIGRATIONS, so the check never lags behind them."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        migrate(conn)
+        names = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {name: frozenset(row[1] for row in conn.execute(f"PRAGMA table_info({name})"))
+                for name in names}
+    finally:
+        conn.close()

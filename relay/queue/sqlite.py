@@ -44,10 +44,10 @@ from relay.queue.model import (
     SpooledBody,
     UnknownMessage,
 )
-from relay.queue.schema import migrate
+from relay.queue.schema import SchemaDamaged, check_tables, migrate
 from relay.queue.store import SpoolBusy, SpoolError, SpoolFull
 
-__all__ = ["SqliteQueueStore"]
+__all__ = ["SpoolUnusable", "SqliteQueueStore"]
 
 log = logging.getLogger("relay.queue")
 
@@ -59,6 +59,19 @@ _OP_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.Interfac
 _WHOLE_BODY = 1 << 20
 _BODY_HEAD = 256 * 1024
 _UNFINISHED = "(status = 'pending' OR (status = 'failed' AND notified = 0))"
+
+
+class SpoolUnusable(SpoolError):
+    """The spool file cannot be used at all (not a database, damaged, a schema this program
+    does not know, a path it cannot open): waiting will not fix it, an operator must. The
+    relay exits 2 on it, which systemd does not restart (deploy/relay.service)."""
+
+
+# sqlite primary result codes that say the file, not the moment, is the problem
+_SQLITE_ERROR, _SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CORRUPT, _SQLITE_CANTOPEN, _SQLITE_NOTADB = (
+    1, 3, 8, 11, 14, 26)
+_DAMAGED = "restore it from a backup, or move it aside to start with an empty spool"
+_NOT_OPENABLE = "check that it is a file the relay's user can read and write, in a folder it can write"
 
 
 class SqliteQueueStore:
@@ -88,7 +101,11 @@ class SqliteQueueStore:
             await store._run(store._reader, store._open_reader)
         except sqlite3.Error as exc:
             await store.close()
-            raise SpoolError(f"{path}: {exc}") from None
+            raise _open_error(path, exc) from None
+        except PermissionError as exc:
+            await store.close()
+            reason = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+            raise SpoolUnusable(f"{path}: the spool cannot be opened ({reason}); {_NOT_OPENABLE}") from None
         except BaseException:
             await store.close()
             raise
@@ -138,6 +155,7 @@ class SqliteQueueStore:
         enable_wal(conn)
         conn.execute("PRAGMA synchronous=FULL")
         migrate(conn)  # with foreign keys off: a rebuilt table must not cascade (schema.py)
+        check_tables(conn)
         conn.execute("PRAGMA foreign_keys=ON")
         self._wconn = conn
 
@@ -506,6 +524,21 @@ def _messages(conn: sqlite3.Connection, message_id: str | None, running: bool) -
                     in_flight=running and r[10] is not None, size=r[11], recipients=recipients[r[0]])
         for r in rows
     ]
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> SpoolError:
+    """What opening the spool failed with: SpoolUnusable when the file itself is the problem
+    (the relay exits 2 on it), else a SpoolError worth retrying (busy, disk full, I/O)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = None if code is None else code & 0xFF
+    if "newer than this program" in str(exc):
+        return SpoolUnusable(f"{path}: the spool cannot be used: {exc}; run the relay version that wrote it")
+    if isinstance(exc, SchemaDamaged) or primary in (_SQLITE_ERROR, _SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return SpoolUnusable(f"{path}: the spool cannot be used: {exc}; {_DAMAGED}")
+    if primary in (_SQLITE_CANTOPEN, _SQLITE_PERM, _SQLITE_READONLY):
+        return SpoolUnusable(f"{path}: the spool cannot be opened: {exc}; {_NOT_OPENABLE}")
+    classified = _classify(exc)
+    return type(classified)(f"{path}: {classified}")
 
 
 def _classify(exc: Exception) -> Exception:
