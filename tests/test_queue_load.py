@@ -137,3 +137,37 @@ async def test_ten_thousand_queued_messages_cost_the_relay_little_memory(tmp_pat
     finally:
         relay.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(relay.wait(), 15) == 0
+
+
+async def test_a_25_mib_message_costs_the_relay_less_than_twice_its_size(tmp_path):
+    """Accepted, spooled and delivered: the relay's peak RSS grows by under 2x the message
+    (aiosmtpd's own DATA reading and aiosmtplib's DATA took about 6x)."""
+    async with Sink() as sink:
+        port = free_port()
+        config_path, secret = await prepare_relay_folder(tmp_path, sink.port, port, '["1s"]')
+        text = config_path.read_text()
+        assert "max_message_size" not in text
+        limit = "rate_per_minute = 0\nmax_message_size = 31457280"
+        config_path.write_text(text.replace("rate_per_minute = 0", limit))
+        relay = await start_relay_process(config_path, port)
+        try:
+            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True,
+                                     tls_context=client_tls(tmp_path), timeout=60)
+            await client.connect()
+            await client.login("alice@example.com", secret)
+            small = b"From: alice@example.com\r\nSubject: warm\r\n\r\nhello\r\n"
+            await client.sendmail("alice@example.com", ["bob@example.net"], small)
+            await sink.wait_for(1)
+            before = rss_kib(relay.pid, "VmHWM")
+            line = b"y" * 76 + b"\r\n"
+            big = b"From: alice@example.com\r\nSubject: big\r\n\r\n" + line * (25 * 1024 * 1024 // len(line))
+            await client.sendmail("alice@example.com", ["bob@example.net"], big)
+            await client.quit()
+            messages = await sink.wait_for(2, timeout=60)
+            grown = (rss_kib(relay.pid, "VmHWM") - before) * 1024
+            assert messages[1].data.endswith(big)
+            print(f"\nrelay peak RSS grew by {grown / 2**20:.1f} MiB for {len(big) / 2**20:.1f} MiB")
+            assert grown < 2 * len(big)
+        finally:
+            relay.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(relay.wait(), 15) == 0
