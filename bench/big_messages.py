@@ -64,7 +64,8 @@ class Relay:
         self.count_file = folder / "sink.count"
 
     async def __aenter__(self) -> Relay:
-        config = CONFIG.format(port=self.port, sink_port=self.sink_port, upstream_connections=20)
+        config = CONFIG.format(port=self.port, sink_port=self.sink_port, upstream_connections=20,
+                               per_address="max_connections_per_address = 100")
         config = config.replace("rate_per_minute = 0", "rate_per_minute = 0\nmax_message_size = 31457280")
         (self.folder / "relay.toml").write_text(config)
         for stale in self.folder.glob("spool.db*"):

@@ -110,6 +110,15 @@ async def test_refusals_come_after_the_whole_message_and_leave_the_stream_in_ste
         assert (result.reply, content, rest) == (reply, None, b"NOOP\r\n")
 
 
+async def test_a_client_that_keeps_sending_far_past_the_limit_is_answered_and_hung_up_on(tmp_path):
+    line = b"x" * 98 + b"\r\n"
+    result, content, rest = await read_split(tmp_path, b"A: b\r\n\r\n" + line * 2000, [100_000])
+    assert (result.reply, result.hang_up) == (replies.TOO_BIG, True)
+    assert rest, "reading stopped before the end"
+    result, _, _ = await read_split(tmp_path, b"A: b\r\n\r\n" + line * 150 + b".\r\n", [])
+    assert (result.reply, result.hang_up) == (replies.TOO_BIG, False)
+
+
 async def test_a_header_block_exactly_at_the_limit_passes(tmp_path):
     header = b"A: " + b"x" * 195 + b"\r\n"
     assert len(header) == 200
@@ -150,6 +159,15 @@ async def test_a_header_block_over_the_limit_is_refused_and_the_session_goes_on(
         await session.close()
         (received,) = await h.sink.wait_for(1)
         assert b"X-Filler" not in received.data
+
+
+async def test_a_flood_past_the_size_limit_gets_552_and_the_connection_closed(relay_with):
+    async with relay_with(server="max_message_size = 100000") as h:
+        session = await alice(h, starttls=True)
+        await session.start_message()
+        session.writer.write(f"From: {ALICE}\r\n\r\n".encode() + (b"z" * 998 + b"\r\n") * 300)
+        assert await session.reply() == replies.TOO_BIG
+        assert await asyncio.wait_for(session.reader.read(), 5) == b""  # closed
 
 
 async def test_commands_pipelined_after_the_message_are_answered(h):

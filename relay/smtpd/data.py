@@ -33,9 +33,12 @@ from relay.internals import reader_limit
 
 __all__ = ["CHUNK", "DataLimits", "DataResult", "MemoryBudget", "MessageBody", "read_data"]
 
-CHUNK = 256 * 1024  # the most read from the stream at once (and the stream's pause level)
+CHUNK = 64 * 1024  # the most read from the stream at once (the stream pauses at twice this)
 _END = b"\r\n.\r\n"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# A refused message is read to its end, so the reply reaches a client that only reads
+# after sending; but no further than this many times the size limit.
+_DRAIN_LIMIT_FACTOR = 2
 
 
 class MemoryBudget:
@@ -136,6 +139,7 @@ class MessageBody:
 class DataResult:
     body: MessageBody | None  # None when `reply` refuses the message
     reply: str | None = None
+    hang_up: bool = False  # the client sent far past the size limit: answer, then close
 
 
 class _Reading:
@@ -145,7 +149,8 @@ class _Reading:
         self.limits = limits
         self.body: MessageBody | None = MessageBody(limits, budget)
         self.reply: str | None = None
-        self.received = 0
+        self.received = 0  # bytes of whole lines, as counted against the size limit
+        self.drained = 0  # every byte read, refused or not
         self._header = bytearray()
 
     def fail(self, reply: str) -> None:
@@ -212,7 +217,7 @@ async def read_data(
         state.fail(replies.SPOOL_ERROR)  # releases the body; the caller sees the error
         raise
     if state.reply is not None:
-        return DataResult(None, state.reply)
+        return DataResult(None, state.reply, hang_up=state.drained > _DRAIN_LIMIT_FACTOR * limits.message)
     assert state.body is not None
     return DataResult(state.body)
 
@@ -249,6 +254,9 @@ async def _read_rest(
             chunk = await reader.read(exc.consumed)
             last = False
         on_progress()
+        state.drained += len(chunk)
+        if state.reply is not None and state.drained > _DRAIN_LIMIT_FACTOR * state.limits.message:
+            return  # refused long ago and still sending: stop reading, the session ends
         data = carry + chunk if carry else chunk
         if last:
             await state.lines(data[:-3])

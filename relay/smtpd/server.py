@@ -178,6 +178,8 @@ class RelaySMTP(SMTP):
         if result.body is None:
             self._set_post_data_state()
             await self.push(result.reply or replies.SPOOL_ERROR)
+            if result.hang_up and self.transport is not None:
+                self.transport.close()
             return
         envelope = self.envelope
         envelope.body = result.body  # type: ignore[attr-defined]
