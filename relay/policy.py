@@ -41,9 +41,12 @@ _NOT_IN_TRACE = re.compile(r"[^\x21-\x7e]")
 # that the recipient's software shows.
 _FIELD_OR_FOLD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:|[ \t]")
 # What a reader could take for an address anywhere in a sender field (display name,
-# comment, the address itself): text@text without spaces or address punctuation.
-_SHOWN_ADDRESS = re.compile(r"[^\s<>()\[\]\",;:@\\]+@[^\s<>()\[\]\",;:@\\]+")
+# comment, the address itself) is a word between these separators with text on both sides
+# of an "@". Split, not searched for: a search for text@text backtracks quadratically
+# over a long run of text without an "@".
+_WORD_SEPARATORS = re.compile(r"[\s<>()\[\]\",;:\\]+")
 _AROUND_ADDRESS = "'.!?"  # "Write to 'me@example.com'!": quotes and punctuation around it
+_FOLD = re.compile(r"\r\n(?=[ \t])")
 # Sender fields, each group with the reply that refuses it. Every one names who sent the
 # message to a reader, so each must be the authenticated mailbox or an alias.
 _SENDER_FIELDS = (
@@ -93,28 +96,36 @@ def check_headers(identity: Identity, content: bytes, *, check_from: bool) -> He
         for names, not_owned, name_not_owned in _SENDER_FIELDS:
             fields = [_field_text(v) for name in names for v in headers.get_all(name, [])]
             for field in fields:  # an empty field names nobody the reader could check
-                addresses = email.utils.getaddresses([field])
+                try:
+                    addresses = email.utils.getaddresses([field])
+                except RecursionError:  # comments nested thousands deep: no sender we can tell
+                    return not_owned
                 if not addresses or not all(a and sender_allowed(identity, a) for _, a in addresses):
                     return not_owned
             for field in fields:
                 shown = _shown_text(field)
                 if shown is None:
                     return replies.HEADER_UNDECODABLE
-                if not all(_shown_address_allowed(identity, a) for a in _SHOWN_ADDRESS.findall(shown)):
+                if not all(_shown_address_allowed(identity, w) for w in _WORD_SEPARATORS.split(shown)):
                     return name_not_owned
     return HeaderInfo("Date" in headers, "Message-ID" in headers)
 
 
-def _shown_address_allowed(identity: Identity, text: str) -> bool:
-    return sender_allowed(identity, text) or sender_allowed(identity, text.strip(_AROUND_ADDRESS))
+def _shown_address_allowed(identity: Identity, word: str) -> bool:
+    """A shown word is fine unless it reads as an address (text@text) that is not owned."""
+    local, _, domain = word.strip(_AROUND_ADDRESS).partition("@")
+    if not local or not domain:  # no "@", or "@handle", "name@": not an address
+        return True
+    return sender_allowed(identity, word) or sender_allowed(identity, word.strip(_AROUND_ADDRESS))
 
 
 def _field_text(value: str | Header) -> str:
-    """A field's raw text. compat32 hands a field with 8-bit bytes back as a Header of
-    "unknown-8bit" chunks; those bytes are most likely UTF-8 (RFC 6532), as readers assume."""
+    """A field's text, unfolded (RFC 5322 2.2.3: getaddresses cuts a quoted display name
+    at a fold). compat32 hands a field with 8-bit bytes back as a Header of "unknown-8bit"
+    chunks; those bytes are most likely UTF-8 (RFC 6532), as readers assume."""
     if isinstance(value, Header):
-        return "".join(_chunk_text(chunk, charset) for chunk, charset in decode_header(value))
-    return value
+        value = "".join(_chunk_text(chunk, charset) for chunk, charset in decode_header(value))
+    return _FOLD.sub("", value)
 
 
 def _shown_text(field: str) -> str | None:

@@ -38,8 +38,10 @@ async def refused_with(h, header_block: bytes, *, aliases=()) -> tuple[int, str]
     '"eve＠evil.example" <alice@example.com>'.join(["From: ", ""]).encode(),  # fullwidth at, 8-bit
     b"From: alice@example.com (eve@evil.example)",  # a comment some readers show as the name
     b"From: alice@example.com\r\nSender: \"eve@evil.example\" <alice@example.com>",
+    b'From: "alice@example.com@evil.example" <alice@example.com>',
+    b'From: "Support team\r\n eve@evil.example" <alice@example.com>',  # folded
 ], ids=["quoted", "b-word", "q-word-angle", "split-words", "word-in-quotes", "utf-7",
-        "zero-width", "fullwidth-at", "comment", "sender"])
+        "zero-width", "fullwidth-at", "comment", "sender", "double-at", "folded"])
 async def test_a_display_name_showing_another_address_is_refused(h, from_field):
     assert await refused_with(h, from_field + b"\r\n") == split(replies.HEADER_FROM_NAME_NOT_OWNED)
 
@@ -51,7 +53,9 @@ async def test_a_display_name_showing_another_address_is_refused(h, from_field):
     b"From:",
     b"From: (Alice)",
     b"From: alice@example.com\r\nSender:",
-], ids=["foreign-address", "unquoted-name", "bare-at-in-word", "empty", "comment-only", "empty-sender"])
+    b"From: alice@example.com " + b"\r\n ".join([b"(x" * 200] * 10 + [b")" * 400] * 5),  # nested 2000 deep
+], ids=["foreign-address", "unquoted-name", "bare-at-in-word", "empty", "comment-only", "empty-sender",
+        "nested-comments"])
 async def test_a_foreign_or_missing_address_keeps_its_own_reply(h, from_field):
     """The address itself is checked first: a foreign one or none at all (an empty field
     shows the reader nobody) is refused with the reply about the address."""
@@ -77,6 +81,8 @@ async def test_ordinary_display_names_are_delivered(h):
         b"=?iso-8859-1?q?J=F6rg?= <alice@example.com>",
         b"alice@example.com (Alice at work)",
         b'"C:\\\\users" <alice@example.com>',
+        b'"Jane Doe (@jane, jane@)" <alice@example.com>',  # handles and a stray "@" are no address
+        b'"Alice, Head of\r\n Sales" <alice@example.com>',  # a quoted name folded over two lines
     ]
     client, _ = await alice_session(h, aliases=["sales@example.com"])
     for number, from_field in enumerate(froms):
@@ -85,6 +91,18 @@ async def test_ordinary_display_names_are_delivered(h):
     received = await h.sink.wait_for(len(froms))
     assert sorted(m.text.split("Subject: ")[1].split("\r\n")[0] for m in received) == sorted(
         str(n) for n in range(len(froms)))
+
+
+async def test_a_long_display_name_is_checked_quickly(h):
+    """48,000 characters shown as one word (encoded words are joined when decoded): the
+    check stays linear, so the reply comes within the client's timeout."""
+    words = b"\r\n ".join([b"=?utf-8?q?" + b"a" * 60 + b"?="] * 800)
+    client, _ = await alice_session(h)
+    await client.sendmail(ALICE, [BOB], b"From: " + words + b"\r\n <alice@example.com>\r\n"
+                                        b"Subject: long\r\n\r\nx\r\n")
+    await client.quit()
+    (received,) = await h.sink.wait_for(1)
+    assert "Subject: long" in received.text
 
 
 # ------------------------------------------------------------------ Resent-*
