@@ -490,13 +490,15 @@ async def test_database_and_pepper_files_are_private(tmp_path):
         await store.close()
 
 
-async def test_world_readable_pepper_is_refused(tmp_path):
+@pytest.mark.parametrize("mode", [0o644, 0o640], ids=lambda mode: f"{mode:04o}")
+async def test_pepper_readable_by_other_users_is_refused(tmp_path, mode):
     store = await open_store(tmp_path)
     await store.close()
-    (tmp_path / "pepper").chmod(0o644)
-    with pytest.raises(PepperError, match="world-accessible"):
+    (tmp_path / "pepper").chmod(mode)
+    refusal = f"pepper file has mode {mode:04o}, .*run `chmod 600 "
+    with pytest.raises(PepperError, match=refusal):
         await open_store(tmp_path, create=False)
-    with pytest.raises(PepperError, match="world-accessible"):
+    with pytest.raises(PepperError, match=refusal):
         await open_store(tmp_path, create=True)
 
 
