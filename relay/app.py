@@ -17,7 +17,7 @@ from collections.abc import Callable
 from keystore.store import KeyStore
 from relay import replies
 from relay.auth import Authenticator, FailureLimiter
-from relay.config import Config, ConfigError
+from relay.config import Config, ConfigError, check_secret_files
 from relay.delivery.courier import Courier
 from relay.delivery.routing import Router, make_couriers
 from relay.fdlimit import ensure_fd_limit
@@ -52,6 +52,7 @@ class Relay:
         if cfg.queue is None or cfg.routing is None or cfg.tls is None:
             missing = [n for n in ("tls", "queue", "routing") if getattr(cfg, n) is None]
             raise ConfigError(f"{cfg.source}: [{missing[0]}]: required to run the relay")
+        check_secret_files(cfg)
         ensure_fd_limit(cfg)
         tls = server_context(cfg.tls)
         limit_tls_buffers()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from keystore.keys import PepperError
 from keystore.store import KeystoreUnavailable
-from relay.config import ConfigError, check_secret_files, load_config, resolve_config_path
+from relay.config import ConfigError, load_config, resolve_config_path
 from relay.maillog import KeyRedactor
 from relay.queue.sqlite import SpoolUnusable
 from relay.queue.store import SpoolBusy, SpoolError
@@ -78,8 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_queue_command(config.queue.path, args)
         from relay.app import run
 
-        check_secret_files(config)
-        run(config)
+        run(config)  # Relay.start checks the secret files first
     except (ConfigError, SpoolUnusable) as exc:  # waiting will not fix either: no restart loop
         print(f"relay: {exc}", file=sys.stderr)
         return 2

@@ -19,7 +19,6 @@ import errno
 import logging
 import os
 import re
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
@@ -31,6 +30,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from keystore.secretfile import secret_file_problem
 from relay.config import ConfigError, DkimConfig
 
 __all__ = ["DkimSigner", "generate_key", "txt_record"]
@@ -150,13 +150,9 @@ def _load_key(path: Path, where: str) -> tuple[bytes, bytes]:
         raise ConfigError(f"{where}: {path}: cannot open: {exc.strerror}") from None
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{where}: {path}: not a regular file")
-        if info.st_mode & 0o077:
-            raise ConfigError(
-                f"{where}: {path}: mode {stat.S_IMODE(info.st_mode):04o} lets other users read or "
-                f"change the private key; run `chmod 600 {path}`"
-            )
+        problem = secret_file_problem(path, info, "private key")
+        if problem is not None:
+            raise ConfigError(f"{where}: {problem}")
         try:
             data = os.read(fd, 1 << 20)
         except OSError as exc:

@@ -90,3 +90,17 @@ async def test_secret_files_0600_or_stricter_let_the_relay_start(tmp_path):
     proc = await start_relay_process(config, port)
     proc.terminate()
     assert await proc.wait() == 0
+
+
+async def test_the_relay_started_in_process_checks_the_password_file_too(tmp_path):
+    """Relay.start (what `relay serve` runs, and what an embedding program would call)
+    refuses it itself, not only the command line."""
+    from relay.app import Relay
+    from relay.config import ConfigError
+
+    config = await relay_folder(tmp_path)
+    (tmp_path / "provider-password").chmod(0o644)
+    relay = Relay(load_config(config))
+    with pytest.raises(ConfigError, match="the password file has mode 0644"):
+        await relay.start()
+    await relay.stop(grace=0)
