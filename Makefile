@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/keystore_auth.py
 	$(BIN)/python bench/auth_timing.py
 	$(BIN)/python bench/spool.py
+	$(BIN)/python bench/connections.py
 	$(BIN)/python bench/submission.py
 
 clean:

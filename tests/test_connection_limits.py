@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import socket
 import ssl
 import sys
 import time
@@ -318,3 +319,24 @@ def _second_loopback_address():
         except OSError:
             pytest.skip(f"{OTHER} is not a local address here")
 
+
+
+async def test_a_half_closed_connection_gives_its_slot_back(relay_with):
+    """A client that shuts its side (FIN) can send no more commands: the session is over
+    and its slot free, not held until the idle timer."""
+    async with relay_with(server="max_connections = 1") as h:
+        for wait_for_greeting in (True, False):
+            if wait_for_greeting:
+                leaving = await Raw.open(h.port)
+                assert await leaving.greeting() == GREETING
+                leaving.writer.write_eof()
+            else:  # a port probe: its FIN is there before the relay has even accepted
+                probe = socket.create_connection(("127.0.0.1", h.port))
+                probe.shutdown(socket.SHUT_WR)
+                leaving = Raw(*await asyncio.open_connection(sock=probe))
+            assert await leaving.closed_by_relay(within=2)
+            await counted(h, 0)
+            staying = await Raw.open(h.port)
+            assert await staying.greeting() == GREETING
+            await staying.wait_closed()
+            await counted(h, 0)
