@@ -90,7 +90,7 @@ class ConnectionRegistry:
     limit: int
     per_address: int
     live: set[RelaySMTP] = field(default_factory=set)  # sessions (greeted)
-    handshakes: set[ImplicitTLSAcceptor] = field(default_factory=set)  # 465, TLS not done
+    handshakes: set[ImplicitTLSAcceptor] = field(default_factory=set)  # 465, TLS not done yet
     refusals_in_tls: int = 0
     _count: int = 0
     _by_key: dict[str, int] = field(default_factory=dict)
@@ -99,10 +99,6 @@ class ConnectionRegistry:
     def count(self) -> int:
         """Connections holding a slot: sessions and handshakes in progress."""
         return self._count
-
-    @property
-    def full(self) -> bool:
-        return self._count >= self.limit
 
     def refusal(self, peer: object) -> str | None:
         """The 421 for a new connection from `peer`, or None if it may have a slot."""
@@ -172,6 +168,7 @@ class ImplicitTLSAcceptor(asyncio.Protocol):
             handshake.add_done_callback(lambda done: self._session_handshake_done(done, session, slot))
         elif self._registry.refusals_in_tls < REFUSALS_OVER_TLS:
             self._registry.refusals_in_tls += 1
+            self._registry.handshakes.add(self)
             handshake = internals.start_server_tls(
                 transport, _Refusal(refusal), self._tls, handshake_timeout=HANDSHAKE_TIMEOUT,
             )
@@ -194,6 +191,7 @@ class ImplicitTLSAcceptor(asyncio.Protocol):
 
     def _refusal_done(self, done: asyncio.Future[None]) -> None:
         self._registry.refusals_in_tls -= 1
+        self._registry.handshakes.discard(self)
         self._transport = None
         if not done.cancelled():
             done.exception()  # retrieved: a failed refusal is nothing to report
