@@ -129,7 +129,7 @@ class RawClient:
             "127.0.0.1", port, local_addr=local, ssl=tls if implicit else None,
             server_hostname="relay.test" if implicit else None), 5)
         preamble = await _reply(reader) if greeting else b""
-        if starttls:
+        if starttls and preamble.startswith(b"220 "):  # not refused (421) at the greeting
             assert tls is not None
             for command in (b"EHLO client.example\r\n", b"STARTTLS\r\n"):
                 writer.write(command)
