@@ -20,13 +20,15 @@ from aiosmtpd.smtp import SMTP
 from aiosmtplib.response import SMTPResponse
 
 __all__ = [
-    "REQUIRED", "data_in_chunks", "first_connection_made", "reader_limit", "start_server_tls",
-    "wrap_commands",
+    "REQUIRED", "buffered", "data_in_chunks", "first_connection_made", "reader_limit",
+    "start_server_tls", "wrap_commands",
 ]
 
 # (object description, attribute) pairs the functions below rely on; the test checks them.
 REQUIRED = [
     ("asyncio.StreamReader instance", "_limit"),
+    # the bytearray of what the stream holds and has not handed out (buffered() peeks at it)
+    ("asyncio.StreamReader instance", "_buffer"),
     # RelaySMTP overrides this method (aiosmtpd calls it at connect and before every
     # command) to pick the idle timeout by auth state; its signature is (duration=None).
     ("aiosmtpd.smtp.SMTP", "_reset_timeout"),
@@ -58,6 +60,16 @@ def reader_limit(reader: asyncio.StreamReader, limit: int) -> Iterator[None]:
         yield
     finally:
         reader._limit = before  # type: ignore[attr-defined]
+
+
+def buffered(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """Up to `limit` bytes the stream holds and has not handed out, left in it (a peek).
+
+    StreamReader has none. DATA needs one where the end-of-data marker may have begun in
+    bytes already read (relay/smtpd/data.py): only a look at what follows tells how far
+    it may read at once without reading past the marker into the client's next command.
+    """
+    return bytes(reader._buffer[:limit])  # type: ignore[attr-defined]
 
 
 def first_connection_made(server: SMTP) -> bool:

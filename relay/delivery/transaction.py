@@ -78,6 +78,8 @@ async def transaction(
             else:  # a big message: sent as it is read from the spool
                 response = await data_in_chunks(client, body.chunks(), timeout=client.timeout)
         except aiosmtplib.SMTPDataError as exc:  # refused at DATA or at its end: RSET to reuse
+            if exc.code < 400:  # a 2xx/3xx where 354 (or the final 250) was due: no delivery
+                return Result(_out_of_step(outcomes, accepted, upstream, exc), _dropped(client))
             outcomes.update(dict.fromkeys(accepted, outcome_for_reply(exc.code, exc.message)))
             return Result(outcomes, await _reset(client))
         outcomes.update(dict.fromkeys(accepted, outcome_for_reply(response.code, response.message)))
@@ -100,3 +102,22 @@ async def _reset(client: aiosmtplib.SMTP) -> bool:
         client.close()
         return False
     return client.is_connected
+
+
+def _out_of_step(
+    outcomes: dict[str, Outcome], accepted: list[str], upstream: str, exc: aiosmtplib.SMTPDataError,
+) -> dict[str, Outcome]:
+    """aiosmtplib raises SMTPDataError for any reply to DATA but 354, and for any final
+    reply but 250: a 2xx or 3xx there (a broken upstream, or one that means something
+    else) said nothing of the message being taken. Deferred, never "sent": a retry may duplicate a
+    message, but must not lose one."""
+    trouble = Outcome(Status.DEFERRED, f"451 4.5.0 {upstream} answered DATA out of sequence: "
+                                       f"{exc.code} {exc.message}")
+    return outcomes | dict.fromkeys(accepted, trouble)
+
+
+def _dropped(client: aiosmtplib.SMTP) -> bool:
+    """Close a session whose state is unknown (the upstream may still be reading a message
+    into which a RSET and the next transaction would go); never reused."""
+    client.close()
+    return False

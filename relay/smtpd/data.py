@@ -11,7 +11,8 @@ unstuffed with a few C-speed passes, then appended to a `MessageBody`:
 
 The rules are aiosmtpd's: the end is CRLF.CRLF; a leading dot is removed from every line
 (RFC 5321 section 4.5.2); a line longer than 1000 bytes with its CRLF is refused (section
-4.5.3.1.6); past the size limit the rest is read and dropped, then 552. Ours on top: any
+4.5.3.1.6); past the size limit (the size SIZE counts, RFC 1870: without the doubled
+dots) the rest is read and dropped, then 552. Ours on top: any
 CR or LF not in a CRLF pair is refused (SMTP smuggling), and a header block longer than
 the header limit is refused with 552 5.3.4 (the header is what the relay parses, so its
 size bounds the CPU a message can cost). Errors are answered once the client has sent
@@ -21,6 +22,7 @@ the whole message, as RFC 5321 section 4.2.5 implies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import tempfile
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay import replies
-from relay.internals import reader_limit
+from relay.internals import buffered, reader_limit
 
 __all__ = ["CHUNK", "DataLimits", "DataResult", "MemoryBudget", "MessageBody", "read_data"]
 
@@ -61,7 +63,7 @@ class MemoryBudget:
 
 @dataclass(frozen=True, slots=True)
 class DataLimits:
-    message: int  # bytes of message data (before unstuffing), as SIZE advertises
+    message: int  # bytes of the message (unstuffed, with its CRLFs), as SIZE counts them
     header: int  # bytes of the header block: its fields with their CRLFs, not the blank line
     in_memory: int  # the largest message kept in memory rather than on disk
     spool_dir: Path  # where bigger messages are written while they arrive
@@ -100,16 +102,25 @@ class MessageBody:
         await asyncio.to_thread(self._file.write, block)
 
     async def _spill(self) -> None:
+        memory, folder = self._memory, self.limits.spool_dir
+
         def spill() -> tempfile._TemporaryFileWrapper:  # type: ignore[type-arg]
-            file = tempfile.TemporaryFile(dir=self.limits.spool_dir, prefix="incoming-")
+            file = tempfile.TemporaryFile(dir=folder, prefix="incoming-")
             try:
-                file.write(self._memory)
+                file.write(memory)
             except BaseException:
-                file.close()
+                _discard(file)
                 raise
             return file
 
-        self._file = await asyncio.to_thread(spill)
+        # The session may be cancelled (its client gone) while the thread writes: the file
+        # the thread then returns is nobody's, and was left for the garbage collector.
+        made = asyncio.get_running_loop().run_in_executor(None, spill)
+        try:
+            self._file = await asyncio.shield(made)
+        except asyncio.CancelledError:
+            made.add_done_callback(_discard_made)
+            raise
         self._drop_memory()
 
     def _drop_memory(self) -> None:
@@ -130,9 +141,23 @@ class MessageBody:
 
     def close(self) -> None:
         self._drop_memory()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:
+            _discard(file)
+
+
+def _discard_made(made: asyncio.Future[tempfile._TemporaryFileWrapper]) -> None:  # type: ignore[type-arg]
+    """Close the file a spill made for a session that was cancelled meanwhile."""
+    if not made.cancelled() and made.exception() is None:
+        _discard(made.result())
+
+
+def _discard(file: tempfile._TemporaryFileWrapper) -> None:  # type: ignore[type-arg]
+    """Close a message file whose content is done with. Closing flushes what is still
+    buffered, which fails again on a full disk; the fd is closed all the same, and the
+    error must not escape: it would end DATA without its reply or the session's reset."""
+    with contextlib.suppress(OSError):
+        file.close()
 
 
 @dataclass(slots=True)
@@ -149,7 +174,7 @@ class _Reading:
         self.limits = limits
         self.body: MessageBody | None = MessageBody(limits, budget)
         self.reply: str | None = None
-        self.received = 0  # bytes of whole lines, as counted against the size limit
+        self.received = 0  # bytes of the message so far, unstuffed: what SIZE counts (RFC 1870)
         self.drained = 0  # every byte read, refused or not
         self._header = bytearray()
 
@@ -162,9 +187,10 @@ class _Reading:
 
     async def lines(self, block: bytes) -> None:
         """A block of whole lines, each ending in CRLF, as they came off the wire."""
-        self.received += len(block)
         if self.body is None:
             return
+        unstuffed = (block[1:] if block.startswith(b".") else block).replace(b"\r\n.", b"\r\n")
+        self.received += len(unstuffed)  # not the doubled dots: a message SIZE let in fits
         if self.received > self.limits.message:
             return self.fail(replies.TOO_BIG)
         pairs = block.count(b"\r\n")
@@ -172,9 +198,7 @@ class _Reading:
             return self.fail(replies.BARE_LINE_ENDING)
         if max(map(len, block.split(b"\r\n"))) > self.limits.line - 2:
             return self.fail(replies.LINE_TOO_LONG)
-        if block.startswith(b"."):
-            block = block[1:]
-        block = block.replace(b"\r\n.", b"\r\n")
+        block = unstuffed
         if not self.body.header_done and not self._take_header(block):
             return self.fail(replies.HEADER_TOO_BIG.format(limit=self.limits.header))
         try:
@@ -192,7 +216,7 @@ class _Reading:
         if end >= 0:
             self.body.header, self.body.header_done = bytes(header[: end + 2 if end else 0]), True
             self._header = bytearray()
-            return end + 2 <= self.limits.header
+            return len(self.body.header) <= self.limits.header  # an empty block (end 0) is 0 bytes
         if len(header) > self.limits.header:  # whole lines, no blank one yet: all header
             return False
         self.body.header = bytes(header)  # so far: all of a message that has no body
@@ -208,11 +232,7 @@ async def read_data(
     state = _Reading(limits, budget)
     try:
         with reader_limit(reader, CHUNK):
-            start, finished = await _read_start(reader)
-            if finished:
-                await state.lines(start[:-3])
-            else:
-                await _read_rest(reader, state, start, on_progress)
+            await _read(reader, state, on_progress)
     except BaseException:
         state.fail(replies.SPOOL_ERROR)  # releases the body; the caller sees the error
         raise
@@ -222,45 +242,22 @@ async def read_data(
     return DataResult(state.body)
 
 
-async def _read_start(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
-    """The first bytes, read only as far as needed to know the end is not among them.
-
-    The CRLF ending the DATA command counts as the start of the end marker (that is how
-    an empty message, a lone ".\r\n", ends), but it is already consumed, so
-    `readuntil()` could not see an end marker that begins with it. While what was read
-    ends with the beginning of a marker, read exactly what would complete it: never past
-    the end, never waiting for bytes the client will not send. Returns (bytes, ended).
-    """
-    seen = bytearray(b"\r\n")
+async def _read(reader: asyncio.StreamReader, state: _Reading, on_progress: Callable[[], None]) -> None:
+    """Blocks up to the end marker. A block that ends mid-line has its last partial line
+    carried into the next, so `state.lines` sees whole lines."""
+    tail = b"\r\n"  # the last bytes read; at first the CRLF that ended the DATA command
+    carry = b""
     while True:
-        partial = next((n for n in (4, 3, 2, 1) if seen.endswith(_END[:n])), 0)
-        if partial == 0:
-            return bytes(seen[2:]), False
-        seen += await reader.readexactly(len(_END) - partial)
-        if seen.endswith(_END):
-            return bytes(seen[2:]), True
-
-
-async def _read_rest(
-    reader: asyncio.StreamReader, state: _Reading, carry: bytes, on_progress: Callable[[], None],
-) -> None:
-    """Blocks up to the end marker. A block that overruns the stream's limit ends mid-line:
-    its last partial line is carried into the next, so `state.lines` sees whole lines."""
-    while True:
-        try:
-            chunk = await reader.readuntil(_END)
-            last = True
-        except asyncio.LimitOverrunError as exc:  # no end yet: take what is buffered
-            chunk = await reader.read(exc.consumed)
-            last = False
+        chunk, last = await _next_block(reader, tail)
         on_progress()
         state.drained += len(chunk)
         if state.reply is not None and state.drained > _DRAIN_LIMIT_FACTOR * state.limits.message:
             return  # refused long ago and still sending: stop reading, the session ends
         data = carry + chunk if carry else chunk
         if last:
-            await state.lines(data[:-3])
+            await state.lines(data[:-3])  # the marker's CRLF ends the last line
             return
+        tail = (tail + chunk)[-4:]
         cut = data.rfind(b"\r\n") + 2
         if cut >= 2:
             await state.lines(data[:cut])
@@ -268,3 +265,31 @@ async def _read_rest(
         if len(carry) > state.limits.line:
             state.fail(replies.LINE_TOO_LONG)
             carry = b""
+
+
+async def _next_block(reader: asyncio.StreamReader, tail: bytes) -> tuple[bytes, bool]:
+    """The next block, at most CHUNK bytes and never past the end marker; and whether it
+    ends with the marker.
+
+    `readuntil()` finds a marker that begins in the stream, but one may begin in `tail`,
+    bytes already read: the CRLF that ended the DATA command begins the marker of an empty
+    message (a lone ".\r\n"), and any line's CRLF may begin it. While `tail` ends with the
+    beginning of a marker, the end is looked for in `tail` and what the stream holds, and
+    only what comes before it is read. (Reading just the bytes that would complete the
+    marker, a few at a time, let a message of blank lines or of ".." lines be read four
+    bytes per loop turn, past every limit.)
+    """
+    partial = next((n for n in (4, 3, 2, 1) if tail.endswith(_END[:n])), 0)
+    if partial:
+        ahead = buffered(reader, CHUNK)
+        if len(ahead) < len(_END) - partial:  # too little to tell: read what would complete it
+            chunk = await reader.readexactly(len(_END) - partial)
+            return chunk, (tail + chunk).endswith(_END)
+        end = (tail + ahead).find(_END)  # tail holds no whole marker: end + 5 > len(tail)
+        if end >= 0:
+            return await reader.readexactly(end + len(_END) - len(tail)), True
+        return await reader.readexactly(len(ahead)), False
+    try:
+        return await reader.readuntil(_END), True
+    except asyncio.LimitOverrunError as exc:  # no end yet: take what is buffered
+        return await reader.read(exc.consumed), False
