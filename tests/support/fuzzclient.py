@@ -274,7 +274,7 @@ class LogRecorder(logging.Handler):
 
     def problems(self) -> list[str]:
         formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
-        return [("SECRET IN LOG: " if self._leaks(record) else "") + formatter.format(record)[:3000]
+        return [("SECRET IN LOG: " if self._leaks(record) else "") + formatter.format(record)
                 for record in self.records]
 
     def __enter__(self) -> LogRecorder:
