@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from relay.maillog import KeyRedactor
 
-__all__ = ["LogRecorder", "RawClient", "reply_problems", "split_replies"]
+__all__ = ["LogRecorder", "RawClient", "reply_problems"]
 
 # RFC 5321 4.2: reply-line = code [ SP / "-" ] textstring, textstring = 1*(%d09 / %d32-126);
 # the final line of a reply has a space (we want it even when the text is empty).
@@ -28,21 +28,6 @@ _LINE = re.compile(rb"(\d{3})([ -])([\t\x20-\x7e]*)")
 # RFC 3463 status-code = class "." subject "." detail
 _ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?: |$)")
 _MAX_LINE = 512  # RFC 5321 4.5.3.1.5: a reply line, CRLF included
-
-
-def split_replies(data: bytes) -> list[list[bytes]]:
-    """The relay's bytes as replies, each a list of its lines without CRLF. Assumes the
-    transcript is well formed (see reply_problems)."""
-    replies: list[list[bytes]] = []
-    current: list[bytes] = []
-    for line in data.split(b"\r\n")[:-1]:
-        current.append(line)
-        if line[3:4] != b"-":
-            replies.append(current)
-            current = []
-    if current:
-        replies.append(current)
-    return replies
 
 
 def reply_problems(data: bytes, *, greeting: bool = True, complete: bool = True) -> list[str]:
