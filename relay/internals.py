@@ -14,6 +14,7 @@ import contextlib
 import functools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from email import _header_value_parser
 
 import aiosmtplib
 from aiosmtpd.smtp import SMTP
@@ -29,6 +30,7 @@ REQUIRED = [
     ("asyncio.StreamReader instance", "_limit"),
     # the bytearray of what the stream holds and has not handed out (buffered() peeks at it)
     ("asyncio.StreamReader instance", "_buffer"),
+    ("asyncio.StreamReader instance", "_paused"),
     # RelaySMTP overrides this method (aiosmtpd calls it at connect and before every
     # command) to pick the idle timeout by auth state; its signature is (duration=None).
     ("aiosmtpd.smtp.SMTP", "_reset_timeout"),
@@ -38,6 +40,14 @@ REQUIRED = [
     # uses it the same way), called as (loop, app_protocol, sslcontext, waiter,
     # server_side=, ssl_handshake_timeout=).
     ("asyncio.sslproto", "SSLProtocol"),
+    # session_reader, reset_envelope: DATA and AUTH answers are read by the relay itself
+    ("aiosmtpd.smtp.SMTP session", "_reader"),
+    ("aiosmtpd.smtp.SMTP", "_set_post_data_state"),
+    # parse_path: the stdlib's RFC 5322 parser, as aiosmtpd's own _getaddr uses it
+    ("email._header_value_parser", "get_addr_spec"),
+    ("email._header_value_parser", "get_angle_addr"),
+    # limit_tls_read_buffer
+    ("asyncio.sslproto.SSLProtocol", "max_size"),
     # data_in_chunks: aiosmtplib's DATA, fed a chunk at a time
     ("aiosmtplib.protocol.SMTPProtocol instance", "_command_lock"),
     ("aiosmtplib.protocol.SMTPProtocol instance", "_response_pending"),
@@ -70,6 +80,16 @@ def buffered(reader: asyncio.StreamReader, limit: int) -> bytes:
     it may read at once without reading past the marker into the client's next command.
     """
     return bytes(reader._buffer[:limit])  # type: ignore[attr-defined]
+
+
+def discard_input(reader: asyncio.StreamReader) -> None:
+    """Drop what the client sent and the session has not read: after a goodbye, commands
+    the client pipelined must not be read (aiosmtpd's loop would read, and on a closed
+    TLS transport crash, before the session's cancellation reaches it)."""
+    reader._buffer.clear()  # type: ignore[attr-defined]
+    # A full buffer had paused the transport; the next read would resume it, and resuming
+    # asyncio's TLS transport once it is closed raises. It is closing: never resume it.
+    reader._paused = False  # type: ignore[attr-defined]
 
 
 def first_connection_made(server: SMTP) -> bool:
@@ -172,3 +192,30 @@ async def data_in_chunks(
     if response.code != aiosmtplib.SMTPStatus.completed:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
+
+
+def session_reader(server: SMTP) -> asyncio.StreamReader:
+    """The session's stream: DATA (relay/smtpd/data.py) and AUTH answers are read from it
+    by the relay, not by aiosmtpd's line-at-a-time helpers."""
+    return server._reader  # type: ignore[attr-defined]
+
+
+def reset_envelope(server: SMTP) -> None:
+    """A fresh envelope after DATA, as aiosmtpd's own DATA leaves the session."""
+    server._set_post_data_state()  # type: ignore[attr-defined]
+
+
+def parse_path(arg: str) -> tuple[str, str]:
+    """A MAIL/RCPT argument's address and what follows it, by the email package's RFC 5322
+    parser (the one aiosmtpd uses); raises on what it cannot parse, and not only
+    HeaderParseError (a lone double quote raises IndexError)."""
+    if arg.lstrip().startswith("<"):
+        address, rest = _header_value_parser.get_angle_addr(arg)
+    else:
+        address, rest = _header_value_parser.get_addr_spec(arg)
+    return address.addr_spec, rest
+
+
+def limit_tls_read_buffer(size: int) -> None:
+    """asyncio's TLS protocol reads up to 256 KiB per session; records are at most 16 KiB."""
+    asyncio.sslproto.SSLProtocol.max_size = size  # type: ignore[attr-defined]

@@ -75,6 +75,8 @@ TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 TOO_MANY_FROM_ADDRESS = "421 4.7.0 Too many connections from your address, try again later"
 TOO_MANY_COMMANDS = "421 4.7.0 Too many commands before authentication"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+TLS_ALREADY_ACTIVE = "554 5.5.1 Error: TLS already active"  # Postfix's words
+TLS_FAILED = "454 4.7.0 TLS not available due to temporary reason"  # RFC 3207; never seen: closed
 
 # aiosmtpd's own replies without an enhanced code: code → the code to insert.
 _BARE = re.compile(r"^(\d{3}) (?!\d\.\d{1,3}\.\d{1,3}(?: |$))")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import asyncio.sslproto
 import datetime
 import ipaddress
 import os
@@ -15,6 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from relay import internals
 from relay.config import ConfigError, TLSConfig, check_secret_file
 
 __all__ = ["generate_self_signed", "limit_tls_buffers", "server_context"]
@@ -27,7 +26,7 @@ _TLS_READ_BUFFER = 32 * 1024
 
 
 def limit_tls_buffers() -> None:
-    asyncio.sslproto.SSLProtocol.max_size = _TLS_READ_BUFFER
+    internals.limit_tls_read_buffer(_TLS_READ_BUFFER)
 
 
 def server_context(tls: TLSConfig) -> ssl.SSLContext:

@@ -56,21 +56,8 @@ QUEUED_ID = re.compile(rb"^250 2\.0\.0 OK queued as ([0-9a-f]+)\r$", re.MULTILIN
 # testing everything else, and each has an explicit xfail(strict=True) example at the end
 # of this file. Whoever fixes one flips its example and deletes its line here.
 Known = dict[str, re.Pattern[str]]
-KNOWN_REPLY_BUGS: Known = {
-    "test_unrecognised_command_is_not_echoed_raw": re.compile(
-        r"(malformed reply line|reply line of \d+ octets).*500 5\.5\.2 Error: command \""),
-}
-KNOWN_LOG_BUGS: Known = {
-    "test_starttls_without_handshake_logs_no_traceback": re.compile(r"TLSSetupException"),
-    "test_commands_pipelined_after_a_goodbye_are_not_answered": re.compile(
-        r"(?s)AttributeError\(\"'NoneType' object has no attribute '_\w+'\"\).*asyncio/sslproto\.py"),
-    "test_unparsable_address_is_a_syntax_error": re.compile(
-        r"(?s)IndexError\('list index out of range'\).*in _getaddr"),
-    "test_starttls_inside_tls_is_refused": re.compile(
-        r"(?s)^asyncio ERROR (Fatal error on SSL protocol|Error calling eof_received\(\)).*SSLProtocol"),
-    "test_commands_pipelined_after_a_goodbye_are_not_run": re.compile(
-        r"(?s)AttributeError\(\"'NoneType' object has no attribute '_\w+'\"\).*asyncio/sslproto\.py"),
-}
+KNOWN_REPLY_BUGS: Known = {}
+KNOWN_LOG_BUGS: Known = {}
 
 SESSION_END = 3.0  # seconds the relay may take to close after QUIT or a half-close
 WAIT_REPLY = 0.05  # an interactive client's wait for a reply before it sends the next batch
@@ -468,17 +455,16 @@ async def test_half_close_mid_data(fuzz, mode, head, lines, partial):
 
 
 # ------------------------------------------------- found bugs, kept as examples
-# Each: the smallest session that shows it, run with no tolerance. xfail(strict=True): the
-# fix makes it pass, which fails the suite until the xfail mark and the bug's line in
-# KNOWN_REPLY_BUGS / KNOWN_LOG_BUGS are removed.
+# Each: the smallest session that showed a bug the fuzzer found, run with no tolerance;
+# all fixed (relay/smtpd/server.py push, hang_up, handle_exception, _getaddr). A new one
+# goes here as xfail(strict=True), its symptom in KNOWN_REPLY_BUGS / KNOWN_LOG_BUGS, until
+# its fix flips it.
 
 async def strict_session(fuzz: Fuzz, mode: str, data: bytes, ending: str = "quit", *,
                          login: bool = False) -> RawClient:
     return await fuzz.session(mode, [Batch(data, True)], ending, login=login, tolerate_known=False)
 
 
-@pytest.mark.xfail(strict=True, reason="aiosmtpd's TLSSetupException reaches handle_exception, "
-                   "which logs it at ERROR with a traceback")
 @pytest.mark.parametrize("ending", ["quit", "half_close", "reset"])
 async def test_starttls_without_handshake_logs_no_traceback(fuzz, ending):
     """A client that says STARTTLS and then sends plaintext, half-closes or resets (a
@@ -486,8 +472,6 @@ async def test_starttls_without_handshake_logs_no_traceback(fuzz, ending):
     await strict_session(fuzz, "plain", b"EHLO client.example\r\nSTARTTLS\r\n", ending)
 
 
-@pytest.mark.xfail(strict=True, reason="aiosmtpd's 500 reply for an unknown command echoes the "
-                   "command word raw; replies.enhance keeps it")
 @pytest.mark.parametrize("command", [b"\x00", b"\rNOOP", b"\x1b[2J", b"A" * 510],
                          ids=["NUL", "bare CR", "escape", "510 octets"])
 async def test_unrecognised_command_is_not_echoed_raw(fuzz, command):
@@ -496,9 +480,6 @@ async def test_unrecognised_command_is_not_echoed_raw(fuzz, command):
     await strict_session(fuzz, "plain", command + b"\r\n")
 
 
-@pytest.mark.xfail(strict=True, reason="after the 421 for the pre-AUTH command budget the session "
-                   "closes the transport but aiosmtpd goes on reading the pipelined commands; on TLS "
-                   "the next reply raises AttributeError in asyncio's sslproto")
 @pytest.mark.parametrize("mode", ["starttls", "implicit"])
 async def test_commands_pipelined_after_a_goodbye_are_not_answered(fuzz, mode):
     """A client that pipelines past the pre-AUTH budget (20 commands) gets its 421 and
@@ -506,8 +487,6 @@ async def test_commands_pipelined_after_a_goodbye_are_not_answered(fuzz, mode):
     await strict_session(fuzz, mode, b"NOOP\r\n" * 23)
 
 
-@pytest.mark.xfail(strict=True, reason="RelaySMTP._getaddr catches HeaderParseError only; the email "
-                   "parser raises IndexError for a lone double quote")
 @pytest.mark.parametrize(("command", "login"), [(b'VRFY "', False), (b'MAIL FROM:"', False),
                                                 (b'MAIL FROM:<alice@example.com>\r\nRCPT TO:"', True)],
                          ids=["VRFY", "MAIL", "RCPT"])
@@ -559,20 +538,15 @@ async def test_concurrent_anonymous_sessions(fuzz, sessions):
     await fuzz.check_relay(authenticated=False)
 
 
-@pytest.mark.xfail(strict=True, reason="aiosmtpd answers a second STARTTLS with 220 and starts TLS "
-                   "inside TLS; when that fails asyncio logs 'Fatal error on SSL protocol' at ERROR")
 @pytest.mark.parametrize("ending", ["quit", "half_close"])
 async def test_starttls_inside_tls_is_refused(fuzz, ending):
     """RFC 3207 section 4.2: after the handshake a client must not issue STARTTLS again;
-    the relay refuses it (503 5.5.1) rather than answer 220 and nest a second TLS layer."""
+    the relay refuses it (554 5.5.1, Postfix's reply) rather than answer 220 and nest a
+    second TLS layer."""
     client = await strict_session(fuzz, "starttls", b"EHLO client.example\r\nSTARTTLS\r\n", ending)
     assert not client.received.endswith(b"220 2.0.0 Ready to start TLS\r\n")
 
 
-@pytest.mark.xfail(strict=True, reason="aiosmtpd's own goodbyes (502 after 5 unknown commands, 421 "
-                   "at a command_call_limit) close the transport and go on with the pipelined "
-                   "commands: the next STARTTLS or AUTH touches the closed TLS transport "
-                   "(AttributeError in asyncio's sslproto, logged with a traceback)")
 @pytest.mark.parametrize(("mode", "after"), [("starttls", b"AUTH PLAIN"), ("implicit", b"AUTH PLAIN"),
                                              ("starttls", b"STARTTLS")])
 async def test_commands_pipelined_after_a_goodbye_are_not_run(fuzz, mode, after):

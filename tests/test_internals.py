@@ -53,8 +53,28 @@ def _resolve(what: str) -> object:
         return getattr(importlib.import_module(module), name)
 
 
-@pytest.mark.parametrize(("what", "name"), internals.REQUIRED,
-                         ids=[f"{what}.{name}" for what, name in internals.REQUIRED])
+ON_OBJECTS = [(what, name) for what, name in internals.REQUIRED if not what.endswith(" session")]
+ON_SESSIONS = [(what, name) for what, name in internals.REQUIRED if what.endswith(" session")]
+
+
+@pytest.mark.parametrize(("what", "name"), ON_SESSIONS, ids=[f"{what}.{name}" for what, name in ON_SESSIONS])
+async def test_a_private_name_of_a_live_session_is_still_there(h, what, name):
+    """Some exist only once a client is connected: checked on a real session."""
+    import time
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+    try:
+        await reader.readline()  # the greeting: the session exists
+        deadline = time.monotonic() + 5
+        while not h.relay.registry.live and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        (session,) = h.relay.registry.live
+        assert hasattr(session, name), f"{what} has no {name!r} any more: relay/internals.py must change"
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(("what", "name"), ON_OBJECTS, ids=[f"{what}.{name}" for what, name in ON_OBJECTS])
 def test_a_private_name_the_relay_relies_on_is_still_there(what, name):
     loop = asyncio.new_event_loop()
     try:

@@ -97,8 +97,7 @@ class RelayHandler:
         if result.identity is not None:
             return AuthResult(success=True, auth_data=result.identity, message=result.reply)
         if result.close:
-            await server.push(result.reply)
-            server.transport.close()
+            await server.hang_up(result.reply)
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=result.reply)
 

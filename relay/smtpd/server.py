@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import logging
 import re
 from base64 import b64decode, b64encode
 from collections.abc import Awaitable, Callable
-from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
 from typing import AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP
+from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
 from relay import internals, replies
 from relay.smtpd.connections import HANDSHAKE_TIMEOUT, ConnectionRegistry, Slot
@@ -31,7 +30,13 @@ from relay.smtpd.data import DataLimits, MemoryBudget, read_data
 
 __all__ = ["AuthLineTooLong", "ConnectionRegistry", "RelaySMTP"]
 
+log = logging.getLogger("relay.smtpd")
+
 _NULL_SENDER = re.compile(r"^FROM:\s*<>", re.IGNORECASE)
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+# aiosmtpd's own goodbyes (5 unknown commands; a command over its command_call_limit)
+_AIOSMTPD_GOODBYE = re.compile(
+    r"502 5\.5\.1 Too many unrecognized commands|421 4\.7\.0 \S+ sent too many times")
 # Commands a session may send before AUTH succeeds. A client needs 4 (EHLO, STARTTLS,
 # EHLO, AUTH) and a few more for retries; a loop of NOOP or RSET is holding a slot.
 PRE_AUTH_COMMANDS = 20
@@ -111,12 +116,14 @@ class RelaySMTP(SMTP):
         """Around every recognised command: the pre-AUTH budget, the STARTTLS handshake's
         timeout, and the idle timeout once AUTH succeeds."""
         assert self.session is not None and self.transport is not None
+        if self.transport.is_closing():  # after a goodbye (ours or aiosmtpd's own 502/421)
+            await self.hang_up("")  # the client's pipelined commands are neither run nor answered
+            return
         authenticated = self.session.authenticated
         if not authenticated and command != "QUIT":
             self._pre_auth_commands += 1
             if self._pre_auth_commands > PRE_AUTH_COMMANDS:
-                await self.push(replies.TOO_MANY_COMMANDS)
-                self.transport.close()
+                await self.hang_up(replies.TOO_MANY_COMMANDS)
                 return
         if command == "STARTTLS":
             self._reset_timeout(HANDSHAKE_TIMEOUT)
@@ -131,9 +138,38 @@ class RelaySMTP(SMTP):
             self._reset_timeout()  # from now on the (longer) idle timeout
 
     async def push(self, status: AnyStr) -> None:
+        """Every reply: with an enhanced code, printable ASCII only and at most 512 octets
+        with its CRLF (RFC 5321 4.5.3.1.5): aiosmtpd echoes an unknown command word back
+        as it came, NUL, CR or terminal escapes included. Nothing is written once the
+        connection is closing (pipelined commands after a goodbye get no answers)."""
+        if self.transport is None or self.transport.is_closing():
+            return
         if isinstance(status, str):
-            status = replies.enhance(status)
+            status = _UNPRINTABLE.sub("?", replies.enhance(status))[:510]
         await super().push(status)
+        if isinstance(status, str) and _AIOSMTPD_GOODBYE.match(status):
+            await self.hang_up("")  # aiosmtpd closes, then would read on: end it here
+
+    async def hang_up(self, reply: str) -> None:
+        """Say goodbye (unless `reply` is empty) and end the session now: commands the
+        client already pipelined are neither run nor answered (the session's task is
+        cancelled)."""
+        if reply:
+            await self.push(reply)
+        internals.discard_input(internals.session_reader(self))
+        if self.transport is not None:
+            self.transport.close()
+        task = asyncio.current_task()
+        if task is not None:
+            task.cancel()
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A client that says STARTTLS and then no TLS (a scanner, a client without TLS) is
+        its fault, not ours: logged without a traceback (aiosmtpd then closes)."""
+        if isinstance(error, TLSSetupException):
+            log.info("%r STARTTLS handshake failed: %r", self.session and self.session.peer, error.__cause__)
+            return replies.TLS_FAILED
+        return await super().handle_exception(error)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parser minus the typing.Protocol class it defines on every
@@ -141,13 +177,17 @@ class RelaySMTP(SMTP):
         if not arg:
             return "", ""
         try:
-            if arg.lstrip().startswith("<"):
-                address, rest = get_angle_addr(arg)
-            else:
-                address, rest = get_addr_spec(arg)
-        except HeaderParseError:
+            return internals.parse_path(arg)
+        except Exception:  # noqa: BLE001 - malformed: a syntax error, whatever the parser raised
             return None, None
-        return address.addr_spec, rest
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """RFC 3207: no TLS inside TLS (aiosmtpd would answer a second STARTTLS with 220 and
+        nest a handshake in the session's TLS); on 465 the session is TLS from the start."""
+        if self.tls_info is not None:
+            await self.push(replies.TLS_ALREADY_ACTIVE)
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if arg and _NULL_SENDER.match(arg) and self.session and self.session.host_name:
@@ -169,17 +209,19 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
-            result = await read_data(self._reader, self._data_limits, self._memory, self._reset_timeout)
+            result = await read_data(internals.session_reader(self), self._data_limits, self._memory,
+                                     self._reset_timeout)
         except asyncio.IncompleteReadError:  # the client closed mid-message: nothing to answer
-            self._set_post_data_state()
+            internals.reset_envelope(self)
             if self.transport is not None:
                 self.transport.close()
             return
         if result.body is None:
-            self._set_post_data_state()
-            await self.push(result.reply or replies.SPOOL_ERROR)
-            if result.hang_up and self.transport is not None:
-                self.transport.close()
+            internals.reset_envelope(self)
+            if result.hang_up:
+                await self.hang_up(result.reply or replies.TOO_BIG)
+            else:
+                await self.push(result.reply or replies.SPOOL_ERROR)
             return
         envelope = self.envelope
         envelope.body = result.body  # type: ignore[attr-defined]
@@ -187,7 +229,7 @@ class RelaySMTP(SMTP):
             status = await self.event_handler.handle_DATA(self, self.session, envelope)
         finally:
             result.body.close()
-            self._set_post_data_state()
+            internals.reset_envelope(self)
         await self.push(status)
 
     # ------------------------------------------------------------------ AUTH
@@ -221,7 +263,7 @@ class RelaySMTP(SMTP):
             return MISSING
 
     async def _auth_line(self) -> bytes:
-        reader: asyncio.StreamReader = self._reader  # type: ignore[attr-defined]
+        reader = internals.session_reader(self)
         try:
             return await reader.readuntil(b"\n")
         except asyncio.IncompleteReadError as exc:
