@@ -31,7 +31,6 @@ AUTH abandoned mid-check (the client went away) counts as failed.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from keystore import keys
 from keystore.models import Identity, Reason, canonical_address
 from keystore.store import KeyStore, KeystoreUnavailable
 from relay import maillog, replies
+from relay.clientaddr import client_network
 
 __all__ = [
     "FAILURE_FLOOR", "Attempt", "Authenticator", "FailureLimiter", "LoginResult", "client_network",
@@ -66,20 +66,6 @@ def split_plain(blob: bytes) -> tuple[str, str, str] | None:
     except UnicodeDecodeError:
         return None
     return authzid, authcid, passwd
-
-
-def client_network(ip: str) -> str:
-    """The unit failures are counted in: an IPv4 address (an IPv4-mapped IPv6 address
-    counts as its IPv4 address), or the /64 of an IPv6 address."""
-    try:
-        address = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 class _Window:

@@ -77,10 +77,11 @@ class DkimSigner:
     def domains(self) -> list[str]:
         return sorted(self._keys)
 
-    @property
-    def enabled(self) -> bool:
-        """True when some domain has a key (otherwise nothing is ever signed)."""
-        return bool(self._keys)
+    def signs(self, header: bytes) -> bool:
+        """Whether a message with this header block would get a signature: its From:
+        domain has a key. Lets a big message on disk skip being read back whole."""
+        domain = from_domain(header) if self._keys else None
+        return domain is not None and domain in self._keys
 
     async def sign_async(self, message: bytes) -> bytes:
         """`sign` off the event loop (it is CPU-bound); free when no key is configured."""

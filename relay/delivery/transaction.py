@@ -8,6 +8,7 @@ are deferred.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -92,6 +93,9 @@ async def transaction(
         for rcpt in rcpts:
             outcomes.setdefault(rcpt, trouble)
         return Result(outcomes, False)
+    except asyncio.CancelledError:  # shutdown mid-transaction: the session is unusable
+        client.close()
+        raise
 
 
 async def _reset(client: aiosmtplib.SMTP) -> bool:

@@ -19,7 +19,6 @@ and uvloop.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from relay import internals, replies
+from relay.clientaddr import client_network
 
 if TYPE_CHECKING:
     from relay.smtpd.server import RelaySMTP
@@ -58,15 +58,7 @@ def address_key(peer: object) -> str:
     An IPv4-mapped IPv6 peer (a dual-stack socket) counts as its IPv4 address.
     """
     host = peer[0] if isinstance(peer, tuple) and peer else str(peer)
-    try:
-        ip = ipaddress.ip_address(str(host).split("%", 1)[0])
-    except ValueError:
-        return str(host)  # not an IP (a Unix socket): one bucket per name
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
+    return client_network(str(host))
 
 
 @dataclass(eq=False, slots=True)

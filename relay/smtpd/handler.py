@@ -176,7 +176,7 @@ class RelayHandler:
             if body.on_disk:  # Queue.put closes the FileBody once the spool has it
                 content = FileBody(b"", await body.file_fd(), body.size)
                 try:
-                    signature = await self._sign_file(added, content)
+                    signature = await self._sign_file(added, content, header)
                 except BaseException:
                     content.close()
                     raise
@@ -206,10 +206,11 @@ class RelayHandler:
         maillog.queued(session.peer, item)
         return replies.QUEUED.format(queue_id=queue_id)
 
-    async def _sign_file(self, added: bytes, content: FileBody) -> bytes:
+    async def _sign_file(self, added: bytes, content: FileBody, header: bytes) -> bytes:
         """A DKIM signature over a message on disk: dkimpy needs it whole in memory, so
-        this is the one step where a big message is read back whole (only with DKIM on)."""
-        if not self._signer.enabled:
+        this is the one step where a big message is read back whole (only when its From:
+        domain has a key)."""
+        if not self._signer.signs(header):
             return b""
         whole = await asyncio.to_thread(content.read)
         return await self._signer.sign_async(added + whole)
