@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import contextlib
-import functools
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from email import _header_value_parser
 
 import aiosmtplib
@@ -109,21 +108,46 @@ def wrap_commands(
     aiosmtpd dispatches through the `_smtp_methods` table it fills in `__init__` (after
     the idle timer is restarted, before the command runs) and has no per-command hook;
     `rules` decides whether `run()` happens at all. Unrecognised commands never get here
-    (aiosmtpd's own budget of 5 ends those).
+    (aiosmtpd's own budget of 5 ends those). The table is replaced by a view that wraps a
+    method when it is looked up: wrapping all twenty at connect cost every idle session
+    about 14 KiB.
     """
-    table: dict[str, Callable[[str | None], Awaitable[None]]] = server._smtp_methods  # type: ignore[attr-defined]
-    for command, method in list(table.items()):
-        table[command] = _ruled(command, method, rules)
+    server._smtp_methods = _RuledTable(server._smtp_methods, rules)  # type: ignore[attr-defined]
 
 
-def _ruled(
-    command: str, method: Callable[[str | None], Awaitable[None]],
-    rules: Callable[[str, Callable[[], Awaitable[None]]], Awaitable[None]],
-) -> Callable[[str | None], Awaitable[None]]:
-    @functools.wraps(method)  # keeps the @syntax attributes HELP reads
-    async def ruled(arg: str | None) -> None:
-        await rules(command, lambda: method(arg))
-    return ruled
+class _RuledTable(Mapping[str, Callable[[str | None], Awaitable[None]]]):
+    __slots__ = ("_methods", "_rules")
+
+    def __init__(self, methods: dict[str, Callable[[str | None], Awaitable[None]]],
+                 rules: Callable[[str, Callable[[], Awaitable[None]]], Awaitable[None]]) -> None:
+        self._methods = methods
+        self._rules = rules
+
+    def __getitem__(self, command: str) -> _Ruled:
+        return _Ruled(command, self._methods[command], self._rules)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._methods)
+
+    def __len__(self) -> int:
+        return len(self._methods)
+
+
+class _Ruled:
+    """One command's method under the rules; its other attributes (the @syntax text HELP
+    reads) are the method's."""
+
+    __slots__ = ("_command", "_method", "_rules")
+
+    def __init__(self, command: str, method: Callable[[str | None], Awaitable[None]],
+                 rules: Callable[[str, Callable[[], Awaitable[None]]], Awaitable[None]]) -> None:
+        self._command, self._method, self._rules = command, method, rules
+
+    async def __call__(self, arg: str | None) -> None:
+        await self._rules(self._command, lambda: self._method(arg))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._method, name)
 
 
 def start_server_tls(
