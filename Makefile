@@ -38,6 +38,8 @@ bench: install
 	$(BIN)/python bench/auth_timing.py
 	$(BIN)/python bench/spool.py
 	$(BIN)/python bench/connections.py
+	$(BIN)/python bench/auth_storm.py
+	$(BIN)/python bench/big_messages.py
 	$(BIN)/python bench/submission.py
 
 clean:
