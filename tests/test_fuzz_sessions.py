@@ -62,7 +62,10 @@ QUEUED_ID = re.compile(rb"^250 2\.0\.0 OK queued as ([0-9a-f]+)\r$", re.MULTILIN
 # of this file. Whoever fixes one flips its example and deletes its line here.
 Known = dict[str, re.Pattern[str]]
 KNOWN_REPLY_BUGS: Known = {}
-KNOWN_LOG_BUGS: Known = {}
+KNOWN_LOG_BUGS: Known = {
+    "test_a_long_line_pipelined_after_a_goodbye_is_not_read": re.compile(
+        r"'NoneType' object has no attribute '_resume_reading'"),
+}
 
 SESSION_END = 3.0  # seconds the relay may take to close after QUIT or a half-close
 WAIT_REPLY = 0.05  # an interactive client's wait for a reply before it sends the next batch
@@ -594,3 +597,17 @@ async def test_commands_pipelined_after_a_goodbye_are_not_run(fuzz, mode, after)
     """Five unknown commands get '502 5.5.1 ... goodbye.'; what the client had already
     pipelined behind them is not run (an unknown one more, then AUTH or STARTTLS)."""
     await strict_session(fuzz, mode, b"EHLO client.example\r\n" + b"X\r\n" * 6 + after + b"\r\n")
+
+
+@pytest.mark.xfail(strict=True, reason="after aiosmtpd's 502 goodbye the session task is cancelled, but "
+                   "a cancel only lands at a suspension: the next over-long line is already buffered, "
+                   "so aiosmtpd reads it at once, and resuming the paused reader of the closed TLS "
+                   "transport raises AttributeError in asyncio's sslproto (logged with a traceback)")
+async def test_a_long_line_pipelined_after_a_goodbye_is_not_read(fuzz):
+    """Hypothesis' shrunk example: unknown commands, over-long command and AUTH lines, the
+    fifth unknown command (502 goodbye), then a 64 KiB line, all pipelined over TLS."""
+    await fuzz.session("starttls", [
+        Batch(b"EHLO client.example\n\rEHLO client.example\r\nTURN\r\n", False),
+        Batch(b"TURN\r\r\n" + b"\x00" * 20 + b"\r\n" + b"A" * 10523 + b"\r\nAUTH PLAIN\r\n" + b"A" * 1001
+              + b"\r\n" + b"A" * 3806 + b"\r\nTURN\r\n" + b"A" * 65536 + b"\r\n", False),
+    ], "quit", tolerate_known=False)
