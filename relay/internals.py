@@ -29,7 +29,6 @@ REQUIRED = [
     ("asyncio.StreamReader instance", "_limit"),
     # the bytearray of what the stream holds and has not handed out (buffered() peeks at it)
     ("asyncio.StreamReader instance", "_buffer"),
-    ("asyncio.StreamReader instance", "_paused"),
     # RelaySMTP overrides this method (aiosmtpd calls it at connect and before every
     # command) to pick the idle timeout by auth state; its signature is (duration=None).
     ("aiosmtpd.smtp.SMTP", "_reset_timeout"),
@@ -81,14 +80,14 @@ def buffered(reader: asyncio.StreamReader, limit: int) -> bytes:
     return bytes(reader._buffer[:limit])  # type: ignore[attr-defined]
 
 
-def discard_input(reader: asyncio.StreamReader) -> None:
-    """Drop what the client sent and the session has not read: after a goodbye, commands
-    the client pipelined must not be read (aiosmtpd's loop would read, and on a closed
-    TLS transport crash, before the session's cancellation reaches it)."""
-    reader._buffer.clear()  # type: ignore[attr-defined]
-    # A full buffer had paused the transport; the next read would resume it, and resuming
-    # asyncio's TLS transport once it is closed raises. It is closing: never resume it.
-    reader._paused = False  # type: ignore[attr-defined]
+def detach_input(server: SMTP) -> None:
+    """Stop the session from reading anything more the client sent: after a goodbye,
+    commands the client pipelined must not be read. aiosmtpd's loop reads whatever is
+    buffered without suspending, so the session's cancellation would land too late (and
+    on a closed TLS transport a read that resumes the paused stream raises). The loop is
+    given a new, empty stream that nothing feeds: its next read suspends, and there the
+    cancellation ends it. What the transport still delivers goes to the old one."""
+    server._reader = asyncio.StreamReader()  # type: ignore[attr-defined]
 
 
 def first_connection_made(server: SMTP) -> bool:

@@ -62,10 +62,7 @@ QUEUED_ID = re.compile(rb"^250 2\.0\.0 OK queued as ([0-9a-f]+)\r$", re.MULTILIN
 # of this file. Whoever fixes one flips its example and deletes its line here.
 Known = dict[str, re.Pattern[str]]
 KNOWN_REPLY_BUGS: Known = {}
-KNOWN_LOG_BUGS: Known = {
-    "test_a_long_line_pipelined_after_a_goodbye_is_not_read": re.compile(
-        r"'NoneType' object has no attribute '_resume_reading'"),
-}
+KNOWN_LOG_BUGS: Known = {}
 
 SESSION_END = 3.0  # seconds the relay may take to close after QUIT or a half-close
 WAIT_REPLY = 0.05  # an interactive client's wait for a reply before it sends the next batch
@@ -599,10 +596,6 @@ async def test_commands_pipelined_after_a_goodbye_are_not_run(fuzz, mode, after)
     await strict_session(fuzz, mode, b"EHLO client.example\r\n" + b"X\r\n" * 6 + after + b"\r\n")
 
 
-@pytest.mark.xfail(strict=True, reason="after aiosmtpd's 502 goodbye the session task is cancelled, but "
-                   "a cancel only lands at a suspension: the next over-long line is already buffered, "
-                   "so aiosmtpd reads it at once, and resuming the paused reader of the closed TLS "
-                   "transport raises AttributeError in asyncio's sslproto (logged with a traceback)")
 async def test_a_long_line_pipelined_after_a_goodbye_is_not_read(fuzz):
     """Hypothesis' shrunk example: unknown commands, over-long command and AUTH lines, the
     fifth unknown command (502 goodbye), then a 64 KiB line, all pipelined over TLS."""

@@ -156,7 +156,7 @@ class RelaySMTP(SMTP):
         cancelled)."""
         if reply:
             await self.push(reply)
-        internals.discard_input(internals.session_reader(self))
+        internals.detach_input(self)
         if self.transport is not None:
             self.transport.close()
         task = asyncio.current_task()
