@@ -25,7 +25,6 @@ __all__ = [
     "RateLimiter",
     "check_headers",
     "deliverable_address",
-    "has_bare_line_ending",
     "missing_headers",
     "received_header",
     "sender_allowed",
@@ -66,12 +65,6 @@ def deliverable_address(address: str) -> bool:
     later, turning a syntax error the client could fix into a bounce)."""
     local, at, domain = address.rpartition("@")
     return bool(at and local and domain) and _PRINTABLE_ADDRESS.fullmatch(address) is not None
-
-
-def has_bare_line_ending(content: bytes) -> bool:
-    """True if any CR or LF is not part of a CRLF pair (the SMTP smuggling vector)."""
-    pairs = content.count(b"\r\n")
-    return content.count(b"\r") != pairs or content.count(b"\n") != pairs
 
 
 @dataclass(frozen=True, slots=True)
