@@ -37,6 +37,9 @@ from pathlib import Path
 import aiosmtplib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from submission import free_port, wait_port  # noqa: E402
 
 from keystore.store import KeyStore  # noqa: E402
 from relay.tlsconf import generate_self_signed  # noqa: E402
@@ -74,26 +77,6 @@ host = "127.0.0.1"
 port = {sink_port}
 tls = "none"
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def wait_port(port: int) -> None:
-    for _ in range(300):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            await writer.wait_closed()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 def raise_own_fd_limit(needed: int) -> None:

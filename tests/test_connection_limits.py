@@ -7,6 +7,7 @@ A second client address is 127.0.0.2: Linux routes all of 127/8 to the loopback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import socket
 import ssl
@@ -20,6 +21,7 @@ from relay import replies
 from relay.smtpd.connections import HANDSHAKE_TIMEOUT, address_key
 from relay.smtpd.server import PRE_AUTH_COMMANDS
 from tests.support.procs import free_port, prepare_relay_folder
+from tests.support.waiting import wait_until
 
 ALICE = "alice@example.com"
 OTHER = "127.0.0.2"
@@ -87,9 +89,8 @@ async def sessions(port: int, count: int, **kwargs) -> tuple[list[Raw], list[byt
 async def counted(h, count: int) -> None:
     """Wait (up to 2 s) until the relay counts `count` connections: its accept and its
     close run on its loop, after our side saw them. The assertions that follow judge."""
-    deadline = time.monotonic() + 2
-    while h.relay.registry.count != count and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    with contextlib.suppress(AssertionError):
+        await wait_until(lambda: h.relay.registry.count == count, timeout=2)
 
 
 async def send_from(h, source: str) -> str:

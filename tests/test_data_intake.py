@@ -8,13 +8,13 @@ may straddle two reads), and whole sessions against the real relay over TLS.
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 
 from relay import replies
-from relay.smtpd.data import DataLimits, MemoryBudget, read_data
+from relay.smtpd.data import DataLimits, MemoryBudget
 from tests.support.fs import fill, small_filesystem
+from tests.test_data_intake_attacks import read_pieces
 from tests.test_smuggling import ALICE, BOB, QUEUED, alice
 
 LIMITS = dict(message=10_000, header=200, in_memory=64)
@@ -37,35 +37,13 @@ def reference(raw: bytes) -> bytes:
 
 
 async def read_split(tmp_path, stream: bytes, cuts: list[int], **overrides):
-    """Feed `stream` to a StreamReader in pieces cut at `cuts`, read one message, and
-    return (result, the bytes left in the reader for the next command)."""
-    reader = asyncio.StreamReader(limit=1001)
+    """`stream` cut at `cuts` and read as one message: (result, the message, the bytes
+    left in the reader for the next command)."""
     pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
-
-    async def feed() -> None:
-        for piece in pieces:
-            reader.feed_data(piece)
-            await asyncio.sleep(0)
-        reader.feed_eof()
-
-    feeder = asyncio.create_task(feed())
     budget = MemoryBudget(1 << 20)
-    result = await read_data(reader, limits(tmp_path, **overrides), budget, lambda: None)
-    await feeder
-    rest = await reader.read()
-    content = None
-    if result.body is not None:
-        if result.body.on_disk:
-            fd = await result.body.file_fd()
-            try:
-                content = os.pread(fd, result.body.size, 0)
-            finally:
-                os.close(fd)
-        else:
-            content = result.body.content()
-        result.body.close()
+    outcome = await read_pieces(limits(tmp_path, **overrides), pieces, budget)
     assert budget.used == 0, "every byte taken from the memory budget is given back"
-    return result, content, rest
+    return outcome
 
 
 MESSAGES = [

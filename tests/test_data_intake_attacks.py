@@ -17,7 +17,6 @@ import socket
 import sqlite3
 import struct
 import sys
-import time
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,15 +26,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keystore.store import KeyStore
 from relay import replies
-from relay.app import Relay
-from relay.config import load_config
 from relay.smtpd import data as intake
 from relay.smtpd.data import DataLimits, MemoryBudget, read_data
 from tests.conftest import running_relay
 from tests.support.fs import fill, small_filesystem
-from tests.support.relayrun import Harness, write_config
+from tests.support.waiting import wait_until
 from tests.test_smuggling import ALICE, BOB, QUEUED, alice
 
 END = b"\r\n.\r\n"
@@ -164,15 +160,6 @@ async def test_any_message_cut_anywhere_reads_as_the_reference_decodes_it(
 # ------------------------------------------------------------------ hostile clients, real relay
 
 
-async def until(condition: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    """Wait for `condition()` to hold (a few ms per look), or fail saying `what`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def message_files(folder: Path) -> list[str]:
     """The message files the process holds open: unnamed (deleted) files in `folder`, the
     spool's, as /proc/self/fd shows them."""
@@ -286,11 +273,11 @@ async def test_a_client_reset_mid_data_gives_back_its_memory_and_its_file(h, siz
     session.writer.write(f"From: {ALICE}\r\n\r\n".encode() + (b"y" * 98 + b"\r\n") * (size // 100))
     await session.writer.drain()
     if size > 1 << 20:
-        await until(lambda: message_files(h.folder), "the message to go to a file")
+        await wait_until(lambda: message_files(h.folder), what="the message to go to a file")
     else:
-        await until(lambda: memory.used > 0, "the message to arrive in memory")
+        await wait_until(lambda: memory.used > 0, what="the message to arrive in memory")
     reset(session)
-    await until(lambda: not h.relay.registry.live, "the session to end")
+    await wait_until(lambda: not h.relay.registry.live, what="the session to end")
     assert memory.used == 0
     assert message_files(h.folder) == []
     assert h.sink.messages == []
@@ -310,13 +297,14 @@ async def test_a_client_gone_while_its_big_message_is_stored_still_gets_it_store
         spool.execute("BEGIN IMMEDIATE")
         writes = store.writes
         session.writer.write((header + body).replace(b"\r\n.", b"\r\n..") + b".\r\n")
-        await until(lambda: store.writes > writes, "the relay to start storing the message")
+        await wait_until(lambda: store.writes > writes,
+                         what="the relay to start storing the message")
         reset(session)
-        await until(lambda: not h.relay.registry.live, "the session to end")
+        await wait_until(lambda: not h.relay.registry.live, what="the session to end")
         spool.execute("ROLLBACK")
     (received,) = await h.sink.wait_for(1)
     assert received.data.endswith(header + body)
-    await until(lambda: not message_files(h.folder), "every message file to be closed")
+    await wait_until(lambda: not message_files(h.folder), what="every message file to be closed")
 
 async def test_a_session_cancelled_while_its_message_goes_to_disk_leaves_no_file_behind(tmp_path):
     """aiosmtpd cancels a session whose client left. If that lands while a thread writes
@@ -338,7 +326,7 @@ async def test_a_session_cancelled_while_its_message_goes_to_disk_leaves_no_file
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await until(lambda: not message_files(tmp_path), "the message file to be closed")
+        await wait_until(lambda: not message_files(tmp_path), what="the message file to be closed")
         gc.collect()
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
     assert memory.used == 0
@@ -398,7 +386,7 @@ class ScriptedUpstream:
         writer.write(b"250 2.0.0 taken\r\n")
 
     async def wait_for(self, count: int, timeout: float = 10.0) -> list[bytes]:
-        await until(lambda: len(self.messages) >= count, f"{count} message(s) upstream", timeout)
+        await wait_until(lambda: len(self.messages) >= count, timeout, f"{count} message(s) upstream")
         return self.messages
 
     async def __aenter__(self) -> ScriptedUpstream:
@@ -413,21 +401,10 @@ class ScriptedUpstream:
         await self.server.wait_closed()
 
 
-@contextlib.asynccontextmanager
-async def relay_to(folder: Path, upstream, *, timeout: str = "5s", **parts):
+def relay_to(folder: Path, upstream, *, timeout: str = "5s", **parts):
     """The real relay (as the `h` fixture runs it) delivering to `upstream`, with the
     upstream's timeout set to `timeout`."""
-    path = write_config(folder, upstream.port, **parts)
-    path.write_text(path.read_text().replace('timeout = "5s"', f'timeout = "{timeout}"'))
-    config = load_config(path)
-    store = await KeyStore.open(config.keystore.path, config.keystore.pepper_file, create=True)
-    await store.close()
-    relay = Relay(config)
-    try:
-        await relay.start()
-        yield Harness(folder, relay, upstream)
-    finally:
-        await relay.stop(grace=0.5)
+    return running_relay(folder, upstream, upstream_timeout=timeout, **parts)
 
 
 def unstuff(wire: bytes) -> bytes:
@@ -506,8 +483,8 @@ async def test_an_upstream_that_stalls_mid_data_is_given_up_on_and_the_message_s
         (received,) = await upstream.wait_for(1)
         assert received.endswith(b"\r\n\r\n" + body)
         assert len(upstream.peers) == 2
-        await until(lambda: not holds_connection(upstream.peers[0]),
-                    "the relay to let go of the stalled connection")
+        await wait_until(lambda: not holds_connection(upstream.peers[0]),
+                         what="the relay to let go of the stalled connection")
 
 
 async def test_an_upstream_that_drops_mid_chunk_gets_the_message_again_whole(tmp_path):
@@ -588,7 +565,8 @@ async def test_a_message_deleted_while_its_big_body_is_being_sent_is_sent_whole_
         await upstream.wait_for(2)
         assert sorted(m.endswith(b"\r\n\r\n" + first) + 2 * m.endswith(b"\r\n\r\n" + second)
                       for m in upstream.messages) == [1, 2]
-        await until(lambda: not in_spool(tmp_path / "spool.db", queue_id), "the message to leave the spool")
+        await wait_until(lambda: not in_spool(tmp_path / "spool.db", queue_id),
+                         what="the message to leave the spool")
 
 
 @pytest.mark.parametrize("size", [1000, 2 << 20], ids=["whole", "in-chunks"])

@@ -19,6 +19,7 @@ from tests.support.fs import fill, small_filesystem
 from tests.support.relayrun import write_secret
 from tests.support.servers import RawServer
 from tests.support.sink import Sink
+from tests.support.waiting import wait_until
 from tests.test_delivery import MESSAGE, provider_tls, send, wait_spool_empty
 from tests.test_queue_cli import q
 
@@ -39,14 +40,6 @@ async def wait_rows(h, check, timeout: float = 5.0) -> list[dict]:
         if time.monotonic() > deadline:
             raise AssertionError(f"the queue never got there: {rows}")
         await asyncio.sleep(0.1)
-
-
-async def wait_until(check, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 # ----------------------------------------------------------- what a provider says

@@ -63,13 +63,14 @@ def write_secret(path: Path, text: str) -> None:
 def write_config(
     folder: Path, sink_port: int, *, server: str = "", auth: str = "", queue: str = "",
     upstream_extra: str = "", retry: str = '["0.3s"]', spool: str = "spool.db",
+    upstream_timeout: str = "5s",
 ) -> Path:
     make_certs(folder)
     path = folder / "relay.toml"
     path.write_text(BASE_CONFIG.format(
         server_extra=server, auth_extra=auth, queue_extra=queue, sink_port=sink_port,
         upstream_extra=upstream_extra, retry=retry, spool=spool,
-    ))
+    ).replace('timeout = "5s"', f'timeout = "{upstream_timeout}"'))
     return path
 
 
