@@ -22,6 +22,9 @@ from keystore.secretfile import secret_file_problem
 __all__ = [
     "AuthConfig",
     "Config",
+    "HealthConfig",
+    "LogConfig",
+    "MetricsConfig",
     "ConfigError",
     "Duration",
     "KeystoreConfig",
@@ -84,6 +87,10 @@ class ServerConfig:
     pre_auth_timeout: Duration = Duration(30)
     check_header_from: bool = True
     rate_per_minute: int = 600
+    # At SIGTERM: how long a session in the middle of a message may take to finish it;
+    # sessions not in a transaction get 421 4.3.2 at once. Keep it under the unit's
+    # TimeoutStopSec minus the few seconds deliveries get to record what they did.
+    shutdown_grace: Duration = Duration(20)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,6 +188,35 @@ class DkimConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    """Logging: `level` (reloadable) and `format`: "text" (`event key=value ...`) or "json"
+    (one object per line, for log shippers). `relay --log-level` overrides the level."""
+
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    """Prometheus metrics, /healthz and /readyz on `listen` (HOST:PORT); none if unset.
+    Key ids become label values only if `key_id_labels` is true (they grow with the keystore)."""
+
+    listen: str | None = None
+    key_id_labels: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class HealthConfig:
+    """Provider health ([provider_health]): after `down_after` session-level failures in a
+    row (connect, TLS, greeting, EHLO, AUTH) a smarthost is down for `backoff`, doubled at
+    each failed probe up to `max_backoff`; groups skip it while another member is up."""
+
+    down_after: int = 3
+    backoff: Duration = Duration(30)
+    max_backoff: Duration = Duration(600)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RoutingConfig:
     default: str
 
@@ -198,6 +234,15 @@ class Config:
     group: tuple[GroupConfig, ...] = ()
     dns: DnsConfig = field(default_factory=DnsConfig)
     dkim: tuple[DkimConfig, ...] = ()
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    provider_health: HealthConfig = field(default_factory=HealthConfig)
+
+    @property
+    def state_path(self) -> Path | None:
+        """The running relay's state (provider health, recent deliveries, sessions), written
+        beside the spool for `relay status`; None without a [queue]."""
+        return None if self.queue is None else self.queue.path.with_name("relay-state.json")
 
     def upstream_named(self, name: str) -> UpstreamConfig | None:
         return next((u for u in self.upstream if u.name == name), None)
@@ -245,6 +290,7 @@ def _cross_check(config: Config, source: Path) -> None:
         if getattr(config.server, name) < 1:
             raise ConfigError(f"{source}: [server] {name}: at least 1 (there is no \"off\")")
     _check_auth(config.auth, source)
+    _check_operations(config, source)
     for name in ("max_connections", "max_connections_per_address", "idle_timeout", "pre_auth_timeout"):
         if getattr(config.server, name) <= 0:
             raise ConfigError(f"{source}: [server] {name}: must be more than 0 (there is no \"off\")")
@@ -286,6 +332,30 @@ def _check_auth(auth: AuthConfig, source: Path) -> None:
         )
     if auth.failure_window <= 0:
         raise ConfigError(f"{source}: [auth] failure_window: longer than 0")
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _check_operations(config: Config, source: Path) -> None:
+    """[log], [metrics], [provider_health] and the shutdown grace."""
+    if config.log.level.lower() not in _LOG_LEVELS:
+        raise ConfigError(f"{source}: [log] level: expected one of {', '.join(_LOG_LEVELS)}, "
+                          f"not {config.log.level!r}")
+    if config.log.format not in ("text", "json"):
+        raise ConfigError(f"{source}: [log] format: expected text or json, not {config.log.format!r}")
+    if config.metrics.listen is not None:
+        try:
+            split_hostport(config.metrics.listen)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: [metrics] listen {config.metrics.listen!r}: {exc}") from None
+    health = config.provider_health
+    if health.down_after < 1:
+        raise ConfigError(f"{source}: [provider_health] down_after: at least 1")
+    if health.backoff <= 0 or health.max_backoff < health.backoff:
+        raise ConfigError(f"{source}: [provider_health] backoff: more than 0, and max_backoff at least backoff")
+    if config.server.shutdown_grace <= 0:
+        raise ConfigError(f"{source}: [server] shutdown_grace: must be more than 0")
 
 
 _LOOPBACK = ("127.", "::1", "localhost")
