@@ -12,25 +12,65 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from keystore.store import KeyStore
+from keystore.store import KeyStore, KeystoreUnavailable
 from relay import replies
 from relay.auth import Authenticator, FailureLimiter
-from relay.config import Config, ConfigError, check_secret_files
+from relay.config import Config, ConfigError, check_secret_files, load_config
 from relay.delivery.courier import Courier
 from relay.delivery.routing import Router, make_couriers
 from relay.fdlimit import ensure_fd_limit
 from relay.queue import Queue
+from relay.sdnotify import Notifier
 from relay.signing import DkimSigner
 from relay.smtpd.handler import RelayHandler
-from relay.smtpd.listeners import Listener, open_listeners
+from relay.smtpd.listeners import Listener, Sessions, open_listeners
 from relay.smtpd.server import ConnectionRegistry
 from relay.tlsconf import limit_tls_buffers, server_context
 
-__all__ = ["Relay", "loop_factory", "run", "serve"]
+__all__ = ["Relay", "Reloadable", "build", "loop_factory", "run", "serve"]
 
 log = logging.getLogger("relay")
+
+
+@dataclass(frozen=True, slots=True)
+class Reloadable:
+    """What a configuration can change in a running relay. Built in full before anything is
+    applied, so a config that fails anywhere is refused whole and the old one stays."""
+
+    config: Config
+    tls: ssl.SSLContext
+    signer: DkimSigner
+    couriers: dict[str, Courier]
+    router: Router
+
+
+def build(config: Config) -> Reloadable:
+    """Load what the config names (certificate, DKIM keys, upstream passwords); ConfigError
+    on the first problem."""
+    if config.queue is None or config.routing is None or config.tls is None:
+        missing = [n for n in ("tls", "queue", "routing") if getattr(config, n) is None]
+        raise ConfigError(f"{config.source}: [{missing[0]}]: required to run the relay")
+    check_secret_files(config)
+    tls = server_context(config.tls)
+    signer = DkimSigner(config.dkim)
+    couriers = make_couriers(config)
+    return Reloadable(config, tls, signer, couriers, Router(config, couriers))
+
+
+# Changes a reload cannot make: (what, how to read it). They wait for a restart, and the
+# reload says so; everything else in the new config applies.
+_RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
+    ("[server] submission / submissions (listeners)",
+     lambda c: (c.server.submission, c.server.submissions)),
+    ("[keystore]", lambda c: c.keystore),
+    ("[queue] path", lambda c: c.queue.path if c.queue else None),
+    ("[metrics] listen", lambda c: c.metrics.listen),
+    ("[log] format", lambda c: c.log.format),
+)
 
 
 class Relay:
@@ -43,67 +83,129 @@ class Relay:
         self.couriers: dict[str, Courier] = {}
         self.store: KeyStore | None = None
         self.queue: Queue | None = None
+        self.queue_depth: int | None = None  # last count, for STATUS= and the state file
+        self._handler: RelayHandler | None = None
+        self._authenticator: Authenticator | None = None
+        self._sessions: Sessions | None = None
+        self._reloading = asyncio.Lock()
 
     def port(self, kind: str = "submission") -> int:
         return next(listener.port for listener in self.listeners if listener.kind == kind)
 
     async def start(self) -> None:
         cfg = self.config
-        if cfg.queue is None or cfg.routing is None or cfg.tls is None:
-            missing = [n for n in ("tls", "queue", "routing") if getattr(cfg, n) is None]
-            raise ConfigError(f"{cfg.source}: [{missing[0]}]: required to run the relay")
-        check_secret_files(cfg)
+        parts = build(cfg)
+        assert cfg.queue is not None
         ensure_fd_limit(cfg)
-        tls = server_context(cfg.tls)
         limit_tls_buffers()
-        signer = DkimSigner(cfg.dkim)
-        self.couriers = make_couriers(cfg)
+        self.couriers = parts.couriers
         ks = cfg.keystore
         self.store = await KeyStore.open(ks.path, ks.pepper_file, default_key_limit=ks.default_key_limit)
-        await self._check_routes()
+        await self._check_routes(cfg)
         if cfg.queue.workers is not None:
             log.warning("%s: [queue] workers is no longer used: each [[upstream]] max_connections "
                         "sets how many deliveries run at once on it", cfg.source)
         self.queue = await Queue.open(
-            cfg.queue.path, Router(cfg, self.couriers), hostname=cfg.server.hostname,
+            cfg.queue.path, parts.router, hostname=cfg.server.hostname,
             retry_schedule=cfg.queue.retry_schedule, max_lifetime=cfg.queue.max_queue_lifetime,
         )
         await self.queue.start()
-        authenticator = Authenticator(
+        self._authenticator = Authenticator(
             self.store,
             FailureLimiter(cfg.auth.max_failures, cfg.auth.failure_window,
                            max_failures_per_address=cfg.auth.address_ceiling),
             recheck_interval=cfg.auth.recheck_interval,
         )
-        handler = RelayHandler(cfg, authenticator, self.queue, signer)
-        self.listeners = await open_listeners(cfg, handler, tls, self.registry)
+        self._handler = RelayHandler(cfg, self._authenticator, self.queue, parts.signer)
+        self._sessions = Sessions(cfg, self._handler, parts.tls, self.registry)
+        self.listeners = await open_listeners(cfg, self._sessions)
         for listener in self.listeners:
             mode = "STARTTLS" if listener.kind == "submission" else "implicit TLS"
             log.info("listening (%s) on %s port %d", mode, listener.host, listener.port)
 
-    async def _check_routes(self) -> None:
+    async def _check_routes(self, config: Config) -> None:
         assert self.store is not None
-        known = set(self.config.route_names)
+        known = set(config.route_names)
         for route, users in (await self.store.routes_in_use()).items():
             if route not in known:
                 raise ConfigError(
-                    f"{self.config.source}: the keystore routes {', '.join(users[:3])} to {route!r}, "
+                    f"{config.source}: the keystore routes {', '.join(users[:3])} to {route!r}, "
                     "which is no [[upstream]] or [[group]] here"
                 )
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def reload(self) -> bool:
+        """Read the config file again and apply it without dropping a session or a message:
+        new connections get the new certificate and limits, open sessions the new limits at
+        their next command, the next delivery attempt the new upstreams and groups (those
+        under way finish on the old ones). A config that fails to load or check is refused
+        with one log line, and the one in force stays. True if applied."""
+        async with self._reloading:
+            old = self.config
+            try:
+                new = load_config(old.source)
+                parts = build(new)
+                await self._check_routes(new)
+            except (ConfigError, KeystoreUnavailable) as exc:
+                log.error("reload refused, the running configuration stays in force: %s", exc)
+                return False
+            waiting = [what for what, read in _RESTART_ONLY if read(old) != read(new)]
+            if waiting:
+                log.warning("reload: %s changed; that takes a restart, the old value stays until then",
+                            ", ".join(waiting))
+            self._apply(parts)
+            retired, self.couriers = self.couriers, parts.couriers
+            for courier in retired.values():
+                await courier.close()
+            log.info("configuration reloaded from %s", old.source)
+            return True
+
+    def _apply(self, parts: Reloadable) -> None:
+        cfg = parts.config
+        assert self._sessions and self._handler and self._authenticator and self.queue and cfg.queue
+        self._sessions.update(cfg, parts.tls)
+        self._handler.reconfigure(cfg, parts.signer)
+        self._authenticator.set_limits(
+            max_failures=cfg.auth.max_failures, address_ceiling=cfg.auth.address_ceiling,
+            window=cfg.auth.failure_window, recheck_interval=cfg.auth.recheck_interval,
+        )
+        self.queue.reconfigure(parts.router, retry_schedule=cfg.queue.retry_schedule,
+                               max_lifetime=cfg.queue.max_queue_lifetime)
+        logging.getLogger().setLevel(cfg.log.level.upper())
+        self.config = cfg
+
+    def status_line(self) -> str:
+        """systemd's STATUS=: what `systemctl status relay` shows."""
+        queued = "?" if self.queue_depth is None else str(self.queue_depth)
+        return f"{len(self.registry.live)} session(s), {queued} message(s) queued"
+
+    async def count_queue(self) -> None:
+        """Refresh queue_depth; a slow or failing spool keeps the last count."""
+        if self.queue is None:
+            return
+        try:
+            self.queue_depth = await asyncio.wait_for(self.queue.store.count(), 2.0)
+        except Exception as exc:  # noqa: BLE001 - a status line is no reason to fail
+            log.debug("cannot count the queue: %r", exc)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking connections; sessions not in a transaction get 421 4.3.2 at once,
+        those in one get `[server] shutdown_grace` to finish it (a message answered 250
+        is in the spool); then deliveries record what they did and stop."""
         for listener in self.listeners:
             listener.server.close()
         for handshake in list(self.registry.handshakes):
             handshake.abort()
-        deadline = asyncio.get_running_loop().time() + grace
-        while self.registry.live and asyncio.get_running_loop().time() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.config.server.shutdown_grace if grace is None else grace)
+        while self.registry.live and loop.time() < deadline:
             for session in list(self.registry.live):
                 if session.envelope is None or not session.envelope.rcpt_tos:
                     session.close_now(replies.SHUTTING_DOWN)
             await asyncio.sleep(0.05)
         for session in list(self.registry.live):
-            session.close_now()
+            log.warning("closing session from %s still in a transaction after shutdown_grace",
+                        session.session.peer if session.session else "?")
+            session.close_now(replies.SHUTTING_DOWN)
         for listener in self.listeners:
             await listener.server.wait_closed()
         if self.queue is not None:
@@ -135,16 +237,36 @@ def run(config: Config) -> None:
 
 
 async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the config. Under systemd (Type=notify)
+    READY=1 is sent once every listener is bound and the queue is loaded, STATUS= and
+    WATCHDOG=1 while running, RELOADING=1 around a reload and STOPPING=1 at the end."""
     relay = Relay(config)
-    stop = asyncio.Event()
+    notifier = Notifier()
+    events: asyncio.Queue[str] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, events.put_nowait, "stop")
+    loop.add_signal_handler(signal.SIGHUP, events.put_nowait, "reload")
+    alive: asyncio.Task[None] | None = None
     try:
         await relay.start()
+        await relay.count_queue()
         log.info("relay ready")
-        await stop.wait()
+        notifier.ready(relay.status_line())
+
+        async def status() -> str:
+            await relay.count_queue()
+            return relay.status_line()
+
+        alive = loop.create_task(notifier.keep_alive(status))
+        while await events.get() == "reload":
+            notifier.reloading()
+            await relay.reload()
+            notifier.ready(relay.status_line())
         log.info("shutting down")
     finally:
+        notifier.stopping()
+        if alive is not None:
+            alive.cancel()
         await relay.stop()
+        notifier.close()

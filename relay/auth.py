@@ -261,6 +261,14 @@ class Authenticator:
         self._recheck_interval = recheck_interval
         self._checked: dict[tuple[str, str, bytes], tuple[float, Identity | Reason]] = {}
 
+    def set_limits(self, *, max_failures: int, address_ceiling: int, window: float,
+                   recheck_interval: float) -> None:
+        """A reload: new budgets apply to the next check; failures already counted stay."""
+        self._limiter.max_failures = max_failures
+        self._limiter.address_ceiling = address_ceiling
+        self._limiter.window = window
+        self._recheck_interval = recheck_interval
+
     async def login(self, username: str, secret: str, client_ip: str) -> LoginResult:
         started = time.monotonic()
         parsed = keys.parse_key(secret)  # the public key id: unusable-key logins count against it

@@ -34,6 +34,7 @@ class SmarthostCourier:
         self._local_hostname = local_hostname
         self._password = _read_password(upstream)
         self._idle: list[aiosmtplib.SMTP] = []
+        self._closed = False  # a reload replaced this courier: finish what runs, pool nothing
         self._slots = asyncio.Semaphore(upstream.max_connections)
 
     def _client(self) -> aiosmtplib.SMTP:
@@ -70,14 +71,18 @@ class SmarthostCourier:
                     if refused.connection_lost and pooled is not None:
                         pooled = None  # a stale pooled connection: nothing was sent; a fresh one
                         continue
-                    if client.is_connected:
-                        self._idle.append(client)
+                    await self._keep(client, client.is_connected)
                     return dict.fromkeys(recipients, refused.outcome)
-                if result.reusable:
-                    self._idle.append(client)
-                else:
-                    client.close()
+                await self._keep(client, result.reusable)
                 return result.outcomes
+
+    async def _keep(self, client: aiosmtplib.SMTP, reusable: bool) -> None:
+        if reusable and not self._closed:
+            self._idle.append(client)
+        elif reusable:
+            await _quit(client)
+        else:
+            client.close()
 
     def _pooled(self) -> aiosmtplib.SMTP | None:
         while self._idle:
@@ -87,12 +92,18 @@ class SmarthostCourier:
         return None
 
     async def close(self) -> None:
+        """QUIT the idle connections; deliveries still running finish, and then QUIT theirs."""
+        self._closed = True
         idle, self._idle = self._idle, []
         for client in idle:
-            try:
-                await asyncio.wait_for(client.quit(), 2)
-            except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
-                client.close()
+            await _quit(client)
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    try:
+        await asyncio.wait_for(client.quit(), 2)
+    except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
+        client.close()
 
 
 def _read_password(upstream: UpstreamConfig) -> str | None:

@@ -87,6 +87,16 @@ class Scheduler:
             if message_id not in self._busy:
                 self.later(when, message_id, lane)
 
+    def relimit(self, limit: Callable[[str], int | None]) -> None:
+        """New lane limits (a reload); None keeps a lane's limit (a route no longer
+        configured: its messages go to the default route, and its lane drains)."""
+        self._limit = lambda name: limit(name) or 1
+        for lane in self._lanes.values():
+            new = limit(lane.name)
+            if new is not None:
+                lane.limit = max(new, 1)
+                self._fill(lane)
+
     # -------------------------------------------------------------- loops
 
     async def run(self) -> None:

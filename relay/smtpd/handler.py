@@ -44,6 +44,13 @@ class RelayHandler:
         self._signer = signer
         self._rates = policy.RateLimiter(config.server.rate_per_minute)
 
+    def reconfigure(self, config: Config, signer: DkimSigner) -> None:
+        """A reload: every session's next command sees the new limits and DKIM keys; the
+        per-key rate buckets carry on (a reload is no way round a rate limit)."""
+        self._server_cfg = config.server
+        self._signer = signer
+        self._rates.per_minute = config.server.rate_per_minute
+
     # ------------------------------------------------------------------ EHLO
 
     async def handle_EHLO(self, server, session: Session, envelope: Envelope, hostname: str,

@@ -21,7 +21,7 @@ from relay.smtpd.data import DataLimits, MemoryBudget
 from relay.smtpd.handler import RelayHandler
 from relay.smtpd.server import ConnectionRegistry, RelaySMTP
 
-__all__ = ["Listener", "open_listeners"]
+__all__ = ["Listener", "Sessions", "open_listeners"]
 
 # Per connection: AUTH at most 3 times (a brake on guessing within one session); every
 # other command unlimited, since a pooled client sends many messages per session.
@@ -39,45 +39,68 @@ class Listener:
     server: asyncio.Server
 
 
-async def open_listeners(
-    config: Config, handler: RelayHandler, tls: ssl.SSLContext, registry: ConnectionRegistry,
-) -> list[Listener]:
+class Sessions:
+    """Makes the protocol of each new connection from the settings in force: a reload
+    (`update`) changes what the next connection gets (certificate, limits, timeouts,
+    hostname), while sessions already open keep what they started with."""
+
+    def __init__(
+        self, config: Config, handler: RelayHandler, tls: ssl.SSLContext, registry: ConnectionRegistry,
+    ) -> None:
+        self._handler = handler
+        self._registry = registry
+        self._memory = MemoryBudget(config.server.max_data_memory)
+        self.update(config, tls)
+
+    def update(self, config: Config, tls: ssl.SSLContext) -> None:
+        assert config.queue is not None
+        cfg = config.server
+        self._server = cfg
+        self._tls = tls
+        self._limits = DataLimits(
+            message=cfg.max_message_size, header=cfg.max_header_size,
+            in_memory=min(cfg.max_data_memory, _IN_MEMORY_MESSAGE), spool_dir=config.queue.path.parent,
+        )
+        self._memory.limit = cfg.max_data_memory
+        self._registry.limit = cfg.max_connections
+        self._registry.per_address = cfg.max_connections_per_address
+
+    def session(self, implicit: bool) -> RelaySMTP:
+        cfg = self._server
+        return RelaySMTP(
+            self._handler,
+            registry=self._registry,
+            data_limits=self._limits,
+            memory=self._memory,
+            hostname=cfg.hostname,
+            ident="keyrelay ESMTP",
+            tls_context=None if implicit else self._tls,
+            auth_require_tls=not implicit,
+            auth_required=False,  # enforced in handle_MAIL with our reply
+            command_call_limit=_CALL_LIMITS,
+            timeout=cfg.idle_timeout,
+            pre_auth_timeout=cfg.pre_auth_timeout,
+            loop=asyncio.get_running_loop(),
+        )
+
+    def starttls(self) -> RelaySMTP:
+        """A connection on a STARTTLS (587) listener."""
+        return self.session(False)
+
+    def implicit_tls(self) -> ImplicitTLSAcceptor:
+        """A connection on an implicit-TLS (465) listener: TLS first, then the session."""
+        return ImplicitTLSAcceptor(self._registry, self._tls, partial(self.session, True))
+
+
+async def open_listeners(config: Config, sessions: Sessions) -> list[Listener]:
     loop = asyncio.get_running_loop()
     cfg = config.server
     opened: list[Listener] = []
-    assert config.queue is not None
-    limits = DataLimits(
-        message=cfg.max_message_size, header=cfg.max_header_size,
-        in_memory=min(cfg.max_data_memory, _IN_MEMORY_MESSAGE), spool_dir=config.queue.path.parent,
-    )
-    memory = MemoryBudget(cfg.max_data_memory)
-
-    def factory(implicit: bool):
-        def make() -> RelaySMTP:
-            return RelaySMTP(
-                handler,
-                registry=registry,
-                data_limits=limits,
-                memory=memory,
-                hostname=cfg.hostname,
-                ident="keyrelay ESMTP",
-                tls_context=None if implicit else tls,
-                auth_require_tls=not implicit,
-                auth_required=False,  # enforced in handle_MAIL with our reply
-                command_call_limit=_CALL_LIMITS,
-                timeout=cfg.idle_timeout,
-                pre_auth_timeout=cfg.pre_auth_timeout,
-                loop=loop,
-            )
-        return make
-
     try:
         for kind, addresses in (("submission", cfg.submission), ("submissions", cfg.submissions)):
-            implicit = kind == "submissions"
+            accept = sessions.implicit_tls if kind == "submissions" else sessions.starttls
             for address in addresses:
                 host, port = split_hostport(address)
-                accept = (partial(ImplicitTLSAcceptor, registry, tls, factory(True)) if implicit
-                          else factory(False))
                 server = await loop.create_server(accept, host, port)
                 bound = server.sockets[0].getsockname()
                 opened.append(Listener(kind, host, bound[1], server))
