@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def keystore_cli(config: Path, *args: str, stdin: str | None = None) -> subproce
 
 
 async def start_relay_process(
-    config: Path, port: int, *, log_level: str = "INFO",
+    config: Path, port: int, *, log_level: str = "INFO", env: dict[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
     """The relay as its own process, its log appended to relay.log beside the config (a
     pipe nobody reads would fill up and block the relay's logging)."""
@@ -36,7 +37,7 @@ async def start_relay_process(
     with open(log, "ab") as out:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relay", "--config", str(config), "--log-level", log_level, "serve",
-            stdout=asyncio.subprocess.DEVNULL, stderr=out,
+            stdout=asyncio.subprocess.DEVNULL, stderr=out, env={**os.environ, **(env or {})},
         )
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:

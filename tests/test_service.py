@@ -1,0 +1,262 @@
+"""The relay as a systemd service: readiness and watchdog over $NOTIFY_SOCKET, SIGHUP
+reload without dropping sessions, SIGTERM that finishes a message in DATA, and a unit
+file systemd itself accepts. Real processes, real signals, a real notify socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+from cryptography import x509
+
+from relay.tlsconf import generate_self_signed
+from tests.support.procs import free_port, prepare_relay_folder, start_relay_process
+from tests.support.relayrun import client_tls
+from tests.support.sink import Sink
+from tests.support.waiting import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGE = b"From: alice@example.com\r\nSubject: hello\r\n\r\nbody\r\n"
+
+
+class NotifySocket:
+    """What systemd listens on: an abstract unix datagram socket; keeps every message."""
+
+    def __init__(self) -> None:
+        self.name = f"@keyrelay-test-{os.getpid()}-{id(self)}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name[1:])
+        self.sock.setblocking(False)
+        self.messages: list[dict[str, str]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> NotifySocket:
+        self._task = asyncio.get_running_loop().create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        self.sock.close()
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(self.sock, 65536)
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append(fields)
+
+    def having(self, key: str) -> list[dict[str, str]]:
+        return [m for m in self.messages if key in m]
+
+
+def serial_seen(port: int, folder: Path) -> int:
+    """The serial of the certificate a new client is shown on the implicit-TLS port."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            context.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def serial_of(path: Path) -> int:
+    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+
+
+async def logged_in(port: int, folder: Path, secret: str) -> aiosmtplib.SMTP:
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True,
+                             tls_context=client_tls(folder), timeout=5)
+    await client.connect()
+    await client.login("alice@example.com", secret)
+    return client
+
+
+def with_implicit_port(config_path: Path) -> int:
+    port = free_port()
+    text = config_path.read_text().replace('submissions = ["127.0.0.1:0"]',
+                                           f'submissions = ["127.0.0.1:{port}"]')
+    config_path.write_text(text)
+    return port
+
+
+async def test_notify_socket_gets_ready_status_watchdog_reloading_and_stopping(tmp_path):
+    sink_port, port = free_port(), free_port()
+    config_path, _ = await prepare_relay_folder(tmp_path, sink_port, port, '["1s"]')
+    async with NotifySocket() as notify:
+        relay = await start_relay_process(config_path, port, env={
+            "NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": "300000", "WATCHDOG_PID": "",
+        })
+        try:
+            await wait_until(lambda: notify.having("READY"), what="READY=1")
+            ready = notify.having("READY")[0]
+            assert ready["READY"] == "1" and ready["MAINPID"] == str(relay.pid)
+            assert ready["STATUS"] == "0 session(s), 0 message(s) queued"
+            # WATCHDOG=1 keeps coming at half the interval, from the event loop
+            await wait_until(lambda: len(notify.having("WATCHDOG")) >= 3, what="three WATCHDOG=1")
+            relay.send_signal(signal.SIGHUP)
+            await wait_until(lambda: notify.having("RELOADING"), what="RELOADING=1")
+            await wait_until(lambda: len(notify.having("READY")) == 2, what="READY=1 after the reload")
+            reloading = notify.having("RELOADING")[0]
+            assert int(reloading["MONOTONIC_USEC"]) > 0
+            relay.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(relay.wait(), 15) == 0
+        finally:
+            if relay.returncode is None:
+                relay.kill()
+                await relay.wait()
+        await wait_until(lambda: notify.having("STOPPING"), what="STOPPING=1")
+        order = [next(iter(k for k in ("READY", "RELOADING", "STOPPING") if k in m))
+                 for m in notify.messages if {"READY", "RELOADING", "STOPPING"} & m.keys()]
+        assert order == ["READY", "RELOADING", "READY", "STOPPING"]
+
+
+async def test_sighup_serves_a_renewed_certificate_and_keeps_open_sessions(tmp_path):
+    async with Sink() as sink:
+        port = free_port()
+        config_path, secret = await prepare_relay_folder(tmp_path, sink.port, port, '["1s"]')
+        implicit = with_implicit_port(config_path)
+        relay = await start_relay_process(config_path, port)
+        try:
+            first = serial_of(tmp_path / "cert.pem")
+            assert serial_seen(implicit, tmp_path) == first
+            before = await logged_in(port, tmp_path, secret)  # opened under the old certificate
+
+            # certbot's deploy hook: new files, then `systemctl reload relay`
+            generate_self_signed("relay.test", tmp_path / "cert.pem", tmp_path / "key.pem")
+            renewed = serial_of(tmp_path / "cert.pem")
+            assert renewed != first
+            relay.send_signal(signal.SIGHUP)
+            log = tmp_path / "relay.log"
+            await wait_until(lambda: "configuration reloaded" in log.read_text(), what="the reload")
+
+            assert serial_seen(implicit, tmp_path) == renewed
+            after = await logged_in(port, tmp_path, secret)  # STARTTLS: the new one too
+            assert after.transport.get_extra_info("ssl_object").getpeercert(binary_form=True) == \
+                ssl.PEM_cert_to_DER_cert((tmp_path / "cert.pem").read_text())
+            # the session opened before the reload is still there and still sends
+            await before.sendmail("alice@example.com", ["old@example.net"], MESSAGE)
+            await after.sendmail("alice@example.com", ["new@example.net"], MESSAGE)
+            await sink.wait_for(2)
+            assert sorted(m.rcpt_tos[0] for m in sink.messages) == ["new@example.net", "old@example.net"]
+            await before.quit()
+            await after.quit()
+        finally:
+            relay.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(relay.wait(), 15) == 0
+
+
+@pytest.mark.parametrize("breakage", ["not toml", "missing certificate", "unknown upstream"])
+async def test_a_broken_config_on_sighup_changes_nothing(tmp_path, breakage):
+    async with Sink() as sink:
+        port = free_port()
+        config_path, secret = await prepare_relay_folder(tmp_path, sink.port, port, '["1s"]')
+        implicit = with_implicit_port(config_path)
+        relay = await start_relay_process(config_path, port)
+        try:
+            good = config_path.read_text()
+            serial = serial_of(tmp_path / "cert.pem")
+            session = await logged_in(port, tmp_path, secret)
+            broken = {
+                "not toml": good + "\n[server\n",
+                "missing certificate": good.replace('cert = "cert.pem"', 'cert = "renewed.pem"'),
+                "unknown upstream": good.replace('default = "sink"', 'default = "nowhere"'),
+            }[breakage]
+            config_path.write_text(broken)
+            relay.send_signal(signal.SIGHUP)
+            log = tmp_path / "relay.log"
+            await wait_until(lambda: "reload refused" in log.read_text(), what="the refusal")
+            refusals = [line for line in log.read_text().splitlines() if "reload refused" in line]
+            assert len(refusals) == 1 and "running configuration stays in force" in refusals[0]
+            # the old configuration is in force: same certificate, same upstream, session alive
+            assert serial_seen(implicit, tmp_path) == serial
+            await session.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+            fresh = await logged_in(port, tmp_path, secret)
+            await fresh.sendmail("alice@example.com", ["carol@example.net"], MESSAGE)
+            await sink.wait_for(2)
+            await session.quit()
+            await fresh.quit()
+        finally:
+            relay.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(relay.wait(), 15) == 0
+
+
+async def test_sigterm_lets_a_message_in_data_finish_and_refuses_the_rest(tmp_path):
+    async with Sink() as sink:
+        port = free_port()
+        config_path, secret = await prepare_relay_folder(tmp_path, sink.port, port, '["1s"]')
+        relay = await start_relay_process(config_path, port)
+        try:
+            sending = await logged_in(port, tmp_path, secret)
+            idle = await logged_in(port, tmp_path, secret)
+            await sending.mail("alice@example.com")
+            await sending.rcpt("bob@example.net")
+            code, _ = await sending.execute_command(b"DATA")
+            assert code == 354
+            sending.transport.write(b"From: alice@example.com\r\nSubject: in flight\r\n\r\nfirst half\r\n")
+
+            relay.send_signal(signal.SIGTERM)
+            # the idle session is told without asking, and new connections find nothing listening
+            reply = await idle.protocol.read_response(timeout=10)
+            assert (reply.code, reply.message) == (421, "4.3.2 Service shutting down, try again later")
+            await wait_until(lambda: _refused(port), what="the listener to close")
+            assert relay.returncode is None  # still finishing the message in DATA
+
+            sending.transport.write(b"second half\r\n.\r\n")
+            reply = await sending.protocol.read_response(timeout=10)
+            assert reply.code == 250 and reply.message.startswith("2.0.0 OK queued as")
+            assert await asyncio.wait_for(relay.wait(), 15) == 0
+        finally:
+            if relay.returncode is None:
+                relay.kill()
+                await relay.wait()
+        if not sink.messages:  # stopped before its delivery ran: the next start delivers it
+            relay = await start_relay_process(config_path, port)
+            await sink.wait_for(1)
+            relay.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(relay.wait(), 15) == 0
+        assert len(sink.messages) == 1
+        assert b"first half\r\nsecond half\r\n" in sink.messages[0].data
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def _verify(unit: str, folder: Path) -> str:
+    """systemd-analyze verify's complaints about `unit` (it exits 0 on unknown keys and bad
+    values, and only says so on stderr), with ExecStart's binary present (verify checks)."""
+    binary = folder / "relay"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    path = folder / "relay.service"
+    path.write_text(unit.replace("/opt/keyrelay/.venv/bin/relay", str(binary)))
+    result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True,
+                            timeout=60)
+    return f"exit {result.returncode}\n{result.stderr}" if result.returncode else result.stderr.strip()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_accepts_the_unit(tmp_path):
+    unit = (ROOT / "deploy" / "relay.service").read_text()
+    assert _verify(unit, tmp_path) == ""
+    # the check would see a typo or a bad value
+    assert "Unknown key" in _verify(unit.replace("Type=notify", "Type=notify\nProtectClok=true"), tmp_path)
+    for directive in ("Type=notify", "WatchdogSec=", "NotifyAccess=main", "ExecReload=",
+                      "SystemCallFilter=@system-service", "ProtectClock=true", "ProtectKernelLogs=true",
+                      "RestrictSUIDSGID=true", "RestrictRealtime=true", "ProtectProc=invisible",
+                      "LimitNOFILE=65536", "RestartPreventExitStatus=2"):
+        assert f"\n{directive}" in unit, directive
