@@ -38,6 +38,7 @@ class SinkHandler:
     # awaited in DATA before the reply: hold the relay there, or fill its disk meanwhile
     before_data_reply: Callable[[], Awaitable[None]] | None = None
     connections: int = 0
+    disconnections: int = 0
     attempts: int = 0
     require_auth: bool = False
     last_envelope: object = None
@@ -83,6 +84,10 @@ class CountingSMTP(SMTP):
         if self.transport is None:
             self._sink_handler.connections += 1
         super().connection_made(transport)
+
+    def connection_lost(self, error):
+        self._sink_handler.disconnections += 1
+        super().connection_lost(error)
 
 
 class Sink:
