@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     sink.add_argument("--port", type=int, default=2525)
     sink.add_argument("--dir", default="var/sink")
     commands.add_parser("hint", help="print how to create a key and send a test message")
+    check = commands.add_parser(
+        "check-config", help="check config, certificate, keystore, routes, DKIM; exit 1 listing problems")
+    check.add_argument("--json", action="store_true", help="problems, warnings and listeners as JSON")
     keygen = commands.add_parser("dkim-keygen", help="write a DKIM private key; print its DNS record")
     keygen.add_argument("domain")
     keygen.add_argument("selector")
@@ -66,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "dkim-keygen":
         return _dkim_keygen(args)
+    if args.command == "check-config":
+        from relay.checkconfig import main as check_config
+
+        return check_config(args.config, as_json=args.json)
     try:
         config = load_config(resolve_config_path(args.config))
         if args.command == "gen-cert":

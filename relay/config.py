@@ -35,7 +35,9 @@ __all__ = [
     "UpstreamConfig",
     "check_secret_file",
     "check_secret_files",
+    "cross_check",
     "load_config",
+    "parse_config",
     "parse_duration",
     "resolve_config_path",
 ]
@@ -265,6 +267,17 @@ def resolve_config_path(explicit: str | None) -> Path:
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
+    """The config, or ConfigError naming the first problem (`relay check-config` lists all)."""
+    config = parse_config(path)
+    problems = cross_check(config, Path(path))
+    if problems:
+        raise ConfigError(problems[0])
+    return config
+
+
+def parse_config(path: str | os.PathLike[str]) -> Config:
+    """Read and type-check the file, without the checks across sections (`cross_check`):
+    ConfigError at the first thing that stops it being built at all."""
     source = Path(path)
     try:
         raw = tomllib.loads(source.read_text(encoding="utf-8"))
@@ -275,111 +288,110 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     loader = _Loader(source)
-    config = loader.build(Config, raw, "", extra={"source": source.resolve()})
-    _cross_check(config, source)
-    return config
+    return loader.build(Config, raw, "", extra={"source": source.resolve()})
 
 
-def _cross_check(config: Config, source: Path) -> None:
+def cross_check(config: Config, source: Path | None = None) -> list[str]:
+    """Every problem across sections (values, names, references), in file order; each names
+    `source` (default: config.source) and the key. Empty when the config is usable."""
+    source = config.source if source is None else source
+    problems: list[str] = []
+    add = problems.append
     for listener in (*config.server.submission, *config.server.submissions):
         try:
             split_hostport(listener)
         except ValueError as exc:
-            raise ConfigError(f"{source}: [server] listener {listener!r}: {exc}") from None
+            add(f"{source}: [server] listener {listener!r}: {exc}")
     for name in ("max_message_size", "max_header_size", "max_data_memory"):
         if getattr(config.server, name) < 1:
-            raise ConfigError(f"{source}: [server] {name}: at least 1 (there is no \"off\")")
-    _check_auth(config.auth, source)
-    _check_operations(config, source)
+            add(f"{source}: [server] {name}: at least 1 (there is no \"off\")")
+    _check_auth(config.auth, source, add)
+    _check_operations(config, source, add)
     for name in ("max_connections", "max_connections_per_address", "idle_timeout", "pre_auth_timeout"):
         if getattr(config.server, name) <= 0:
-            raise ConfigError(f"{source}: [server] {name}: must be more than 0 (there is no \"off\")")
+            add(f"{source}: [server] {name}: must be more than 0 (there is no \"off\")")
     if (config.server.submission or config.server.submissions) and config.tls is None:
-        raise ConfigError(f"{source}: [tls]: required when [server] has listeners")
+        add(f"{source}: [tls]: required when [server] has listeners")
     names = config.route_names
-    for name in names:
+    for name in dict.fromkeys(names):
         if names.count(name) > 1:
-            raise ConfigError(f"{source}: upstream or group name {name!r}: defined twice")
+            add(f"{source}: upstream or group name {name!r}: defined twice")
     for upstream in config.upstream:
-        _check_upstream(upstream, source)
+        _check_upstream(upstream, source, add)
     upstream_names = {u.name for u in config.upstream}
     for group in config.group:
         where = f"{source}: [[group]] {group.name}"
         if group.strategy not in ("failover", "round_robin"):
-            raise ConfigError(f"{where} strategy: expected failover or round_robin, not {group.strategy!r}")
+            add(f"{where} strategy: expected failover or round_robin, not {group.strategy!r}")
         if not group.members:
-            raise ConfigError(f"{where} members: a group needs at least one upstream")
+            add(f"{where} members: a group needs at least one upstream")
         for member in group.members:
             if member not in upstream_names:
-                raise ConfigError(f"{where} members: no [[upstream]] named {member!r}")
+                add(f"{where} members: no [[upstream]] named {member!r}")
         if group.weights and (len(group.weights) != len(group.members) or not any(group.weights)):
-            raise ConfigError(f"{where} weights: one weight per member, not all zero")
+            add(f"{where} weights: one weight per member, not all zero")
     if config.routing and config.routing.default not in names:
-        raise ConfigError(
-            f"{source}: [routing] default: no [[upstream]] or [[group]] named {config.routing.default!r}"
-        )
+        add(f"{source}: [routing] default: no [[upstream]] or [[group]] named {config.routing.default!r}")
+    return problems
 
 
-def _check_auth(auth: AuthConfig, source: Path) -> None:
+def _check_auth(auth: AuthConfig, source: Path, add: typing.Callable[[str], None]) -> None:
     if auth.max_failures < 1:
-        raise ConfigError(
+        add(
             f"{source}: [auth] max_failures: at least 1 (the AUTH throttle cannot be turned off; "
             "a large number makes it lenient)"
         )
     if auth.address_ceiling < auth.max_failures:
-        raise ConfigError(
-            f"{source}: [auth] max_failures_per_address: at least max_failures ({auth.max_failures})"
-        )
+        add(f"{source}: [auth] max_failures_per_address: at least max_failures ({auth.max_failures})")
     if auth.failure_window <= 0:
-        raise ConfigError(f"{source}: [auth] failure_window: longer than 0")
+        add(f"{source}: [auth] failure_window: longer than 0")
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _check_operations(config: Config, source: Path) -> None:
+def _check_operations(config: Config, source: Path, add: typing.Callable[[str], None]) -> None:
     """[log], [metrics], [provider_health] and the shutdown grace."""
     if config.log.level.lower() not in _LOG_LEVELS:
-        raise ConfigError(f"{source}: [log] level: expected one of {', '.join(_LOG_LEVELS)}, "
-                          f"not {config.log.level!r}")
+        add(f"{source}: [log] level: expected one of {', '.join(_LOG_LEVELS)}, not {config.log.level!r}")
     if config.log.format not in ("text", "json"):
-        raise ConfigError(f"{source}: [log] format: expected text or json, not {config.log.format!r}")
+        add(f"{source}: [log] format: expected text or json, not {config.log.format!r}")
     if config.metrics.listen is not None:
         try:
             split_hostport(config.metrics.listen)
         except ValueError as exc:
-            raise ConfigError(f"{source}: [metrics] listen {config.metrics.listen!r}: {exc}") from None
+            add(f"{source}: [metrics] listen {config.metrics.listen!r}: {exc}")
     health = config.provider_health
     if health.down_after < 1:
-        raise ConfigError(f"{source}: [provider_health] down_after: at least 1")
+        add(f"{source}: [provider_health] down_after: at least 1")
     if health.backoff <= 0 or health.max_backoff < health.backoff:
-        raise ConfigError(f"{source}: [provider_health] backoff: more than 0, and max_backoff at least backoff")
+        add(f"{source}: [provider_health] backoff: more than 0, and max_backoff at least backoff")
     if config.server.shutdown_grace <= 0:
-        raise ConfigError(f"{source}: [server] shutdown_grace: must be more than 0")
+        add(f"{source}: [server] shutdown_grace: must be more than 0")
 
 
 _LOOPBACK = ("127.", "::1", "localhost")
 
 
-def _check_upstream(upstream: UpstreamConfig, source: Path) -> None:
+def _check_upstream(upstream: UpstreamConfig, source: Path, add: typing.Callable[[str], None]) -> None:
     where = f"{source}: [[upstream]] {upstream.name}"
     if upstream.kind not in ("smarthost", "mx"):
-        raise ConfigError(f"{where} kind: expected smarthost or mx, not {upstream.kind!r}")
+        add(f"{where} kind: expected smarthost or mx, not {upstream.kind!r}")
     if upstream.tls not in ("none", "starttls", "implicit"):
-        raise ConfigError(f"{where} tls: expected one of none, starttls, implicit, not {upstream.tls!r}")
+        add(f"{where} tls: expected one of none, starttls, implicit, not {upstream.tls!r}")
     if upstream.kind == "smarthost":
         if not upstream.host:
-            raise ConfigError(f"{where} host: required for a smarthost")
-        loopback = upstream.host.startswith(_LOOPBACK)
-        if upstream.tls == "none" and not upstream.allow_plaintext and not loopback:
-            raise ConfigError(
+            add(f"{where} host: required for a smarthost")
+        elif (upstream.tls == "none" and not upstream.allow_plaintext
+              and not upstream.host.startswith(_LOOPBACK)):
+            add(
                 f"{where} tls: \"none\" sends mail and credentials in clear text; only for loopback "
                 "hosts unless allow_plaintext = true"
             )
     if upstream.username and not upstream.password_file:
-        raise ConfigError(f"{where}: username needs password_file")
+        add(f"{where}: username needs password_file")
     if upstream.max_connections < 1:
-        raise ConfigError(f"{where} max_connections: at least 1")
+        add(f"{where} max_connections: at least 1")
 
 
 def check_secret_files(config: Config) -> None:

@@ -27,7 +27,7 @@ import dns.exception
 import dns.name
 import dns.resolver
 
-from relay.config import DnsConfig, UpstreamConfig
+from relay.config import ConfigError, DnsConfig, UpstreamConfig
 from relay.delivery.courier import Outcome, Status
 from relay.delivery.errors import session_trouble
 from relay.delivery.transaction import SenderRefused, transaction
@@ -218,7 +218,10 @@ def _make_resolver(config: DnsConfig) -> dns.asyncresolver.Resolver:
     resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
     if config.nameservers:
         resolver.port = config.port  # before nameservers: the port is attached to them then
-        resolver.nameservers = list(config.nameservers)
+        try:
+            resolver.nameservers = list(config.nameservers)
+        except ValueError as exc:  # neither an IP address nor a DNS-over-HTTPS URL
+            raise ConfigError(f"[dns] nameservers: {exc}") from None
     resolver.timeout = resolver.lifetime = float(config.timeout)
     resolver.cache = dns.resolver.LRUCache(512)  # honours TTLs
     return resolver
