@@ -79,7 +79,7 @@ async def storm(relay: Relay, folder: Path, counter: CheckCounter, pairs: list[t
 
 
 async def main(clients: int, max_failures: int) -> None:
-    logging.getLogger("relay").setLevel(logging.ERROR)  # one "auth failed" line per AUTH otherwise
+    logging.getLogger("relay").setLevel(logging.ERROR)  # one "auth_failed" line per AUTH otherwise
     logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd: a deprecation warning per login
     folder = Path(tempfile.mkdtemp(prefix="auth-storm-"))
     config = load_config(write_config(folder, 2525, auth=f"max_failures = {max_failures}"))

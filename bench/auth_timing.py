@@ -29,7 +29,7 @@ from tests.support.relayrun import client_tls, write_config  # noqa: E402
 
 
 async def main(samples: int) -> None:
-    logging.getLogger("relay").setLevel(logging.ERROR)  # 800 "auth failed" lines otherwise
+    logging.getLogger("relay").setLevel(logging.ERROR)  # 800 "auth_failed" lines otherwise
     folder = Path(tempfile.mkdtemp(prefix="auth-timing-"))
     config = load_config(write_config(folder, 2525, auth="max_failures = 1000000"))
     from keystore.store import KeyStore

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -17,8 +16,8 @@ from pathlib import Path
 
 from keystore.keys import PepperError
 from keystore.store import KeystoreUnavailable
-from relay.config import ConfigError, load_config, resolve_config_path
-from relay.maillog import KeyRedactor
+from relay.config import ConfigError, LogConfig, load_config, resolve_config_path
+from relay.logformat import configure_logging
 from relay.queue.sqlite import SpoolUnusable
 from relay.queue.store import SpoolBusy, SpoolError
 from relay.queuecli import QueueRefused, add_queue_parser, run_queue_command
@@ -29,8 +28,8 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="SMTP submission relay with auth keys")
     parser.add_argument("--config", help="config file (default: $RELAY_CONFIG)")
-    parser.add_argument("--log-level", type=str.upper, default=os.environ.get("RELAY_LOG_LEVEL", "INFO"),
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="overrides [log] level, also at reload (default: $RELAY_LOG_LEVEL)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="run the relay (the default)")
     commands.add_parser("gen-cert", help="write a self-signed dev certificate to [tls] cert/key")
@@ -54,13 +53,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd: per-command chatter
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(KeyRedactor())  # a key a client typed in the wrong place stays secret
+    log_level = args.log_level or os.environ.get("RELAY_LOG_LEVEL") or None  # given: wins over [log]
+    try:
+        configure_logging(LogConfig(), log_level)  # until the config file's [log] is known
+    except ValueError as exc:
+        print(f"relay: RELAY_LOG_LEVEL: {exc}", file=sys.stderr)
+        return 2
     if args.command == "dev-sink":
         try:
             asyncio.run(_sink(args))
@@ -75,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.config, as_json=args.json)
     try:
         config = load_config(resolve_config_path(args.config))
+        configure_logging(config.log, log_level)
         if args.command == "gen-cert":
             return _gen_cert(config)
         if args.command == "hint":

@@ -132,7 +132,7 @@ async def test_a_key_typed_as_the_username_never_reaches_the_log(tmp_path, sink)
         relay.terminate()
         await relay.wait()
     log = (tmp_path / "relay.log").read_text()
-    assert "auth failed" in log
+    assert "relay.mail: auth_failed " in log
     assert f"rak_{key.split('_')[1]}_…" in log
     assert secret_part.lower() not in log.lower()
     assert secret_part[:20] not in log

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
-from relay import internals, replies
+from relay import internals, maillog, replies
 from relay.clientaddr import client_network
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ __all__ = [
     "ImplicitTLSAcceptor",
     "Slot",
     "address_key",
+    "local_port",
 ]
 
 log = logging.getLogger("relay.smtpd")
@@ -59,6 +60,12 @@ def address_key(peer: object) -> str:
     """
     host = peer[0] if isinstance(peer, tuple) and peer else str(peer)
     return client_network(str(host))
+
+
+def local_port(transport: asyncio.BaseTransport) -> int | None:
+    """The listener's port a connection came in on, for the log."""
+    sockname = transport.get_extra_info("sockname")
+    return sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else None
 
 
 @dataclass(eq=False, slots=True)
@@ -143,12 +150,17 @@ class ImplicitTLSAcceptor(asyncio.Protocol):
         self._tls = tls
         self._new_session = new_session
         self._transport: asyncio.Transport | None = None
+        self._peer: object = None
+        self._port: int | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
         self._transport = transport
         peer = transport.get_extra_info("peername")
+        self._peer, self._port = peer, local_port(transport)
         refusal = self._registry.refusal(peer)
+        if refusal is not None:
+            maillog.refused(peer, self._port, "submissions", refusal)
         if refusal is None:
             slot = self._registry.take(peer)
             session = self._new_session()
@@ -178,7 +190,8 @@ class ImplicitTLSAcceptor(asyncio.Protocol):
         self._transport = None
         failed = done.cancelled() or done.exception() is not None or not session.started
         if failed:
-            log.debug("TLS handshake failed: %r", None if done.cancelled() else done.exception())
+            maillog.tls_failed(None, self._peer, self._port, "submissions",
+                               None if done.cancelled() else done.exception())
             slot.release()
 
     def _refusal_done(self, done: asyncio.Future[None]) -> None:

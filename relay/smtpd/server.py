@@ -24,8 +24,8 @@ from typing import AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
-from relay import internals, replies
-from relay.smtpd.connections import HANDSHAKE_TIMEOUT, ConnectionRegistry, Slot
+from relay import internals, maillog, replies
+from relay.smtpd.connections import HANDSHAKE_TIMEOUT, ConnectionRegistry, Slot, local_port
 from relay.smtpd.data import DataLimits, MemoryBudget, read_data
 
 __all__ = ["AuthLineTooLong", "ConnectionRegistry", "RelaySMTP"]
@@ -61,6 +61,7 @@ class RelaySMTP(SMTP):
         self._idle_timeout = float(kwargs.get("timeout", 300))
         self._pre_auth_timeout = pre_auth_timeout
         self._pre_auth_commands = 0
+        self.log_session: maillog.SessionLog | None = None  # once the session starts
         internals.wrap_commands(self, self._command_rules)
 
     @property
@@ -79,6 +80,7 @@ class RelaySMTP(SMTP):
             refusal = self._registry.refusal(peer)
             if refusal is not None:
                 self._refused = True
+                maillog.refused(peer, local_port(transport), "submission", refusal)
                 transport.write(f"{refusal}\r\n".encode())  # type: ignore[attr-defined]
                 transport.close()
                 return
@@ -86,6 +88,20 @@ class RelaySMTP(SMTP):
         if first:
             self._registry.live.add(self)
         super().connection_made(transport)
+        self._log_start(transport, first)
+
+    def _log_start(self, transport: asyncio.BaseTransport, first: bool) -> None:
+        """The `connect` line when the session starts (on 465: after the handshake) and
+        the `tls` line once TLS is up (at once on 465, after STARTTLS on 587)."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        if first:
+            self.log_session = maillog.SessionLog(
+                maillog.client_address(transport.get_extra_info("peername")), local_port(transport),
+                "submission" if ssl_object is None else "submissions")
+            maillog.connected(self.log_session)
+        if ssl_object is not None and self.log_session is not None:
+            cipher = ssl_object.cipher()
+            maillog.tls_established(self.log_session, ssl_object.version(), cipher[0] if cipher else None)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._slot is not None:
@@ -93,6 +109,8 @@ class RelaySMTP(SMTP):
         if self._refused or self.session is None:  # never started (refused, or TLS failed)
             return
         self._registry.live.discard(self)
+        if self.log_session is not None:
+            maillog.disconnected(self.log_session)
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
@@ -142,6 +160,8 @@ class RelaySMTP(SMTP):
         with its CRLF (RFC 5321 4.5.3.1.5): aiosmtpd echoes an unknown command word back
         as it came, NUL, CR or terminal escapes included. Nothing is written once the
         connection is closing (pipelined commands after a goodbye get no answers)."""
+        if self.log_session is not None:  # the greeting comes first: from then on, what
+            maillog.enter(self.log_session)  # this task logs is about this session
         if self.transport is None or self.transport.is_closing():
             return
         if isinstance(status, str):
@@ -167,7 +187,8 @@ class RelaySMTP(SMTP):
         """A client that says STARTTLS and then no TLS (a scanner, a client without TLS) is
         its fault, not ours: logged without a traceback (aiosmtpd then closes)."""
         if isinstance(error, TLSSetupException):
-            log.info("%r STARTTLS handshake failed: %r", self.session and self.session.peer, error.__cause__)
+            maillog.tls_failed(self.log_session, self.session and self.session.peer,
+                               self.log_session and self.log_session.port, "submission", error.__cause__)
             return replies.TLS_FAILED
         return await super().handle_exception(error)
 

@@ -230,9 +230,9 @@ class LogRecorder(logging.Handler):
     any ERROR or worse. Attached to the relay's, aiosmtpd's and asyncio's loggers at DEBUG
     so nothing is filtered out before it gets here.
 
-    Also watches for secrets: a record the relay's production logging would write (the
-    root handler's KeyRedactor applied; aiosmtpd's `mail.log` only from ERROR, as
-    relay.cli sets it) that still holds one of `secrets` is kept as well."""
+    Also watches for secrets: a record the relay's logging would write at debug (the
+    root handler's KeyRedactor applied; aiosmtpd's `mail.log` included, as
+    relay.logformat shows it at debug) that still holds one of `secrets` is kept as well."""
 
     LOGGERS = ("relay", "keystore", "mail.log", "asyncio")
 
@@ -250,7 +250,7 @@ class LogRecorder(logging.Handler):
             self.records.append(record)
 
     def _leaks(self, record: logging.LogRecord) -> bool:
-        if not self.secrets or (record.name.startswith("mail.log") and record.levelno < logging.ERROR):
+        if not self.secrets:
             return False
         written = logging.makeLogRecord(record.__dict__)
         self._redactor.filter(written)

@@ -29,14 +29,16 @@ def keystore_cli(config: Path, *args: str, stdin: str | None = None) -> subproce
 
 
 async def start_relay_process(
-    config: Path, port: int, *, log_level: str = "INFO", env: dict[str, str] | None = None,
+    config: Path, port: int, *, log_level: str | None = "INFO", env: dict[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
     """The relay as its own process, its log appended to relay.log beside the config (a
-    pipe nobody reads would fill up and block the relay's logging)."""
+    pipe nobody reads would fill up and block the relay's logging). `log_level=None`:
+    no --log-level, the config's [log] level applies."""
     log = config.parent / "relay.log"
     with open(log, "ab") as out:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay", "--config", str(config), "--log-level", log_level, "serve",
+            sys.executable, "-m", "relay", "--config", str(config),
+            *(["--log-level", log_level] if log_level else []), "serve",
             stdout=asyncio.subprocess.DEVNULL, stderr=out, env={**os.environ, **(env or {})},
         )
     deadline = time.monotonic() + 15
