@@ -312,3 +312,32 @@ async def test_sigterm_does_not_wait_past_the_grace_for_a_stalled_message(tmp_pa
                 relay.kill()
                 await relay.wait()
         assert sink.messages == []  # never answered 250, so never sent
+
+
+async def test_sighup_changes_the_log_level(tmp_path):
+    port = free_port()
+    config_path, _ = await prepare_relay_folder(tmp_path, free_port(), port, '["1s"]')
+    relay = await start_relay_process(config_path, port, log_level=None)  # [log] level decides
+    log = tmp_path / "relay.log"
+    try:
+        await wait_until(lambda: "relay ready" in log.read_text(), what="the start")
+        await logged_in_anonymously(port)
+        assert "DEBUG" not in log.read_text()
+        config_path.write_text(config_path.read_text() + '\n[log]\nlevel = "debug"\n')
+        relay.send_signal(signal.SIGHUP)
+        await wait_until(lambda: "configuration reloaded" in log.read_text(), what="the reload")
+        await logged_in_anonymously(port)
+        await wait_until(lambda: " DEBUG " in log.read_text() or '"DEBUG"' in log.read_text(),
+                         what="a debug line")
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(relay.wait(), 15) == 0
+
+
+async def logged_in_anonymously(port: int) -> None:
+    """A session that says EHLO and QUIT: enough for aiosmtpd's debug lines."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reader.readline()
+    writer.write(b"EHLO client.test\r\nQUIT\r\n")
+    await reader.read()
+    writer.close()
