@@ -40,6 +40,7 @@ from keystore.models import Identity, Reason, canonical_address
 from keystore.store import KeyStore, KeystoreUnavailable
 from relay import maillog, replies
 from relay.clientaddr import client_network
+from relay.metrics import Metrics
 
 __all__ = [
     "FAILURE_FLOOR", "Attempt", "Authenticator", "FailureLimiter", "LoginResult", "client_network",
@@ -255,10 +256,12 @@ class LoginResult:
 
 
 class Authenticator:
-    def __init__(self, store: KeyStore, limiter: FailureLimiter, *, recheck_interval: float) -> None:
+    def __init__(self, store: KeyStore, limiter: FailureLimiter, *, recheck_interval: float,
+                 metrics: Metrics | None = None) -> None:
         self._store = store
         self._limiter = limiter
         self._recheck_interval = recheck_interval
+        self._metrics = metrics or Metrics()
         self._checked: dict[tuple[str, str, bytes], tuple[float, Identity | Reason]] = {}
 
     def set_limits(self, *, max_failures: int, address_ceiling: int, window: float,
@@ -275,22 +278,29 @@ class Authenticator:
         attempt = await self._limiter.reserve(client_ip, username, parsed.key_id if parsed else None)
         if attempt is None:
             maillog.auth_failed(client_ip, username, "too_many_failures")
+            self._metrics.auth_outcome("throttled")
             return LoginResult(None, replies.AUTH_TOO_MANY, close=True)
         try:
             verdict = await self._store.authenticate(username, secret, client_ip)
         except KeystoreUnavailable:
             attempt.release()
             maillog.auth_failed(client_ip, username, "keystore_unavailable")
+            self._metrics.auth_outcome("keystore_unavailable")
             return LoginResult(None, replies.AUTH_UNAVAILABLE)
         except BaseException:
             attempt.failed()  # abandoned mid-check (the client went away): it still counts
+            self._metrics.auth_outcome("abandoned")
             raise
         if isinstance(verdict, Identity):
             attempt.release()
             maillog.auth_ok(client_ip, verdict.mailbox, verdict.key_id)
+            self._metrics.auth_outcome("ok", verdict.key_id)
             self._checked[_cache_slot(verdict)] = (time.monotonic(), verdict)
             return LoginResult(verdict, replies.AUTH_OK)
         maillog.auth_failed(client_ip, username, verdict.value)
+        # a right secret on an unusable key: the key exists, so its id is no made-up label value
+        self._metrics.auth_outcome(verdict.value, None if verdict is Reason.BAD_CREDENTIALS or parsed is None
+                                   else parsed.key_id)
         delay = attempt.failed() if verdict is Reason.BAD_CREDENTIALS else attempt.unusable()
         await asyncio.sleep(started + max(delay, FAILURE_FLOOR) - time.monotonic())
         return LoginResult(None, replies.REASON_REPLIES.get(verdict.value, replies.AUTH_INVALID))
@@ -299,6 +309,7 @@ class Authenticator:
         """A malformed AUTH exchange (an overlong line) counts like a wrong secret for the
         username it named, if any, and its address."""
         self._limiter.record_failure(client_ip, username)
+        self._metrics.auth_outcome("malformed")
 
     async def recheck(self, identity: Identity, *, fresh: bool = False) -> Identity | str:
         """The session's identity as it stands now, or the reply refusing it.

@@ -319,6 +319,20 @@ class SqliteQueueStore:
     async def count(self) -> int:
         return await self._read(lambda conn: conn.execute("SELECT count(*) FROM message").fetchone()[0])
 
+    def depth_now(self, timeout: float) -> tuple[int, int, float | None]:
+        """(messages, of which on hold, oldest acceptance time), for a thread other than the
+        event loop's (the metrics scrape): read on the reader thread, waited for at most
+        `timeout` seconds (TimeoutError); RuntimeError once the store is closed."""
+        def op() -> tuple[int, int, float | None]:
+            if self._rconn is None:
+                raise RuntimeError("the spool is closed")
+            count, held, oldest = self._rconn.execute(
+                "SELECT count(*), coalesce(sum(held), 0), min(created) FROM message "
+                "WHERE delete_requested = 0").fetchone()
+            return count, held, oldest
+
+        return self._reader.submit(op).result(timeout)
+
     # ------------------------------------------------------------- admin
 
     async def messages(self, message_id: str | None = None) -> list[MessageInfo]:

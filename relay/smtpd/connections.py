@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, cast
 
 from relay import internals, maillog, replies
 from relay.clientaddr import client_network
+from relay.metrics import Metrics, handshake_failure
 
 if TYPE_CHECKING:
     from relay.smtpd.server import RelaySMTP
@@ -91,8 +92,12 @@ class ConnectionRegistry:
     live: set[RelaySMTP] = field(default_factory=set)  # sessions (greeted)
     handshakes: set[ImplicitTLSAcceptor] = field(default_factory=set)  # 465, TLS not done yet
     refusals_in_tls: int = 0
+    metrics: Metrics = field(default_factory=Metrics)  # the sessions and acceptors count here too
     _count: int = 0
     _by_key: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.metrics.watch_connections(lambda: self._count)
 
     @property
     def count(self) -> int:
@@ -102,13 +107,16 @@ class ConnectionRegistry:
     def refusal(self, peer: object) -> str | None:
         """The 421 for a new connection from `peer`, or None if it may have a slot."""
         if self._count >= self.limit:
+            self.metrics.connection_refused("max_connections")
             return replies.TOO_MANY_CONNECTIONS
         if self._by_key.get(address_key(peer), 0) >= self.per_address:
+            self.metrics.connection_refused("per_address")
             return replies.TOO_MANY_FROM_ADDRESS
         return None
 
     def take(self, peer: object) -> Slot:
         key = address_key(peer)
+        self.metrics.connection_taken()
         self._count += 1
         self._by_key[key] = self._by_key.get(key, 0) + 1
         return Slot(key, self)
@@ -189,9 +197,10 @@ class ImplicitTLSAcceptor(asyncio.Protocol):
         self._registry.handshakes.discard(self)
         self._transport = None
         failed = done.cancelled() or done.exception() is not None or not session.started
-        if failed:
-            maillog.tls_failed(None, self._peer, self._port, "submissions",
-                               None if done.cancelled() else done.exception())
+        if failed:  # a handshake that worked is counted by the session (RelaySMTP.connection_made)
+            error = None if done.cancelled() else done.exception()
+            maillog.tls_failed(None, self._peer, self._port, "submissions", error)
+            self._registry.metrics.tls_handshake("submissions", handshake_failure(error))
             slot.release()
 
     def _refusal_done(self, done: asyncio.Future[None]) -> None:

@@ -20,6 +20,7 @@ from keystore.models import Identity
 from relay import maillog, policy, replies
 from relay.auth import Authenticator, split_plain
 from relay.config import Config
+from relay.metrics import Metrics
 from relay.queue import FileBody, Queue, QueueItem, SpoolFull, new_queue_id
 from relay.signing import DkimSigner
 from relay.smtpd.data import MessageBody
@@ -37,11 +38,13 @@ _HEADER_ON_LOOP = 16 * 1024
 class RelayHandler:
     def __init__(
         self, config: Config, authenticator: Authenticator, queue: Queue, signer: DkimSigner,
+        metrics: Metrics | None = None,
     ) -> None:
         self._server_cfg = config.server
         self._authenticator = authenticator
         self._queue = queue
         self._signer = signer
+        self._metrics = metrics or Metrics()
         self._rates = policy.RateLimiter(config.server.rate_per_minute)
 
     def reconfigure(self, config: Config, signer: DkimSigner) -> None:
@@ -121,17 +124,21 @@ class RelayHandler:
                           address: str, mail_options: list[str]) -> str:
         identity = session.auth_data if session.authenticated else None
         if not isinstance(identity, Identity):
+            self._metrics.message_refused("auth_required")
             return replies.AUTH_REQUIRED
         current = await self._authenticator.recheck(identity)
         if isinstance(current, str):
             maillog.rejected(session.peer, identity.key_id, current)
+            self._metrics.message_refused(_recheck_reason(current), identity.key_id)
             return current
         session.auth_data = current
         if not policy.sender_allowed(current, address):
             maillog.rejected(session.peer, current.key_id, replies.SENDER_NOT_OWNED)
+            self._metrics.message_refused("sender_not_owned", current.key_id)
             return replies.SENDER_NOT_OWNED
         if not self._rates.allow(current.key_id, current.rate_limit):
             maillog.rejected(session.peer, current.key_id, replies.RATE_LIMITED)
+            self._metrics.message_refused("rate_limited", current.key_id)
             return replies.RATE_LIMITED
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -162,12 +169,14 @@ class RelayHandler:
             info = policy.check_headers(identity, header, check_from=self._server_cfg.check_header_from)
         if isinstance(info, str):
             maillog.rejected(session.peer, identity.key_id, info)
+            self._metrics.message_refused("header", identity.key_id)
             return info
         # The key may have been revoked while the message arrived: ask the keystore itself.
         current = await self._authenticator.recheck(identity, fresh=True)
         if isinstance(current, str):
             reply = _refused_at_data(current)
             maillog.rejected(session.peer, identity.key_id, reply)
+            self._metrics.message_refused(_recheck_reason(current), identity.key_id)
             return reply
         now = time.time()
         queue_id = new_queue_id()
@@ -195,7 +204,9 @@ class RelayHandler:
                 content = trace + signature + added + message
         except OSError as exc:
             log.error("cannot read the message back from its file: %s", exc)
-            return replies.SPOOL_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else replies.SPOOL_ERROR
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            self._metrics.message_refused("spool_full" if full else "spool_error", identity.key_id)
+            return replies.SPOOL_FULL if full else replies.SPOOL_ERROR
         item = QueueItem(
             id=queue_id, created=now, mail_from=envelope.mail_from, recipients=list(envelope.rcpt_tos),
             key_id=identity.key_id, mailbox=identity.mailbox, route=identity.route, body=content,
@@ -206,11 +217,14 @@ class RelayHandler:
             await asyncio.shield(self._queue.put(item))
         except SpoolFull:
             log.error("spool is full; refusing message from key %s", identity.key_id)
+            self._metrics.message_refused("spool_full", identity.key_id)
             return replies.SPOOL_FULL
         except Exception:
             log.exception("spool write failed")
+            self._metrics.message_refused("spool_error", identity.key_id)
             return replies.SPOOL_ERROR
         maillog.queued(session.peer, item)
+        self._metrics.message_accepted(identity.key_id)
         return replies.QUEUED.format(queue_id=queue_id)
 
     async def _sign_file(self, added: bytes, content: FileBody, header: bytes) -> bytes:
@@ -248,6 +262,11 @@ async def _on_tls(server: RelaySMTP) -> bool:
         await server.push(replies.AUTH_NEEDS_TLS)
         return False
     return True
+
+
+def _recheck_reason(reply: str) -> str:
+    """The metrics reason for a recheck's refusal: a 4xx is the keystore not answering."""
+    return "keystore_unavailable" if reply.startswith("4") else "key_unusable"
 
 
 def _refused_at_data(reply: str) -> str:

@@ -25,6 +25,7 @@ from typing import AnyStr
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
 from relay import internals, maillog, replies
+from relay.metrics import data_refusal_reason, handshake_failure
 from relay.smtpd.connections import HANDSHAKE_TIMEOUT, ConnectionRegistry, Slot, local_port
 from relay.smtpd.data import DataLimits, MemoryBudget, read_data
 
@@ -87,6 +88,10 @@ class RelaySMTP(SMTP):
             self._slot = self._registry.take(peer)
         if first:
             self._registry.live.add(self)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # TLS is up: from the start on 465, else after STARTTLS
+            self._registry.metrics.tls_handshake("submissions" if first else "submission", "ok",
+                                                 ssl_object.version())
         super().connection_made(transport)
         self._log_start(transport, first)
 
@@ -141,16 +146,21 @@ class RelaySMTP(SMTP):
         if not authenticated and command != "QUIT":
             self._pre_auth_commands += 1
             if self._pre_auth_commands > PRE_AUTH_COMMANDS:
+                self._registry.metrics.connection_refused("pre_auth_commands")
                 await self.hang_up(replies.TOO_MANY_COMMANDS)
                 return
         if command == "STARTTLS":
             self._reset_timeout(HANDSHAKE_TIMEOUT)
+        began = self.loop.time() if command == "STARTTLS" else 0.0
         await run()
         if self.transport is None:
             return
         if command == "STARTTLS" and self.transport.is_closing():
             # The idle timer closed a handshake in progress: asyncio then finishes
             # STARTTLS as if it had worked and never reports the loss; end the session.
+            # (The same happens when the client leaves mid-handshake.)
+            timed_out = self.loop.time() - began > HANDSHAKE_TIMEOUT - 0.5
+            self._registry.metrics.tls_handshake("submission", "timeout" if timed_out else "dropped")
             self.connection_lost(None)
         elif not authenticated and self.session.authenticated:
             self._reset_timeout()  # from now on the (longer) idle timeout
@@ -189,6 +199,7 @@ class RelaySMTP(SMTP):
         if isinstance(error, TLSSetupException):
             maillog.tls_failed(self.log_session, self.session and self.session.peer,
                                self.log_session and self.log_session.port, "submission", error.__cause__)
+            self._registry.metrics.tls_handshake("submission", handshake_failure(error.__cause__))
             return replies.TLS_FAILED
         return await super().handle_exception(error)
 
@@ -239,6 +250,8 @@ class RelaySMTP(SMTP):
             return
         if result.body is None:
             internals.reset_envelope(self)
+            self._registry.metrics.message_refused(data_refusal_reason(result.reply or replies.SPOOL_ERROR),
+                                                   _key_id(self.session))
             if result.hang_up:
                 await self.hang_up(result.reply or replies.TOO_BIG)
             else:
@@ -324,3 +337,9 @@ class RelaySMTP(SMTP):
             except (AttributeError, RuntimeError, OSError):
                 pass  # the TLS layer is already gone; just close
         transport.close()
+
+
+def _key_id(session: object) -> str | None:
+    """The session's key id, for a key-labelled metric (DATA only follows a good AUTH)."""
+    identity = getattr(session, "auth_data", None)
+    return getattr(identity, "key_id", None)
