@@ -21,6 +21,7 @@ from relay import replies
 from relay.auth import Authenticator, FailureLimiter
 from relay.config import Config, ConfigError, check_secret_files, load_config
 from relay.delivery.courier import Courier
+from relay.delivery.health import ProviderHealth, tracked_names
 from relay.delivery.routing import Router, make_couriers
 from relay.fdlimit import ensure_fd_limit
 from relay.queue import Queue
@@ -29,6 +30,7 @@ from relay.signing import DkimSigner
 from relay.smtpd.handler import RelayHandler
 from relay.smtpd.listeners import Listener, Sessions, open_listeners
 from relay.smtpd.server import ConnectionRegistry
+from relay.statefile import StateWriter
 from relay.tlsconf import limit_tls_buffers, server_context
 
 __all__ = ["Relay", "Reloadable", "build", "loop_factory", "run", "serve"]
@@ -48,9 +50,9 @@ class Reloadable:
     router: Router
 
 
-def build(config: Config) -> Reloadable:
+def build(config: Config, health: ProviderHealth | None = None) -> Reloadable:
     """Load what the config names (certificate, DKIM keys, upstream passwords); ConfigError
-    on the first problem."""
+    on the first problem. `health`: the relay's provider health, for the router."""
     if config.queue is None or config.routing is None or config.tls is None:
         missing = [n for n in ("tls", "queue", "routing") if getattr(config, n) is None]
         raise ConfigError(f"{config.source}: [{missing[0]}]: required to run the relay")
@@ -58,7 +60,7 @@ def build(config: Config) -> Reloadable:
     tls = server_context(config.tls)
     signer = DkimSigner(config.dkim)
     couriers = make_couriers(config)
-    return Reloadable(config, tls, signer, couriers, Router(config, couriers))
+    return Reloadable(config, tls, signer, couriers, Router(config, couriers, health))
 
 
 # Changes a reload cannot make: (what, how to read it). They wait for a restart, and the
@@ -88,13 +90,16 @@ class Relay:
         self._authenticator: Authenticator | None = None
         self._sessions: Sessions | None = None
         self._reloading = asyncio.Lock()
+        # provider health outlives reloads (every Router gets it; _apply has it follow the config)
+        self.health = ProviderHealth(config.provider_health, tracked_names(config))
+        self.state: StateWriter | None = None  # the state file `relay status` reads
 
     def port(self, kind: str = "submission") -> int:
         return next(listener.port for listener in self.listeners if listener.kind == kind)
 
     async def start(self) -> None:
         cfg = self.config
-        parts = build(cfg)
+        parts = build(cfg, self.health)
         assert cfg.queue is not None
         ensure_fd_limit(cfg)
         limit_tls_buffers()
@@ -122,6 +127,8 @@ class Relay:
         for listener in self.listeners:
             mode = "STARTTLS" if listener.kind == "submission" else "implicit TLS"
             log.info("listening (%s) on %s port %d", mode, listener.host, listener.port)
+        self.state = StateWriter.for_relay(self)
+        self.state.start()
 
     async def _check_routes(self, config: Config) -> None:
         assert self.store is not None
@@ -143,7 +150,7 @@ class Relay:
             old = self.config
             try:
                 new = load_config(old.source)
-                parts = build(new)
+                parts = build(new, self.health)
                 await self._check_routes(new)
             except (ConfigError, KeystoreUnavailable) as exc:
                 log.error("reload refused, the running configuration stays in force: %s", exc)
@@ -170,6 +177,7 @@ class Relay:
         )
         self.queue.reconfigure(parts.router, retry_schedule=cfg.queue.retry_schedule,
                                max_lifetime=cfg.queue.max_queue_lifetime)
+        self.health.follow(cfg)
         logging.getLogger().setLevel(cfg.log.level.upper())
         self.config = cfg
 
@@ -216,6 +224,8 @@ class Relay:
             await self.queue.close()
         if self.store is not None:
             await self.store.close()
+        if self.state is not None:  # last: `relay status` says "running" until here
+            await self.state.stop()
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

@@ -21,6 +21,7 @@ from relay.logformat import configure_logging
 from relay.queue.sqlite import SpoolUnusable
 from relay.queue.store import SpoolBusy, SpoolError
 from relay.queuecli import QueueRefused, add_queue_parser, run_queue_command
+from relay.statuscli import add_status_parser, run_status_command
 
 __all__ = ["main"]
 
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument(
         "--out", help="key file (default: dkim/DOMAIN.SELECTOR.key beside --config, else here)")
     add_queue_parser(commands)
+    add_status_parser(commands)
     return parser
 
 
@@ -67,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "dkim-keygen":
         return _dkim_keygen(args)
+    if args.command == "status":  # exits 1 on an unreadable config or spool (a monitoring check)
+        return run_status_command(args.config, as_json=args.json)
     if args.command == "check-config":
         from relay.checkconfig import main as check_config
 

@@ -209,9 +209,10 @@ class MetricsConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class HealthConfig:
-    """Provider health ([provider_health]): after `down_after` session-level failures in a
-    row (connect, TLS, greeting, EHLO, AUTH) a smarthost is down for `backoff`, doubled at
-    each failed probe up to `max_backoff`; groups skip it while another member is up."""
+    """Provider health ([provider_health], relay/delivery/health.py): after `down_after`
+    session-level failures in a row (connect, TLS, greeting, EHLO, STARTTLS, AUTH, a 421 at
+    MAIL FROM) a smarthost is down for `backoff`, doubled at each failed probe up to
+    `max_backoff`; groups skip it while another member is up."""
 
     down_after: int = 3
     backoff: Duration = Duration(30)

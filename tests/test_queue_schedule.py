@@ -57,3 +57,24 @@ async def test_a_lane_runs_at_most_its_limit_and_others_go_on():
         await asyncio.sleep(0.01)
     assert sorted(done) == ["f0", "s0", "s1", "s2", "s3", "s4"] and peak["slow"] == 2
     await scheduler.stop(1.0)
+
+
+async def test_the_scheduler_stops_when_cancelled_as_a_timer_wakes_it():
+    """Python 3.11's asyncio.wait_for returns the inner result, swallowing a cancellation
+    that lands while the awaited event is being set: a `later()` right before the queue's
+    stop left Scheduler.run looping forever, and the relay's shutdown with it. Each spin
+    count lands the cancel at another step of the wake-up."""
+    async def deliver(message_id, fresh, lane, preloaded):
+        return None
+
+    for spins in range(6):
+        scheduler = Scheduler(deliver, lambda lane: 1)
+        runner = asyncio.create_task(scheduler.run())
+        await asyncio.sleep(0.01)  # waiting for its wake-up
+        scheduler.later(time.time() + 60, f"m{spins}", "sink")  # sets the wake-up event
+        for _ in range(spins):
+            await asyncio.sleep(0)
+        runner.cancel()
+        done, _ = await asyncio.wait([runner], timeout=2)
+        assert done, f"Scheduler.run ignored its cancellation ({spins} spins after the wake-up)"
+        await scheduler.stop(1.0)

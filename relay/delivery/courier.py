@@ -8,7 +8,7 @@ kind means writing one more Courier, nothing else.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from relay.delivery.replytext import clean
@@ -29,10 +29,15 @@ class Status(enum.StrEnum):
 class Outcome:
     """What became of one recipient in one attempt. `reply` is cleaned on the way in
     (relay/delivery/replytext.py): whatever a remote server sent, an Outcome's reply is one
-    printable line of bounded length, safe for the spool, the log and a DSN."""
+    printable line of bounded length, safe for the spool, the log and a DSN.
+
+    `session_failed`: the upstream itself could not be used (connect, TLS, greeting, EHLO,
+    STARTTLS, AUTH; see errors.session_trouble), which provider health counts against it
+    (relay/delivery/health.py); a verdict on recipients or on the sender never is."""
 
     status: Status
     reply: str
+    session_failed: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reply", clean(self.reply))

@@ -61,11 +61,19 @@ def stage_of(exc: BaseException) -> str:
 def session_trouble(upstream: str, exc: BaseException) -> Outcome:
     """Connecting, greeting, EHLO, STARTTLS, AUTH or MAIL FROM went wrong at `upstream`: a
     fault of the provider (or of our account there), never of the recipients, so it
-    defers whatever the reply code was, and the reply says who refused what."""
+    defers whatever the reply code was, and the reply says who refused what.
+
+    The outcome is marked `session_failed` (provider health counts it) unless it is a
+    reply to MAIL FROM other than 421: a provider refusing one sender (an unverified
+    sender domain, a suspended sub-account) still serves the others, and marking it down
+    would hold back everyone's mail for one sender's problem. A 421 or a lost connection
+    there is the provider closing the channel, like a refused greeting."""
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         reply = f"{exc.code} {exc.message}".strip()
-        return Outcome(Status.DEFERRED, f"451 4.4.0 {upstream} refused {stage_of(exc)}: {reply}")
+        session = not isinstance(exc, aiosmtplib.SMTPSenderRefused) or exc.code == 421
+        return Outcome(Status.DEFERRED, f"451 4.4.0 {upstream} refused {stage_of(exc)}: {reply}",
+                       session_failed=session)
     outcome = outcome_for_exception(exc, upstream)
     if outcome.status is Status.FAILED:  # a local address check: still not the provider's verdict
         return Outcome(Status.DEFERRED, f"451 4.4.0 {upstream}: {outcome.reply}")
-    return outcome
+    return Outcome(outcome.status, outcome.reply, session_failed=True)

@@ -1,6 +1,11 @@
 """One delivery attempt of one message: through its route's couriers in order, then what
 it means (sent, deferred, failed, expired, a bounce), as one AttemptRecord to store.
 
+Each courier is admitted by provider health first (relay/delivery/health.py): one that
+is down is skipped, and what each one returns is reported back to it. If every courier
+was skipped, the pending recipients are deferred with the plan's 451 "down" reply
+without a connection; that counts as an attempt, so the retry schedule spaces them out.
+
 Nothing here writes the spool except `note`, which stores the recipients already decided
 before the attempt moves on to the next upstream of a group, so a crash there cannot
 send them again. An unexpected error never loses what was learnt before it: the
@@ -15,7 +20,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from relay import maillog
-from relay.delivery.courier import Courier, Outcome, Status
+from relay.delivery.courier import Outcome, Status
+from relay.delivery.routing import Plan
 from relay.queue.dsn import build_dsn
 from relay.queue.model import AttemptRecord, Delivery, QueueItem, format_age, new_queue_id
 from relay.queue.schedule import retry_delay
@@ -30,7 +36,7 @@ Note = Callable[[str, dict[str, tuple[str, str]]], Awaitable[None]]
 
 
 async def attempt(
-    delivery: Delivery, plan: list[Courier], *, note: Note, hostname: str,
+    delivery: Delivery, plan: Plan, *, note: Note, hostname: str,
     retry_schedule: tuple[float, ...], max_lifetime: float, outcomes: dict[str, Outcome],
 ) -> AttemptRecord:
     """`outcomes` (the caller's, empty) is filled as replies arrive, so an error, or a
@@ -55,22 +61,35 @@ async def attempt(
     return record
 
 
-async def _through_plan(delivery: Delivery, plan: list[Courier], note: Note,
+async def _through_plan(delivery: Delivery, plan: Plan, note: Note,
                         outcomes: dict[str, Outcome], max_lifetime: float) -> None:
     started = time.time()
     age = started - delivery.created
     pending = list(delivery.pending)
-    for index, courier in enumerate(plan if pending else []):
-        results = await courier.deliver(delivery.mail_from, pending, delivery.body)
-        outcomes.update({rcpt: results.get(rcpt, _NO_RESULT) for rcpt in pending})
+    tried = False
+    for index, courier in enumerate(plan.couriers if pending else []):
+        ticket = plan.admit(courier)
+        if ticket is None:  # down: its backoff runs, or another delivery is probing it
+            continue
+        tried = True
+        with ticket:  # an error or a cancellation reports nothing (and frees a probe's turn)
+            results = await courier.deliver(delivery.mail_from, pending, delivery.body)
+            results = {rcpt: results.get(rcpt, _NO_RESULT) for rcpt in pending}
+            ticket.report(results)
+        outcomes.update(results)
         for rcpt in pending:
             maillog.attempt(delivery, rcpt, courier.name, outcomes[rcpt], delay=age)
         decided = {r: _row(outcomes[r]) for r in pending if outcomes[r].status is not Status.DEFERRED}
         pending = [r for r in pending if r not in decided]
         if not pending:
             return
-        if decided and index + 1 < len(plan):
+        if decided and index + 1 < len(plan.couriers):
             await _note(note, delivery.id, decided)
+    if pending and not tried:
+        down = plan.all_down()
+        for rcpt in pending:
+            outcomes[rcpt] = down
+            maillog.attempt(delivery, rcpt, plan.route, down, delay=age)
     if pending and age >= max_lifetime:
         for rcpt in pending:
             last = outcomes[rcpt].reply if rcpt in outcomes else "none"

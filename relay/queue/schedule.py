@@ -10,6 +10,7 @@ per delivery while the lane has room, and none exist while nothing is due.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -110,10 +111,11 @@ class Scheduler:
                     self.now(message_id, lane)
             delay = min(self._timers[0][0] - now, 1.0) if self._timers else 1.0
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(delay, 0.0))
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+            # that lands as the event is set, and the queue's stop() would wait forever
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(delay, 0.0)):
+                    await self._wake.wait()
 
     async def stop(self, timeout: float) -> None:
         """Start nothing new; give running deliveries `timeout` to finish (and record what

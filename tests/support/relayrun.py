@@ -44,6 +44,9 @@ timeout = "5s"
 """
 
 
+QUICK_HEALTH = 'backoff = "0.2s"\nmax_backoff = "0.2s"'
+
+
 def make_certs(folder: Path) -> Path:
     cert = folder / "cert.pem"
     if not cert.exists():
@@ -63,14 +66,17 @@ def write_secret(path: Path, text: str) -> None:
 def write_config(
     folder: Path, sink_port: int, *, server: str = "", auth: str = "", queue: str = "",
     upstream_extra: str = "", retry: str = '["0.3s"]', spool: str = "spool.db",
-    upstream_timeout: str = "5s",
+    upstream_timeout: str = "5s", health: str = QUICK_HEALTH,
 ) -> Path:
+    """`health`: the [provider_health] table's body; by default a backoff shorter than the
+    retry schedule, so a test that takes its upstream down for a while finds it probed
+    (and back) at the next attempt, as it would without provider health."""
     make_certs(folder)
     path = folder / "relay.toml"
     path.write_text(BASE_CONFIG.format(
         server_extra=server, auth_extra=auth, queue_extra=queue, sink_port=sink_port,
         upstream_extra=upstream_extra, retry=retry, spool=spool,
-    ).replace('timeout = "5s"', f'timeout = "{upstream_timeout}"'))
+    ).replace('timeout = "5s"', f'timeout = "{upstream_timeout}"') + f"\n[provider_health]\n{health}\n")
     return path
 
 
