@@ -24,6 +24,8 @@ from relay.delivery.courier import Courier
 from relay.delivery.health import ProviderHealth, tracked_names
 from relay.delivery.routing import Router, make_couriers
 from relay.fdlimit import ensure_fd_limit
+from relay.metrics import Metrics
+from relay.metrics.endpoint import MetricsEndpoint
 from relay.queue import Queue
 from relay.sdnotify import Notifier
 from relay.signing import DkimSigner
@@ -79,8 +81,12 @@ class Relay:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.listeners: list[Listener] = []
+        # one Metrics for the relay's life: a reload re-points nothing in it but the
+        # certificate's expiry (_apply); provider names come with each attempt
+        self.metrics = Metrics(key_id_labels=config.metrics.key_id_labels)
+        self.metrics_endpoint: MetricsEndpoint | None = None  # /metrics, /healthz, /readyz
         self.registry = ConnectionRegistry(
-            config.server.max_connections, config.server.max_connections_per_address,
+            config.server.max_connections, config.server.max_connections_per_address, metrics=self.metrics,
         )
         self.couriers: dict[str, Courier] = {}
         self.store: KeyStore | None = None
@@ -103,6 +109,10 @@ class Relay:
         assert cfg.queue is not None
         ensure_fd_limit(cfg)
         limit_tls_buffers()
+        if cfg.tls is not None:  # build() made sure
+            self.metrics.certificate_loaded(cfg.tls.cert)
+        if cfg.metrics.listen is not None:  # bound first: a port in use stops the start (exit 2)
+            self.metrics_endpoint = MetricsEndpoint.open(self)
         self.couriers = parts.couriers
         ks = cfg.keystore
         self.store = await KeyStore.open(ks.path, ks.pepper_file, default_key_limit=ks.default_key_limit)
@@ -113,15 +123,18 @@ class Relay:
         self.queue = await Queue.open(
             cfg.queue.path, parts.router, hostname=cfg.server.hostname,
             retry_schedule=cfg.queue.retry_schedule, max_lifetime=cfg.queue.max_queue_lifetime,
+            metrics=self.metrics,
         )
         await self.queue.start()
+        self.metrics.watch_queue(self.queue.store)
+        self.metrics.watch_provider_health(self.health.snapshot)
         self._authenticator = Authenticator(
             self.store,
             FailureLimiter(cfg.auth.max_failures, cfg.auth.failure_window,
                            max_failures_per_address=cfg.auth.address_ceiling),
-            recheck_interval=cfg.auth.recheck_interval,
+            recheck_interval=cfg.auth.recheck_interval, metrics=self.metrics,
         )
-        self._handler = RelayHandler(cfg, self._authenticator, self.queue, parts.signer)
+        self._handler = RelayHandler(cfg, self._authenticator, self.queue, parts.signer, metrics=self.metrics)
         self._sessions = Sessions(cfg, self._handler, parts.tls, self.registry)
         self.listeners = await open_listeners(cfg, self._sessions)
         for listener in self.listeners:
@@ -178,6 +191,8 @@ class Relay:
         self.queue.reconfigure(parts.router, retry_schedule=cfg.queue.retry_schedule,
                                max_lifetime=cfg.queue.max_queue_lifetime)
         self.health.follow(cfg)
+        if cfg.tls is not None:  # build() made sure
+            self.metrics.certificate_loaded(cfg.tls.cert)  # the certificate new connections get
         logging.getLogger().setLevel(cfg.log.level.upper())
         self.config = cfg
 
@@ -226,6 +241,9 @@ class Relay:
             await self.store.close()
         if self.state is not None:  # last: `relay status` says "running" until here
             await self.state.stop()
+        if self.metrics_endpoint is not None:  # /readyz has said 503 since the listeners closed
+            await self.metrics_endpoint.close()
+            self.metrics_endpoint = None
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

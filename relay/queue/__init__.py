@@ -29,6 +29,7 @@ from pathlib import Path
 
 from relay.delivery.courier import Outcome
 from relay.delivery.routing import Router
+from relay.metrics import Metrics
 from relay.queue.attempt import attempt, partial_record
 from relay.queue.model import AttemptRecord, Delivery, Fate, FileBody, NotDue, QueueItem, new_queue_id
 from relay.queue.schedule import Scheduler, retry_delay
@@ -46,9 +47,10 @@ _RECORD_RETRY_MAX = 10.0  # seconds between tries to store an outcome the disk r
 class Queue:
     def __init__(
         self, store: QueueStore, router: Router, *, hostname: str,
-        retry_schedule: tuple[float, ...], max_lifetime: float,
+        retry_schedule: tuple[float, ...], max_lifetime: float, metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self._metrics = metrics  # delivery attempts and latency (relay/queue/attempt.py)
         self._router = router
         self._hostname = hostname
         self._retry = retry_schedule or (300.0,)
@@ -159,6 +161,7 @@ class Queue:
                 record = await attempt(
                     delivery, self._router.plan(delivery.route), note=self.store.note, outcomes=outcomes,
                     hostname=self._hostname, retry_schedule=self._retry, max_lifetime=self._max_lifetime,
+                    metrics=self._metrics,
                 )
         except asyncio.CancelledError:  # shutdown: keep what was learnt, then stop
             if outcomes:

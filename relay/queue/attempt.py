@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from relay import maillog
 from relay.delivery.courier import Outcome, Status
 from relay.delivery.routing import Plan
+from relay.metrics import Metrics
 from relay.queue.dsn import build_dsn
 from relay.queue.model import AttemptRecord, Delivery, QueueItem, format_age, new_queue_id
 from relay.queue.schedule import retry_delay
@@ -38,15 +39,17 @@ Note = Callable[[str, dict[str, tuple[str, str]]], Awaitable[None]]
 async def attempt(
     delivery: Delivery, plan: Plan, *, note: Note, hostname: str,
     retry_schedule: tuple[float, ...], max_lifetime: float, outcomes: dict[str, Outcome],
+    metrics: Metrics | None = None,
 ) -> AttemptRecord:
     """`outcomes` (the caller's, empty) is filled as replies arrive, so an error, or a
-    cancellation at shutdown, keeps what was learnt (see partial_record)."""
+    cancellation at shutdown, keeps what was learnt (see partial_record). `metrics` counts
+    each courier's recipients by outcome, as the mail log lines them."""
     record = AttemptRecord(
         message_id=delivery.id,
         next_attempt=time.time() + retry_delay(retry_schedule, delivery.attempts + 1),
     )
     try:
-        await _through_plan(delivery, plan, note, outcomes, max_lifetime)
+        await _through_plan(delivery, plan, note, outcomes, max_lifetime, metrics)
     except Exception as exc:  # noqa: BLE001 - keep what was learnt; the error counts as poison
         log.exception("unexpected error delivering %s", delivery.id)
         record.error = repr(exc)
@@ -61,8 +64,8 @@ async def attempt(
     return record
 
 
-async def _through_plan(delivery: Delivery, plan: Plan, note: Note,
-                        outcomes: dict[str, Outcome], max_lifetime: float) -> None:
+async def _through_plan(delivery: Delivery, plan: Plan, note: Note, outcomes: dict[str, Outcome],
+                        max_lifetime: float, metrics: Metrics | None) -> None:
     started = time.time()
     age = started - delivery.created
     pending = list(delivery.pending)
@@ -72,6 +75,7 @@ async def _through_plan(delivery: Delivery, plan: Plan, note: Note,
         if ticket is None:  # down: its backoff runs, or another delivery is probing it
             continue
         tried = True
+        began = time.time()
         with ticket:  # an error or a cancellation reports nothing (and frees a probe's turn)
             results = await courier.deliver(delivery.mail_from, pending, delivery.body)
             results = {rcpt: results.get(rcpt, _NO_RESULT) for rcpt in pending}
@@ -79,6 +83,9 @@ async def _through_plan(delivery: Delivery, plan: Plan, note: Note,
         outcomes.update(results)
         for rcpt in pending:
             maillog.attempt(delivery, rcpt, courier.name, outcomes[rcpt], delay=age)
+        if metrics is not None:
+            metrics.delivery_attempted(courier.name, [outcomes[r].status.value for r in pending],
+                                       created=delivery.created, began=began)
         decided = {r: _row(outcomes[r]) for r in pending if outcomes[r].status is not Status.DEFERRED}
         pending = [r for r in pending if r not in decided]
         if not pending:
@@ -90,12 +97,16 @@ async def _through_plan(delivery: Delivery, plan: Plan, note: Note,
         for rcpt in pending:
             outcomes[rcpt] = down
             maillog.attempt(delivery, rcpt, plan.route, down, delay=age)
+        if metrics is not None:
+            metrics.delivery_all_down(plan.route, len(pending))
     if pending and age >= max_lifetime:
         for rcpt in pending:
             last = outcomes[rcpt].reply if rcpt in outcomes else "none"
             outcomes[rcpt] = Outcome(Status.FAILED, f"554 5.4.7 expired in queue after {format_age(age)}; "
                                                     f"last reply: {last}")
             maillog.attempt(delivery, rcpt, "-", outcomes[rcpt], delay=age)
+        if metrics is not None:
+            metrics.delivery_expired_now(len(pending), created=delivery.created)
 
 
 def partial_record(delivery: Delivery, outcomes: dict[str, Outcome]) -> AttemptRecord:
