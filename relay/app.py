@@ -24,6 +24,7 @@ from relay.delivery.courier import Courier
 from relay.delivery.health import ProviderHealth, tracked_names
 from relay.delivery.routing import Router, make_couriers
 from relay.fdlimit import ensure_fd_limit
+from relay.logformat import set_level
 from relay.metrics import Metrics
 from relay.metrics.endpoint import MetricsEndpoint
 from relay.queue import Queue
@@ -188,12 +189,13 @@ class Relay:
             max_failures=cfg.auth.max_failures, address_ceiling=cfg.auth.address_ceiling,
             window=cfg.auth.failure_window, recheck_interval=cfg.auth.recheck_interval,
         )
-        self.queue.reconfigure(parts.router, retry_schedule=cfg.queue.retry_schedule,
+        self.queue.reconfigure(parts.router, hostname=cfg.server.hostname,
+                               retry_schedule=cfg.queue.retry_schedule,
                                max_lifetime=cfg.queue.max_queue_lifetime)
         self.health.follow(cfg)
         if cfg.tls is not None:  # build() made sure
             self.metrics.certificate_loaded(cfg.tls.cert)  # the certificate new connections get
-        logging.getLogger().setLevel(cfg.log.level.upper())
+        set_level(cfg.log.level)
         self.config = cfg
 
     def status_line(self) -> str:

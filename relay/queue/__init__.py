@@ -85,11 +85,13 @@ class Queue:
         preloaded = item if isinstance(item.body, bytes) else None
         self._scheduler.now(item.id, self._router.resolve(item.route), fresh=True, preloaded=preloaded)
 
-    def reconfigure(self, router: Router, *, retry_schedule: tuple[float, ...], max_lifetime: float) -> None:
-        """A reload: new routes, retry schedule and lifetime for the next attempt of every
-        message; the times already scheduled stand, deliveries under way finish on the
-        couriers they started with."""
+    def reconfigure(self, router: Router, *, hostname: str, retry_schedule: tuple[float, ...],
+                    max_lifetime: float) -> None:
+        """A reload: new routes, retry schedule, lifetime and bounce hostname for the next
+        attempt of every message; the times already scheduled stand, deliveries under way
+        finish on the couriers they started with."""
         self._router = router
+        self._hostname = hostname
         self._retry = retry_schedule or (300.0,)
         self._max_lifetime = max_lifetime
         self._scheduler.relimit(lambda lane: router.concurrency(lane) if router.knows(lane) else None)
