@@ -30,6 +30,9 @@ queued      session client tls id key mailbox from rcpts size
 disconnect  session client duration messages
 sent, deferred, bounced
             id key mailbox to upstream attempt delay code reply
+provider_down, provider_probe_failed
+            upstream failures backoff reply    (backoff: seconds until the probe)
+provider_up upstream down_for failures
 =========== ======================================================================
 
 `session` is a short id given to each SMTP connection when it starts (RelaySMTP); every
@@ -102,6 +105,9 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "disconnect": ("session", "client", "duration", "messages"),
     **{name: ("id", "key", "mailbox", "to", "upstream", "attempt", "delay", "code", "reply")
        for name in ("sent", "deferred", "bounced")},
+    "provider_down": ("upstream", "failures", "backoff", "reply"),
+    "provider_probe_failed": ("upstream", "failures", "backoff", "reply"),
+    "provider_up": ("upstream", "down_for", "failures"),
 }
 
 
@@ -335,3 +341,20 @@ def attempt(item: Delivery, rcpt: str, upstream: str, outcome: Outcome, *, delay
             "id": item.id, "key": item.key_id, "mailbox": item.mailbox, "to": f"<{rcpt}>",
             "upstream": upstream, "attempt": item.attempts + 1, "delay": round(delay, 3),
             "code": _code(outcome.reply), "reply": outcome.reply})
+
+
+def provider_down(upstream: str, failures: int, backoff: float, reply: str) -> None:
+    """A smarthost marked down after `failures` session-level failures in a row (WARNING);
+    `backoff` is the seconds until one delivery probes it."""
+    _emit(logging.WARNING, "provider_down", {
+        "upstream": upstream, "failures": failures, "backoff": round(backoff, 3), "reply": reply})
+
+
+def provider_probe_failed(upstream: str, failures: int, backoff: float, reply: str) -> None:
+    _emit(logging.INFO, "provider_probe_failed", {
+        "upstream": upstream, "failures": failures, "backoff": round(backoff, 3), "reply": reply})
+
+
+def provider_up(upstream: str, down_for: float, failures: int) -> None:
+    _emit(logging.INFO, "provider_up", {"upstream": upstream, "down_for": round(down_for, 3),
+                                        "failures": failures})

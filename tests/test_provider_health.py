@@ -48,12 +48,13 @@ def state_of(h, name: str) -> ProviderState:
 def tried(caplog, upstream: str) -> int:
     """Mail log lines of deliveries tried through `upstream` (one per recipient and attempt)."""
     return sum(1 for r in caplog.records
-               if r.name == "relay.mail" and f" upstream={upstream} " in r.getMessage())
+               if getattr(r, "event", None) in ("sent", "deferred", "bounced")
+               and f" upstream={upstream} " in r.getMessage())
 
 
 def lines(caplog, start: str) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "relay.delivery" and r.getMessage().startswith(start)]
+            if r.name == "relay.mail" and r.getMessage().startswith(start)]
 
 
 async def send_many(h, secret: str, count: int) -> None:
@@ -85,8 +86,8 @@ async def test_a_failing_provider_is_skipped_then_probed_back_into_the_group(rel
                 await h.sink.wait_for(n)
             assert tried(caplog, "first") == 2
             assert refusing.connections == (2 if failure == "421 greeting" else 0)
-            (line,) = lines(caplog, "provider down ")
-            assert line.startswith("provider down upstream=first failures=2 backoff=2s reply=")
+            (line,) = lines(caplog, "provider_down ")
+            assert line.startswith("provider_down upstream=first failures=2 backoff=2.000 reply=")
             expected = "refused greeting: 421 4.3.2" if failure == "421 greeting" else "Connection refused"
             assert expected in line
             down = state_of(h, "first")
@@ -111,8 +112,8 @@ async def test_a_failing_provider_is_skipped_then_probed_back_into_the_group(rel
             assert probe.rcpt_tos == ["bob@example.net"]
             up = state_of(h, "first")
             assert (up.up, up.failures, up.down_until) == (True, 0, None)
-            (line,) = lines(caplog, "provider up ")
-            assert line.startswith("provider up upstream=first down_for=")
+            (line,) = lines(caplog, "provider_up ")
+            assert line.startswith("provider_up upstream=first down_for=")
             await send_many(h, secret, 1)  # and mail goes to it again, first in the group
             await back.wait_for(2)
             assert len(h.sink.messages) == 7
@@ -138,12 +139,12 @@ async def test_one_probe_at_a_time_and_the_backoff_doubles_while_probes_fail(rel
             await send_many(h, secret, 5)
             await h.sink.wait_for(5)
             assert hung.connections == 2
-            (line,) = lines(caplog, "provider down ")
-            assert line.startswith("provider down upstream=first failures=1 backoff=0.3s reply=")
+            (line,) = lines(caplog, "provider_down ")
+            assert line.startswith("provider_down upstream=first failures=1 backoff=0.300 reply=")
             # the probe times out, its message fails over, and the backoff doubles
             await h.sink.wait_for(6)
-            (line,) = lines(caplog, "provider probe failed ")
-            assert line.startswith("provider probe failed upstream=first failures=2 backoff=0.6s reply=")
+            (line,) = lines(caplog, "provider_probe_failed ")
+            assert line.startswith("provider_probe_failed upstream=first failures=2 backoff=0.600 reply=")
             assert "first timed out" in line
             assert hung.connections == 2
             probed = state_of(h, "first")

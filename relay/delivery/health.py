@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
+from relay import maillog
 from relay.config import Config, HealthConfig
 from relay.delivery.courier import Outcome, Status
 
@@ -256,13 +257,11 @@ class ProviderHealth:
             provider.since = self._wall()
             provider.backoff = cfg.backoff
             provider.down_until = self._clock() + provider.backoff
-            log.warning("provider down upstream=%s failures=%d backoff=%s reply=%r", ticket.name,
-                        provider.failures, format_seconds(provider.backoff), reply)
+            maillog.provider_down(ticket.name, provider.failures, provider.backoff, reply)
         elif ticket.probe:
             provider.backoff = min(provider.backoff * 2, cfg.max_backoff)
             provider.down_until = self._clock() + provider.backoff
-            log.info("provider probe failed upstream=%s failures=%d backoff=%s reply=%r", ticket.name,
-                     provider.failures, format_seconds(provider.backoff), reply)
+            maillog.provider_probe_failed(ticket.name, provider.failures, provider.backoff, reply)
         else:
             return  # a delivery admitted before it went down: its backoff stands
         self._changed()
@@ -275,8 +274,7 @@ class ProviderHealth:
         if not was_down:
             return
         now = self._wall()
-        log.info("provider up upstream=%s down_for=%s failures=%d", name,
-                 format_seconds(now - provider.since), failures)
+        maillog.provider_up(name, now - provider.since, failures)
         provider.up = True
         provider.probing = False
         provider.since = now
