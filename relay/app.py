@@ -73,7 +73,7 @@ _RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
      lambda c: (c.server.submission, c.server.submissions)),
     ("[keystore]", lambda c: c.keystore),
     ("[queue] path", lambda c: c.queue.path if c.queue else None),
-    ("[metrics] listen", lambda c: c.metrics.listen),
+    ("[metrics] listen / key_id_labels", lambda c: (c.metrics.listen, c.metrics.key_id_labels)),
     ("[log] format", lambda c: c.log.format),
 )
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiosmtplib
@@ -90,6 +92,39 @@ def with_implicit_port(config_path: Path) -> int:
     return port
 
 
+@dataclass
+class Service:
+    """A relay process with a sink, a key for alice@example.com and both listeners on
+    fixed ports, as systemd runs it."""
+
+    folder: Path
+    sink: Sink
+    process: asyncio.subprocess.Process
+    config: Path
+    port: int
+    implicit: int
+    secret: str
+
+    @property
+    def log(self) -> str:
+        return (self.folder / "relay.log").read_text()
+
+
+@contextlib.asynccontextmanager
+async def service(folder: Path, **options):
+    """The relay runs inside; on the way out it gets SIGTERM and must exit 0."""
+    async with Sink() as sink:
+        port = free_port()
+        config, secret = await prepare_relay_folder(folder, sink.port, port, '["1s"]')
+        implicit = with_implicit_port(config)
+        process = await start_relay_process(config, port, **options)
+        try:
+            yield Service(folder, sink, process, config, port, implicit, secret)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), 15) == 0
+
+
 async def test_notify_socket_gets_ready_status_watchdog_reloading_and_stopping(tmp_path):
     sink_port, port = free_port(), free_port()
     config_path, _ = await prepare_relay_folder(tmp_path, sink_port, port, '["1s"]')
@@ -122,73 +157,54 @@ async def test_notify_socket_gets_ready_status_watchdog_reloading_and_stopping(t
 
 
 async def test_sighup_serves_a_renewed_certificate_and_keeps_open_sessions(tmp_path):
-    async with Sink() as sink:
-        port = free_port()
-        config_path, secret = await prepare_relay_folder(tmp_path, sink.port, port, '["1s"]')
-        implicit = with_implicit_port(config_path)
-        relay = await start_relay_process(config_path, port)
-        try:
-            first = serial_of(tmp_path / "cert.pem")
-            assert serial_seen(implicit, tmp_path) == first
-            before = await logged_in(port, tmp_path, secret)  # opened under the old certificate
+    async with service(tmp_path) as relay:
+        first = serial_of(tmp_path / "cert.pem")
+        assert serial_seen(relay.implicit, tmp_path) == first
+        before = await logged_in(relay.port, tmp_path, relay.secret)  # under the old certificate
 
-            # certbot's deploy hook: new files, then `systemctl reload relay`
-            generate_self_signed("relay.test", tmp_path / "cert.pem", tmp_path / "key.pem")
-            renewed = serial_of(tmp_path / "cert.pem")
-            assert renewed != first
-            relay.send_signal(signal.SIGHUP)
-            log = tmp_path / "relay.log"
-            await wait_until(lambda: "configuration reloaded" in log.read_text(), what="the reload")
+        # certbot's deploy hook: new files, then `systemctl reload relay`
+        generate_self_signed("relay.test", tmp_path / "cert.pem", tmp_path / "key.pem")
+        renewed = serial_of(tmp_path / "cert.pem")
+        assert renewed != first
+        relay.process.send_signal(signal.SIGHUP)
+        await wait_until(lambda: "configuration reloaded" in relay.log, what="the reload")
 
-            assert serial_seen(implicit, tmp_path) == renewed
-            after = await logged_in(port, tmp_path, secret)  # STARTTLS: the new one too
-            assert after.transport.get_extra_info("ssl_object").getpeercert(binary_form=True) == \
-                ssl.PEM_cert_to_DER_cert((tmp_path / "cert.pem").read_text())
-            # the session opened before the reload is still there and still sends
-            await before.sendmail("alice@example.com", ["old@example.net"], MESSAGE)
-            await after.sendmail("alice@example.com", ["new@example.net"], MESSAGE)
-            await sink.wait_for(2)
-            assert sorted(m.rcpt_tos[0] for m in sink.messages) == ["new@example.net", "old@example.net"]
-            await before.quit()
-            await after.quit()
-        finally:
-            relay.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(relay.wait(), 15) == 0
+        assert serial_seen(relay.implicit, tmp_path) == renewed
+        after = await logged_in(relay.port, tmp_path, relay.secret)  # STARTTLS: the new one too
+        assert after.transport.get_extra_info("ssl_object").getpeercert(binary_form=True) == \
+            ssl.PEM_cert_to_DER_cert((tmp_path / "cert.pem").read_text())
+        # the session opened before the reload is still there and still sends
+        await before.sendmail("alice@example.com", ["old@example.net"], MESSAGE)
+        await after.sendmail("alice@example.com", ["new@example.net"], MESSAGE)
+        await relay.sink.wait_for(2)
+        assert sorted(m.rcpt_tos[0] for m in relay.sink.messages) == ["new@example.net", "old@example.net"]
+        await before.quit()
+        await after.quit()
 
 
 @pytest.mark.parametrize("breakage", ["not toml", "missing certificate", "unknown upstream"])
 async def test_a_broken_config_on_sighup_changes_nothing(tmp_path, breakage):
-    async with Sink() as sink:
-        port = free_port()
-        config_path, secret = await prepare_relay_folder(tmp_path, sink.port, port, '["1s"]')
-        implicit = with_implicit_port(config_path)
-        relay = await start_relay_process(config_path, port)
-        try:
-            good = config_path.read_text()
-            serial = serial_of(tmp_path / "cert.pem")
-            session = await logged_in(port, tmp_path, secret)
-            broken = {
-                "not toml": good + "\n[server\n",
-                "missing certificate": good.replace('cert = "cert.pem"', 'cert = "renewed.pem"'),
-                "unknown upstream": good.replace('default = "sink"', 'default = "nowhere"'),
-            }[breakage]
-            config_path.write_text(broken)
-            relay.send_signal(signal.SIGHUP)
-            log = tmp_path / "relay.log"
-            await wait_until(lambda: "reload refused" in log.read_text(), what="the refusal")
-            refusals = [line for line in log.read_text().splitlines() if "reload refused" in line]
-            assert len(refusals) == 1 and "running configuration stays in force" in refusals[0]
-            # the old configuration is in force: same certificate, same upstream, session alive
-            assert serial_seen(implicit, tmp_path) == serial
-            await session.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
-            fresh = await logged_in(port, tmp_path, secret)
-            await fresh.sendmail("alice@example.com", ["carol@example.net"], MESSAGE)
-            await sink.wait_for(2)
-            await session.quit()
-            await fresh.quit()
-        finally:
-            relay.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(relay.wait(), 15) == 0
+    async with service(tmp_path) as relay:
+        good = relay.config.read_text()
+        serial = serial_of(tmp_path / "cert.pem")
+        session = await logged_in(relay.port, tmp_path, relay.secret)
+        relay.config.write_text({
+            "not toml": good + "\n[server\n",
+            "missing certificate": good.replace('cert = "cert.pem"', 'cert = "renewed.pem"'),
+            "unknown upstream": good.replace('default = "sink"', 'default = "nowhere"'),
+        }[breakage])
+        relay.process.send_signal(signal.SIGHUP)
+        await wait_until(lambda: "reload refused" in relay.log, what="the refusal")
+        refusals = [line for line in relay.log.splitlines() if "reload refused" in line]
+        assert len(refusals) == 1 and "running configuration stays in force" in refusals[0]
+        # the old configuration is in force: same certificate, same upstream, session alive
+        assert serial_seen(relay.implicit, tmp_path) == serial
+        await session.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+        fresh = await logged_in(relay.port, tmp_path, relay.secret)
+        await fresh.sendmail("alice@example.com", ["carol@example.net"], MESSAGE)
+        await relay.sink.wait_for(2)
+        await session.quit()
+        await fresh.quit()
 
 
 async def test_sigterm_lets_a_message_in_data_finish_and_refuses_the_rest(tmp_path):
@@ -315,23 +331,15 @@ async def test_sigterm_does_not_wait_past_the_grace_for_a_stalled_message(tmp_pa
 
 
 async def test_sighup_changes_the_log_level(tmp_path):
-    port = free_port()
-    config_path, _ = await prepare_relay_folder(tmp_path, free_port(), port, '["1s"]')
-    relay = await start_relay_process(config_path, port, log_level=None)  # [log] level decides
-    log = tmp_path / "relay.log"
-    try:
-        await wait_until(lambda: "relay ready" in log.read_text(), what="the start")
-        await logged_in_anonymously(port)
-        assert "DEBUG" not in log.read_text()
-        config_path.write_text(config_path.read_text() + '\n[log]\nlevel = "debug"\n')
-        relay.send_signal(signal.SIGHUP)
-        await wait_until(lambda: "configuration reloaded" in log.read_text(), what="the reload")
-        await logged_in_anonymously(port)
-        await wait_until(lambda: " DEBUG " in log.read_text() or '"DEBUG"' in log.read_text(),
-                         what="a debug line")
-    finally:
-        relay.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(relay.wait(), 15) == 0
+    async with service(tmp_path, log_level=None) as relay:  # [log] level decides
+        await wait_until(lambda: "relay ready" in relay.log, what="the start")
+        await logged_in_anonymously(relay.port)
+        assert "DEBUG" not in relay.log
+        relay.config.write_text(relay.config.read_text() + '\n[log]\nlevel = "debug"\n')
+        relay.process.send_signal(signal.SIGHUP)
+        await wait_until(lambda: "configuration reloaded" in relay.log, what="the reload")
+        await logged_in_anonymously(relay.port)
+        await wait_until(lambda: " DEBUG " in relay.log, what="a debug line")
 
 
 async def logged_in_anonymously(port: int) -> None:
