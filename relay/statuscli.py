@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 import time
 from datetime import UTC, datetime
@@ -25,7 +24,8 @@ from typing import Any
 
 from relay.config import ConfigError, load_config, resolve_config_path
 from relay.delivery.health import format_seconds
-from relay.queue.schema import MIGRATIONS
+from relay.queue.sqlite import read_depth
+from relay.queue.store import SpoolError
 from relay.statefile import WINDOWS, certificate_info, read_state
 
 __all__ = ["add_status_parser", "run_status_command"]
@@ -77,33 +77,16 @@ def status_report(config_arg: str | None) -> dict[str, Any]:
 
 
 def queue_summary(path: Path, now: float) -> dict[str, Any]:
-    """Counts from the spool, on a read-only connection (nothing is migrated or claimed)."""
-    if not path.exists():
-        raise StatusError(f"{path}: no spool yet (the relay creates it when it starts)")
+    """Counts from the spool, read-only (nothing is migrated or claimed)."""
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise StatusError(f"{path}: the spool cannot be opened: {exc}") from None
-    try:
-        conn.execute("PRAGMA busy_timeout=5000")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version != len(MIGRATIONS):
-            newer = "newer than this program" if version > len(MIGRATIONS) else "older than this program"
-            raise StatusError(f"{path}: spool schema version {version} is {newer} ({len(MIGRATIONS)}); "
-                              "run the matching relay version")
-        messages, held = conn.execute(
-            "SELECT count(*), coalesce(sum(held), 0) FROM message WHERE delete_requested = 0").fetchone()
-        oldest = conn.execute(
-            "SELECT id, created FROM message WHERE delete_requested = 0 ORDER BY created LIMIT 1").fetchone()
-    except sqlite3.Error as exc:
-        raise StatusError(f"{path}: the spool cannot be read: {exc}") from None
-    finally:
-        conn.close()
+        depth = read_depth(path)
+    except SpoolError as exc:
+        raise StatusError(str(exc)) from None
+    oldest = depth.oldest_created
     return {
-        "path": str(path), "messages": messages, "held": held,
-        "oldest_id": oldest[0] if oldest else None,
-        "oldest_created": oldest[1] if oldest else None,
-        "oldest_age": max(now - oldest[1], 0.0) if oldest else None,
+        "path": str(path), "messages": depth.messages, "held": depth.held,
+        "oldest_id": depth.oldest_id, "oldest_created": oldest,
+        "oldest_age": max(now - oldest, 0.0) if oldest is not None else None,
     }
 
 

@@ -22,10 +22,13 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from relay.queue.model import QueueDepth
 
 __all__ = ["SCRAPE_WAIT", "DepthSource", "ProviderHealthCollector", "QueueCollector", "Snapshot", "on_loop"]
 
@@ -49,9 +52,9 @@ Snapshot = Iterable[ProviderView]
 
 
 class DepthSource(Protocol):
-    def depth_now(self, timeout: float) -> tuple[int, int, float | None]:
-        """(messages, of which on hold, oldest acceptance time) from a thread that is not
-        the event loop's; raises if it cannot say within `timeout` seconds."""
+    def depth_now(self, timeout: float) -> QueueDepth:
+        """The queue's depth from a thread that is not the event loop's; raises if it
+        cannot say within `timeout` seconds."""
         ...
 
 
@@ -92,19 +95,20 @@ class QueueCollector(Collector):
         if source is None:
             return
         try:
-            messages, held, oldest = source.depth_now(SCRAPE_WAIT)
+            depth = source.depth_now(SCRAPE_WAIT)
         except Exception as exc:  # noqa: BLE001 - any failure: leave the series out of this scrape
             log.debug("queue depth not collected: %r", exc)
             return
         yield GaugeMetricFamily(
             "keyrelay_queue_messages",
-            "Messages in the spool with recipients still to decide (held included)", value=messages)
+            "Messages in the spool with recipients still to decide (held included)", value=depth.messages)
         yield GaugeMetricFamily(
-            "keyrelay_queue_held_messages", "Messages on hold (relay queue hold, or poison)", value=held)
+            "keyrelay_queue_held_messages", "Messages on hold (relay queue hold, or poison)",
+            value=depth.held)
         yield GaugeMetricFamily(
             "keyrelay_queue_oldest_message_age_seconds",
             "Seconds since the oldest message in the spool was accepted (0 when the spool is empty)",
-            value=0.0 if oldest is None else max(time.time() - oldest, 0.0))
+            value=0.0 if depth.oldest_created is None else max(time.time() - depth.oldest_created, 0.0))
 
 
 class ProviderHealthCollector(Collector):

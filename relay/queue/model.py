@@ -202,6 +202,17 @@ class RecipientInfo:
     reply: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """How much waits in the spool (messages with recipients still to decide, held ones
+    included): for metrics and `relay status`."""
+
+    messages: int
+    held: int
+    oldest_id: str | None
+    oldest_created: float | None
+
+
 @dataclass(slots=True, kw_only=True)
 class MessageInfo:
     """One queued message as an operator sees it (no body)."""

@@ -39,12 +39,13 @@ from relay.queue.model import (
     MessageHeld,
     MessageInfo,
     NotDue,
+    QueueDepth,
     QueueItem,
     RecipientInfo,
     SpooledBody,
     UnknownMessage,
 )
-from relay.queue.schema import SchemaDamaged, check_tables, migrate
+from relay.queue.schema import MIGRATIONS, SchemaDamaged, check_tables, migrate
 from relay.queue.store import SpoolBusy, SpoolError, SpoolFull
 
 __all__ = ["SpoolUnusable", "SqliteQueueStore"]
@@ -319,17 +320,14 @@ class SqliteQueueStore:
     async def count(self) -> int:
         return await self._read(lambda conn: conn.execute("SELECT count(*) FROM message").fetchone()[0])
 
-    def depth_now(self, timeout: float) -> tuple[int, int, float | None]:
-        """(messages, of which on hold, oldest acceptance time), for a thread other than the
-        event loop's (the metrics scrape): read on the reader thread, waited for at most
-        `timeout` seconds (TimeoutError); RuntimeError once the store is closed."""
-        def op() -> tuple[int, int, float | None]:
+    def depth_now(self, timeout: float) -> QueueDepth:
+        """The queue's depth, for a thread other than the event loop's (the metrics scrape):
+        read on the reader thread, waited for at most `timeout` seconds (TimeoutError);
+        RuntimeError once the store is closed."""
+        def op() -> QueueDepth:
             if self._rconn is None:
                 raise RuntimeError("the spool is closed")
-            count, held, oldest = self._rconn.execute(
-                "SELECT count(*), coalesce(sum(held), 0), min(created) FROM message "
-                "WHERE delete_requested = 0").fetchone()
-            return count, held, oldest
+            return _depth(self._rconn)
 
         return self._reader.submit(op).result(timeout)
 
@@ -400,6 +398,40 @@ class _Failed:
 
     def __init__(self, error: Exception) -> None:
         self.error = error
+
+
+def read_depth(path: Path) -> QueueDepth:
+    """The depth of the spool at `path`, running relay or not: a read-only connection that
+    migrates, creates and claims nothing. SpoolError (one line) if it cannot be read."""
+    if not path.exists():
+        raise SpoolError(f"{path}: no spool yet (the relay creates it when it starts)")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise SpoolError(f"{path}: the spool cannot be opened: {exc}") from None
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != len(MIGRATIONS):
+            newer = "newer than this program" if version > len(MIGRATIONS) else "older than this program"
+            raise SpoolError(f"{path}: spool schema version {version} is {newer} ({len(MIGRATIONS)}); "
+                             "run the matching relay version")
+        return _depth(conn)
+    except sqlite3.Error as exc:
+        raise SpoolError(f"{path}: the spool cannot be read: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _depth(conn: sqlite3.Connection) -> QueueDepth:
+    messages, held, oldest = conn.execute(
+        "SELECT count(*), coalesce(sum(held), 0), min(created) FROM message WHERE delete_requested = 0"
+    ).fetchone()
+    oldest_id = None
+    if oldest is not None:
+        oldest_id = conn.execute("SELECT id FROM message WHERE delete_requested = 0 AND created = ? "
+                                 "LIMIT 1", (oldest,)).fetchone()[0]
+    return QueueDepth(messages, held, oldest_id, oldest)
 
 
 def _connect(path: Path, *, foreign_keys: bool = True) -> sqlite3.Connection:
