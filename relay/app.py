@@ -169,6 +169,10 @@ class Relay:
             except (ConfigError, KeystoreUnavailable) as exc:
                 log.error("reload refused, the running configuration stays in force: %s", exc)
                 return False
+            except Exception as exc:  # a loader's bug must not take the running relay down
+                log.error("reload refused, the running configuration stays in force: %r", exc,
+                          exc_info=True)
+                return False
             waiting = [what for what, read in _RESTART_ONLY if read(old) != read(new)]
             if waiting:
                 log.warning("reload: %s changed; that takes a restart, the old value stays until then",

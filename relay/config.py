@@ -286,6 +286,8 @@ def parse_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{source}: file not found") from None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # an editor that saved it as Latin-1
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     loader = _Loader(source)
@@ -494,6 +496,8 @@ class _Loader:
         if not isinstance(value, str):
             self.fail(where, "expected a string")
         if hint is Path:
+            if "\0" in value:  # the OS refuses it (ValueError) wherever it is opened
+                self.fail(where, "a path cannot contain a NUL character")
             return self.base / Path(value).expanduser()
         return value
 

@@ -39,6 +39,9 @@ def make_couriers(config: Config) -> dict[str, Courier]:
                 couriers[upstream.name] = SmarthostCourier(upstream, local_hostname=hostname)
         except (OSError, DNSException) as exc:  # password file, or no resolver configuration
             raise ConfigError(f"{config.source}: [[upstream]] {upstream.name}: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{config.source}: [[upstream]] {upstream.name} password_file: "
+                              f"{upstream.password_file}: not UTF-8 text") from None
     return couriers
 
 
