@@ -231,9 +231,13 @@ class Relay:
                 if session.envelope is None or not session.envelope.rcpt_tos:
                     session.close_now(replies.SHUTTING_DOWN)
             await asyncio.sleep(0.05)
-        for session in list(self.registry.live):
-            log.warning("closing session from %s still in a transaction after shutdown_grace",
-                        session.session.peer if session.session else "?")
+        # told sessions leave `live` when their connection is lost; the rest are mid-message
+        stragglers = [s for s in self.registry.live
+                      if s.transport is not None and not s.transport.is_closing()]
+        if stragglers:
+            log.warning("%d session(s) still in a message after shutdown_grace: closed with 421 4.3.2 "
+                        "(their messages were not accepted)", len(stragglers))
+        for session in stragglers:
             session.close_now(replies.SHUTTING_DOWN)
         for listener in self.listeners:
             await listener.server.wait_closed()

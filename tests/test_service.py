@@ -232,6 +232,7 @@ async def test_sigterm_lets_a_message_in_data_finish_and_refuses_the_rest(tmp_pa
             reply = await sending.protocol.read_response(timeout=10)
             assert reply.code == 250 and reply.message.startswith("2.0.0 OK queued as")
             assert await asyncio.wait_for(relay.wait(), 15) == 0
+            assert "still in a message" not in (tmp_path / "relay.log").read_text()
         finally:
             if relay.returncode is None:
                 relay.kill()
@@ -323,6 +324,9 @@ async def test_sigterm_does_not_wait_past_the_grace_for_a_stalled_message(tmp_pa
             said = await asyncio.wait_for(reader.read(), 5)
             assert said == b"421 4.3.2 Service shutting down, try again later\r\n"  # told, then closed
             writer.close()
+            log = (tmp_path / "relay.log").read_text()
+            assert log.count("still in a message after shutdown_grace") == 1
+            assert "1 session(s) still in a message" in log
         finally:
             if relay.returncode is None:
                 relay.kill()
