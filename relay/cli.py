@@ -159,6 +159,9 @@ key_file = {json.dumps(str(key_file))}
 def _hint(config) -> int:
     port = config.server.submission[0].rpartition(":")[2] if config.server.submission else "587"
     cfg = f"--config {config.source}"
+    metrics = ""
+    if config.metrics.listen:
+        metrics = f"\n  curl -s http://{config.metrics.listen}/metrics | grep ^keyrelay_"
     print(f"""
 Relay starting. To send a test message through it, in another terminal:
 
@@ -169,6 +172,10 @@ Relay starting. To send a test message through it, in another terminal:
         --auth PLAIN --auth-user me@example.com --auth-password "$KEY" \\
         --from me@example.com --to you@example.net
 
-Delivered messages appear in var/sink/. Stop with Ctrl-C.
+Delivered messages appear in var/sink/. How the relay is doing:
+
+  .venv/bin/relay {cfg} status{metrics}
+
+Stop with Ctrl-C.
 """)
     return 0
