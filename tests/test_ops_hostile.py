@@ -4,11 +4,22 @@ file. Each test is what an operator would see; real processes, sockets and files
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import os
+import resource
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import urllib.request
+from pathlib import Path
 
+from tests.support.procs import free_port, prepare_relay_folder, start_relay_process
 from tests.support.relayrun import write_config, write_secret
+from tests.support.sink import Sink
 from tests.support.waiting import wait_until
 from tests.test_service import MESSAGE, logged_in, service
 
@@ -72,3 +83,136 @@ def test_check_config_names_a_path_with_a_nul_character(tmp_path):
     assert "Traceback" not in result.stderr
     assert "problem: " in result.stderr
     assert "[tls] key: a path cannot contain a NUL character" in result.stderr
+
+
+@contextlib.asynccontextmanager
+async def relay_with_fd_limit(folder: Path, sink: Sink, limit: int, config_extra: str):
+    """The relay as a process whose hard RLIMIT_NOFILE is `limit` (as LimitNOFILE= sets it):
+    (process, SMTP port, key)."""
+    port = free_port()
+    config, secret = await prepare_relay_folder(folder, sink.port, port, '["1s"]')
+    text = config.read_text().replace("rate_per_minute = 0", "rate_per_minute = 0\nmax_connections = 10")
+    config.write_text(text + config_extra)
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    with open(folder / "relay.log", "ab") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", "--config", str(config), "--log-level", "INFO", "serve",
+            stdout=asyncio.subprocess.DEVNULL, stderr=out, preexec_fn=limited)
+    try:
+        await wait_until(lambda: "relay ready" in (folder / "relay.log").read_text()
+                         or process.returncode is not None, timeout=15, what="the start")
+        assert process.returncode is None, (folder / "relay.log").read_text()[-2000:]
+        yield process, port, secret
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+def _get(port: int, path: str) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return response.status
+
+
+async def _slow_request(port: int, closed: list[bool]) -> None:
+    """A slowloris: a request line, then a header line every second, never the end;
+    `closed` gets True if the server hangs up on it."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+    except (OSError, TimeoutError):
+        return
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\n")
+        while True:
+            try:
+                if not await asyncio.wait_for(reader.read(100), 1):
+                    closed.append(True)
+                    return
+            except TimeoutError:
+                pass
+            writer.write(b"X-Slow: 1\r\n")
+            await writer.drain()
+    except OSError:
+        closed.append(True)
+    finally:
+        writer.close()
+
+
+async def _flood_one(pid: int, port: int, flood: list[asyncio.Task[None]], closed: list[bool]) -> bool:
+    """One more slow request; False if the server neither took nor refused it in 2 s."""
+    held, turned_away = _open_fds(pid), len(closed)
+    flood.append(asyncio.create_task(_slow_request(port, closed)))
+    try:
+        await wait_until(lambda: _open_fds(pid) > held or len(closed) > turned_away, timeout=2,
+                         what="the endpoint to take the connection")
+    except AssertionError:
+        return False
+    return True
+
+
+async def test_slow_requests_flooding_the_metrics_port_cannot_starve_smtp_of_descriptors(tmp_path):
+    """Anyone who reaches the metrics port opens many connections and trickles a request
+    on each. The relay's descriptors are budgeted for SMTP ([server] max_connections,
+    LimitNOFILE): the metrics port must not take them, so mail keeps flowing."""
+    metrics = free_port()
+    async with Sink() as sink, relay_with_fd_limit(
+            tmp_path, sink, 140, f'\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n') as (process, port, secret):
+        closed: list[bool] = []
+        flood: list[asyncio.Task[None]] = []
+        try:
+            # one at a time, each until the endpoint took it (a descriptor more) or turned
+            # it away; one it can do neither with (no descriptor left to accept it) ends it
+            for _ in range(200):
+                if not await _flood_one(process.pid, metrics, flood, closed):
+                    break
+            session = await asyncio.wait_for(logged_in(port, tmp_path, secret), 10)
+            await session.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+            await sink.wait_for(1)
+            await session.quit()
+        finally:
+            for task in flood:
+                task.cancel()
+            await asyncio.gather(*flood, return_exceptions=True)
+        # the flood gone, a scrape is answered again
+        await wait_until(lambda: _answers(metrics), timeout=15, what="/healthz")
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _answers(port: int) -> bool:
+    try:
+        return _get(port, "/healthz") == 200
+    except OSError:
+        return False
+
+
+async def test_a_metrics_client_that_resets_leaves_json_log_lines_only(tmp_path):
+    """The HTTP server's own error report (a traceback printed to stderr) would put raw
+    lines into a JSON log; the relay logs it as one of its records instead."""
+    async with Sink() as sink:
+        port, metrics = free_port(), free_port()
+        config, _ = await prepare_relay_folder(tmp_path, sink.port, port, '["1s"]')
+        config.write_text(config.read_text()
+                          + f'\n[log]\nformat = "json"\n\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n')
+        process = await start_relay_process(config, port, log_level="DEBUG")
+        log = tmp_path / "relay.log"
+        try:
+            with socket.create_connection(("127.0.0.1", metrics), timeout=5) as sock:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+            await wait_until(lambda: "metrics endpoint: request from" in log.read_text()
+                             or "Traceback" in log.read_text(), what="the server's report")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), 15) == 0
+        for line in log.read_text().splitlines():
+            assert isinstance(json.loads(line), dict), line

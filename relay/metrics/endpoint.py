@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from socketserver import TCPServer, ThreadingMixIn
@@ -59,8 +60,41 @@ class RelayView(Protocol):
     def listeners(self) -> Sequence[_Listener]: ...
 
 
+# Requests served at once; a connection beyond them is closed as soon as it is accepted.
+# Each one is a descriptor and a thread, and the relay's descriptors are budgeted for SMTP
+# (relay/fdlimit.py): a flood of slow requests on this port must not starve the listeners,
+# the spool or the keystore of them. A few scrapers and probes need no more.
+MAX_REQUESTS = 8
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a request in flight never holds up the relay's exit
+    request_queue_size = 64  # the listen backlog: a burst of probes waits rather than being dropped
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_REQUESTS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the request's thread
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver's own prints a traceback to stderr, past the log's format (a JSON
+        log would get raw lines) for every client that times out or resets."""
+        log.debug("metrics endpoint: request from %s failed: %r", client_address, sys.exc_info()[1])
 
     def server_bind(self) -> None:
         """HTTPServer's own looks the address up in DNS (getfqdn), which can take seconds."""
