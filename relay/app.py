@@ -179,8 +179,7 @@ class Relay:
                             ", ".join(waiting))
             self._apply(parts)
             retired, self.couriers = self.couriers, parts.couriers
-            for courier in retired.values():
-                await courier.close()
+            await asyncio.gather(*(courier.close() for courier in retired.values()))
             log.info("configuration reloaded from %s", old.source)
             return True
 
@@ -243,8 +242,7 @@ class Relay:
             await listener.server.wait_closed()
         if self.queue is not None:
             await self.queue.stop()
-        for courier in self.couriers.values():
-            await courier.close()
+        await asyncio.gather(*(courier.close() for courier in self.couriers.values()))
         if self.queue is not None:
             await self.queue.close()
         if self.store is not None:

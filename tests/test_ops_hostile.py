@@ -17,9 +17,10 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from tests.conftest import running_relay
 from tests.support.procs import free_port, prepare_relay_folder, start_relay_process
 from tests.support.relayrun import write_config, write_secret
-from tests.support.sink import Sink
+from tests.support.sink import CountingSMTP, Sink
 from tests.support.waiting import wait_until
 from tests.test_service import MESSAGE, logged_in, service
 
@@ -216,3 +217,42 @@ async def test_a_metrics_client_that_resets_leaves_json_log_lines_only(tmp_path)
             assert await asyncio.wait_for(process.wait(), 15) == 0
         for line in log.read_text().splitlines():
             assert isinstance(json.loads(line), dict), line
+
+
+async def _never(arg: str) -> None:
+    await asyncio.Event().wait()  # a provider that never answers QUIT
+
+
+class _QuitHangingSink(Sink):
+    def _protocol(self, loop) -> CountingSMTP:
+        protocol = super()._protocol(loop)
+        protocol._smtp_methods["QUIT"] = _never  # aiosmtpd's table of command methods
+        return protocol
+
+
+async def test_a_reload_does_not_wait_on_each_pooled_connection_of_a_provider_that_hangs_at_quit(tmp_path):
+    """Five pooled connections to a provider that never answers QUIT: the reload that
+    retires them (and a SIGTERM queued behind it) must not wait 2 s for each in turn."""
+    async with _QuitHangingSink() as sink, running_relay(tmp_path, sink) as h:
+        await h.mailbox("alice@example.com")
+        secret = await h.key("alice@example.com")
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            await release.wait()
+
+        sink.handler.before_data_reply = hold
+        clients = [await h.login("alice@example.com", secret) for _ in range(5)]
+        await asyncio.gather(*(c.sendmail("alice@example.com", [f"r{n}@example.net"], MESSAGE)
+                               for n, c in enumerate(clients)))
+        await wait_until(lambda: sink.handler.attempts == 5, what="five deliveries at once")
+        release.set()
+        await sink.wait_for(5)
+        courier = h.relay.couriers["sink"]
+        await wait_until(lambda: len(courier._idle) == 5, what="five pooled connections")
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        assert await h.relay.reload()
+        assert loop.time() - began < 4  # one QUIT timeout (2 s), not five in a row
+        for client in clients:
+            await client.quit()
