@@ -21,7 +21,7 @@ from relay import replies
 from relay.auth import Authenticator, FailureLimiter
 from relay.config import Config, ConfigError, check_secret_files, load_config
 from relay.delivery.courier import Courier
-from relay.delivery.health import ProviderHealth, tracked_names
+from relay.delivery.health import ProviderHealth
 from relay.delivery.routing import Router, make_couriers
 from relay.fdlimit import ensure_fd_limit
 from relay.logformat import set_level
@@ -98,7 +98,8 @@ class Relay:
         self._sessions: Sessions | None = None
         self._reloading = asyncio.Lock()
         # provider health outlives reloads (every Router gets it; _apply has it follow the config)
-        self.health = ProviderHealth(config.provider_health, tracked_names(config))
+        self.health = ProviderHealth(config.provider_health)
+        self.health.follow(config)
         self.state: StateWriter | None = None  # the state file `relay status` reads
 
     def port(self, kind: str = "submission") -> int:

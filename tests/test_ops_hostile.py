@@ -256,3 +256,47 @@ async def test_a_reload_does_not_wait_on_each_pooled_connection_of_a_provider_th
         assert loop.time() - began < 4  # one QUIT timeout (2 s), not five in a row
         for client in clients:
             await client.quit()
+
+
+async def test_a_sighup_storm_leaves_the_relay_serving_and_sigterm_still_stops_it(tmp_path):
+    """A script gone wrong sends SIGHUP in a loop: every reload is applied or refused
+    whole, sessions carry on, and the SIGTERM after it stops the relay with exit 0."""
+    async with service(tmp_path) as relay:
+        await wait_until(lambda: "relay ready" in relay.log, what="the start")
+        session = await logged_in(relay.port, tmp_path, relay.secret)
+        for _ in range(300):
+            os.kill(relay.process.pid, signal.SIGHUP)
+        await session.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+        fresh = await logged_in(relay.port, tmp_path, relay.secret)
+        await fresh.sendmail("alice@example.com", ["carol@example.net"], MESSAGE)
+        await relay.sink.wait_for(2)
+        await session.quit()
+        await fresh.quit()
+        assert "reload refused" not in relay.log and "Traceback" not in relay.log
+
+
+async def test_a_reload_that_fixes_a_down_provider_is_tried_at_the_next_delivery(relay_with):
+    """The provider moved: it fails, provider health marks it down for an hour. The
+    operator fixes its port and reloads; the next message must go out through it, not
+    wait out the hour with "is down"."""
+    moved = free_port()  # nothing listens here
+    provider = f'\n[[upstream]]\nname = "esp"\nhost = "127.0.0.1"\nport = {moved}\ntls = "none"\n'
+    async with Sink() as fixed, relay_with(upstream_extra=provider, retry='["1h"]',
+                                           health='down_after = 1\nbackoff = "1h"\nmax_backoff = "1h"') as h:
+        await h.mailbox("alice@example.com")
+        client = await h.login("alice@example.com", await h.key("alice@example.com", route="esp"))
+        await client.sendmail("alice@example.com", ["first@example.net"], MESSAGE)
+        await wait_until(lambda: not _state(h, "esp").up, what="the provider marked down")
+
+        text = h.config_path.read_text()
+        h.config_path.write_text(text.replace(f"port = {moved}", f"port = {fixed.port}"))
+        assert await h.relay.reload()
+        await client.sendmail("alice@example.com", ["second@example.net"], MESSAGE)
+        await fixed.wait_for(1)
+        assert [m.rcpt_tos for m in fixed.messages] == [["second@example.net"]]
+        assert _state(h, "esp").up
+        await client.quit()
+
+
+def _state(h, name: str):
+    return next(s for s in h.relay.health.snapshot() if s.name == name)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from relay import maillog
-from relay.config import Config, HealthConfig
+from relay.config import Config, HealthConfig, UpstreamConfig
 from relay.delivery.courier import Outcome, Status
 
 __all__ = ["OutcomeCounts", "ProviderHealth", "ProviderState", "Ticket", "format_seconds", "tracked_names"]
@@ -171,14 +171,22 @@ class ProviderHealth:
         self._clock = clock
         self._wall = wall_clock
         self._providers: dict[str, _Provider] = {}
+        self._settings: dict[str, UpstreamConfig] = {}  # of each provider, once `follow` has a config
         self._listeners: list[Callable[[], None]] = []
         self.retain(names)
 
     # ------------------------------------------------------------ configuration
 
     def follow(self, config: Config) -> None:
-        """Adopt a (reloaded) config: its thresholds and its smarthosts."""
+        """Adopt a (reloaded) config: its thresholds and its smarthosts. One whose settings
+        changed (host, port, TLS, credentials, CA file: often the reload that fixes it)
+        is another provider: it starts up, rather than serve out the old one's backoff."""
         self.configure(config.provider_health)
+        settings = {u.name: u for u in config.upstream if u.kind == "smarthost"}
+        for name, upstream in settings.items():
+            if self._settings.get(name, upstream) != upstream:
+                self._providers.pop(name, None)
+        self._settings = settings
         self.retain(tracked_names(config))
 
     def configure(self, config: HealthConfig) -> None:
