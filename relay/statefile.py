@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -194,19 +195,45 @@ def read_state(path: Path | None, now: float | None = None) -> LiveState:
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return LiveState(False, None, f"{path}: cannot read the state file ({reason})")
-    if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
+    if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION or not _well_formed(doc):
         return LiveState(False, None, f"{path}: not a state file this version understands")
-    try:
-        pid, written = int(doc["pid"]), float(doc["written_at"])
-        interval = float(doc.get("interval", WRITE_INTERVAL))
-    except (KeyError, TypeError, ValueError):
-        return LiveState(False, None, f"{path}: not a state file this version understands")
+    pid, written = doc["pid"], float(doc["written_at"])
+    interval = float(doc.get("interval", WRITE_INTERVAL))
     age = now - written
     if not _alive(pid):
         return LiveState(False, doc, f"stale: written by pid {pid}, which is not running")
     if age > STALE_AFTER * interval:
         return LiveState(False, doc, f"stale: last written {format_seconds(age)} ago by pid {pid}")
     return LiveState(True, doc, "running")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _well_formed(doc: dict[str, Any]) -> bool:
+    """The shape relay_state() writes, as far as `relay status` reads it: a damaged file, or
+    one something else wrote, is "not understood" rather than a traceback or a NaN age
+    that never goes stale."""
+    sessions, providers = doc.get("sessions", {}), doc.get("providers", [])
+    deliveries = doc.get("deliveries", {})
+    return (
+        isinstance(doc.get("pid"), int) and 0 < doc["pid"] < 2**31 and _number(doc.get("written_at"))
+        and _number(doc.get("interval", WRITE_INTERVAL)) and _number(doc.get("started_at", 0))
+        and isinstance(sessions, dict) and all(_number(v) for v in sessions.values())
+        and isinstance(providers, list) and all(_provider_ok(p) for p in providers)
+        and isinstance(deliveries, dict)
+        and all(isinstance(w, dict) and all(isinstance(c, dict) and all(_number(n) for n in c.values())
+                                            for c in w.values()) for w in deliveries.values())
+    )
+
+
+def _provider_ok(p: object) -> bool:
+    return (isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("up"), bool)
+            and isinstance(p.get("probing"), bool) and _number(p.get("since")) and _number(p.get("failures"))
+            and (p.get("down_until") is None or _number(p.get("down_until")))
+            and (p.get("last_error") is None or isinstance(p.get("last_error"), str))
+            and (p["up"] or p["probing"] or p.get("down_until") is not None))
 
 
 def _alive(pid: int) -> bool:

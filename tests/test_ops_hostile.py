@@ -14,8 +14,11 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import running_relay
 from tests.support.procs import free_port, prepare_relay_folder, start_relay_process
@@ -300,3 +303,35 @@ async def test_a_reload_that_fixes_a_down_provider_is_tried_at_the_next_delivery
 
 def _state(h, name: str):
     return next(s for s in h.relay.health.snapshot() if s.name == name)
+
+
+def _status(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "relay", "--config", str(config), "status"],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("damage", [
+    {"providers": [{"name": "x"}]},
+    {"sessions": "many"},
+    {"started_at": "yesterday"},
+    {"deliveries": {"5m": ["x"]}},
+    {"pid": 10**30},
+    {"written_at": "NaN"},
+    {"interval": "Infinity"},
+])
+async def test_relay_status_with_a_damaged_state_file_says_so(relay_with, tmp_path, damage):
+    """A state file of this version whose content is not what the relay writes (damaged,
+    or written by something else): `relay status` says it cannot use it and shows the
+    rest, instead of a traceback."""
+    async with relay_with() as h:
+        await wait_until(lambda: (tmp_path / "relay-state.json").exists(), what="the state file")
+        left = json.loads((tmp_path / "relay-state.json").read_text())
+    doc = left | {"pid": os.getpid(), "written_at": time.time()} | damage
+    (tmp_path / "relay-state.json").write_text(json.dumps(doc).replace('"NaN"', "NaN")
+                                               .replace('"Infinity"', "Infinity"))
+    result = await asyncio.to_thread(_status, h.config_path)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith("relay:        NOT RUNNING: provider health, deliveries and sessions "
+                                    "are unavailable (")
+    assert "not a state file this version understands" in result.stdout.splitlines()[0]
+    assert "queue:        0 message(s), 0 held" in result.stdout
