@@ -166,6 +166,7 @@ class Relay:
             try:
                 new = load_config(old.source)
                 parts = build(new, self.health)
+                ensure_fd_limit(new)  # as the start does: a limit it cannot serve fails at the worst time
                 await self._check_routes(new)
             except (ConfigError, KeystoreUnavailable) as exc:
                 log.error("reload refused, the running configuration stays in force: %s", exc)

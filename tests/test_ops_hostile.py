@@ -335,3 +335,16 @@ async def test_relay_status_with_a_damaged_state_file_says_so(relay_with, tmp_pa
                                     "are unavailable (")
     assert "not a state file this version understands" in result.stdout.splitlines()[0]
     assert "queue:        0 message(s), 0 held" in result.stdout
+
+
+async def test_a_reload_refuses_max_connections_the_relay_has_no_descriptors_for(relay_with):
+    """The start refuses a max_connections its file descriptor limit cannot serve (it would
+    fail with "Too many open files" at the busiest moment); a reload must refuse it too."""
+    async with relay_with(server="max_connections = 100") as h:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        too_many = (hard if hard != resource.RLIM_INFINITY else 2**20) // 2 + 1000
+        text = h.config_path.read_text()
+        h.config_path.write_text(text.replace("max_connections = 100", f"max_connections = {too_many}"))
+        assert await h.relay.reload() is False
+        assert h.relay.config.server.max_connections == 100
+        assert h.relay.registry.limit == 100
