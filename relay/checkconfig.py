@@ -51,6 +51,8 @@ from relay.config import (
     split_hostport,
 )
 from relay.delivery.routing import make_couriers
+from relay.queue.schema import check_tables as check_spool_tables
+from relay.queue.schema import migrate as migrate_spool
 from relay.signing import DkimSigner
 from relay.tlsconf import server_context
 
@@ -183,6 +185,8 @@ def _check_files(config: Config, report: Report) -> None:
     for upstream in config.upstream:
         _check_upstream_files(config, upstream, report)
     _check_dkim(config, report)
+    if config.queue is not None:
+        _check_spool(config.queue.path, report)
 
 
 # ------------------------------------------------------------------ TLS
@@ -329,6 +333,42 @@ def _check_dkim(config: Config, report: Report) -> None:
         DkimSigner(usable)
     except ConfigError as exc:
         report.problem(str(exc))
+
+
+# ------------------------------------------------------------ spool
+
+
+def _check_spool(path: Path, report: Report) -> None:
+    """What the relay's start refuses (exit 2) in an existing spool (a missing one it
+    creates): a folder, not a database, a schema newer than this program, or one it cannot
+    migrate or that lacks the queue's tables (e.g. [queue] path naming the keystore).
+    Read-only: the file's schema, not its data, is migrated on a copy in memory."""
+    where = f"[queue] path: {path}"
+    if not path.exists():
+        return
+    if not path.is_file():
+        report.problem(f"{where}: not a file")
+        return
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            schema = [sql for (sql,) in conn.execute(
+                "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%'")]
+        finally:
+            conn.close()
+        copy = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            for sql in schema:
+                copy.execute(sql)
+            copy.execute(f"PRAGMA user_version = {int(version)}")
+            migrate_spool(copy)
+            check_spool_tables(copy)
+        finally:
+            copy.close()
+    except sqlite3.Error as exc:
+        report.problem(f"{where}: the relay cannot use it as its spool: {exc}")
 
 
 # ------------------------------------------------------------ keystore

@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import running_relay
-from tests.support.procs import free_port, prepare_relay_folder, start_relay_process
+from tests.support.procs import free_port, keystore_cli, prepare_relay_folder, start_relay_process
 from tests.support.relayrun import write_config, write_secret
 from tests.support.sink import CountingSMTP, Sink
 from tests.support.waiting import wait_until
@@ -348,3 +349,52 @@ async def test_a_reload_refuses_max_connections_the_relay_has_no_descriptors_for
         assert await h.relay.reload() is False
         assert h.relay.config.server.max_connections == 100
         assert h.relay.registry.limit == 100
+
+
+def _check_config(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "relay", "--config", str(config), "check-config"],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("spool", ["not a database", "a folder", "the keystore", "a newer spool"])
+async def test_check_config_refuses_a_spool_the_start_would_refuse(tmp_path, spool):
+    """`relay check-config` passing and then the (re)start exiting 2 on the spool leaves
+    the relay down (the unit does not restart on exit 2): what the start refuses, the
+    check must name."""
+    config = write_config(tmp_path, 2525)
+    text = config.read_text()
+    if spool == "the keystore":  # a slip in [queue] path
+        config.write_text(text.replace('path = "spool.db"', 'path = "keystore.db"'))
+    assert keystore_cli(config, "init").returncode == 0
+    path = tmp_path / "spool.db"
+    if spool == "not a database":
+        path.write_bytes(b"these are not the bytes of a spool\n" * 200)
+    elif spool == "a folder":
+        path.mkdir()
+    elif spool == "a newer spool":
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("PRAGMA user_version = 999")
+    checked = await asyncio.to_thread(_check_config, config)
+    started = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "relay", "--config", str(config),
+                                                       "serve"], capture_output=True, text=True, timeout=60)
+    assert started.returncode == 2, started.stderr  # what the start says
+    assert checked.returncode == 1, checked.stderr
+    problems = [line for line in checked.stderr.splitlines() if line.startswith("problem: ")]
+    assert len(problems) == 1 and "[queue] path: " in problems[0], checked.stderr
+
+
+async def test_check_config_passes_the_spool_of_a_running_relay_and_leaves_it_alone(relay_with, tmp_path):
+    async with relay_with() as h:
+        await h.mailbox("alice@example.com")
+        client = await h.login("alice@example.com", await h.key("alice@example.com"))
+        await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+        await h.sink.wait_for(1)
+        before = (tmp_path / "spool.db").stat().st_mtime_ns
+        checked = await asyncio.to_thread(_check_config, h.config_path)
+        assert "[queue]" not in checked.stderr, checked.stderr
+        assert (tmp_path / "spool.db").stat().st_mtime_ns == before
+        await client.sendmail("alice@example.com", ["carol@example.net"], MESSAGE)  # still its spool
+        await h.sink.wait_for(2)
+        await client.quit()
+    checked = await asyncio.to_thread(_check_config, h.config_path)
+    assert "[queue]" not in checked.stderr, checked.stderr
