@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 __all__ = ["Notifier"]
 
@@ -60,15 +60,15 @@ class Notifier:
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=stopping")
 
-    async def keep_alive(self, status: Callable[[], str], every: float = 5.0) -> None:
+    async def keep_alive(self, status: Callable[[], Awaitable[str]], every: float = 5.0) -> None:
         """WATCHDOG=1 at half the watchdog interval (when systemd asked for one) and a
-        fresh STATUS= line; runs until cancelled. It runs on the event loop, so its pings
-        stop exactly when the loop stops answering."""
+        fresh STATUS= line (`await status()`: it may count the queue); runs until cancelled.
+        It runs on the event loop, so its pings stop exactly when the loop stops answering."""
         if self._address is None:
             return
         interval = min(every, self.watchdog_interval / 2) if self.watchdog_interval else every
         while True:
-            lines = [f"STATUS={status()}"]
+            lines = [f"STATUS={await status()}"]
             if self.watchdog_interval:
                 lines.append("WATCHDOG=1")
             self.send(*lines)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -26,7 +27,7 @@ from tests.support.procs import free_port, keystore_cli, prepare_relay_folder, s
 from tests.support.relayrun import write_config, write_secret
 from tests.support.sink import CountingSMTP, Sink
 from tests.support.waiting import wait_until
-from tests.test_service import MESSAGE, logged_in, service
+from tests.test_service import MESSAGE, NotifySocket, logged_in, service
 
 
 async def test_sighup_with_a_config_saved_as_latin1_is_refused_and_the_relay_keeps_running(tmp_path):
@@ -398,3 +399,27 @@ async def test_check_config_passes_the_spool_of_a_running_relay_and_leaves_it_al
         await client.quit()
     checked = await asyncio.to_thread(_check_config, h.config_path)
     assert "[queue]" not in checked.stderr, checked.stderr
+
+
+async def test_the_watchdog_pings_carry_a_status_line_systemd_can_show(tmp_path):
+    """`systemctl status relay` shows the last STATUS=: the periodic ones must say the
+    sessions and queue depth, like the one sent with READY=1."""
+    async with Sink() as sink:
+        port = free_port()
+        config, secret = await prepare_relay_folder(tmp_path, sink.port, port, '["1s"]')
+        async with NotifySocket() as notify:
+            process = await start_relay_process(config, port, env={
+                "NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": ""})
+            try:
+                session = await logged_in(port, tmp_path, secret)
+                await wait_until(lambda: any(m.get("STATUS", "").startswith("1 session(s)")
+                                             for m in notify.having("WATCHDOG"))
+                                 or len(notify.having("WATCHDOG")) > 5, what="a ping during the session")
+                statuses = {m["STATUS"] for m in notify.having("WATCHDOG")}
+                line = re.compile(r"\d+ session\(s\), \d+ message\(s\) queued")
+                assert all(line.fullmatch(s) for s in statuses), statuses
+                await session.quit()
+            finally:
+                process.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(process.wait(), 15) == 0
+        assert "never awaited" not in (tmp_path / "relay.log").read_text()
