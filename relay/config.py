@@ -9,6 +9,7 @@ and what was expected (`config.toml: [queue] path: expected a string`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -485,14 +486,19 @@ class _Loader:
                 self.fail(where, "expected a non-negative integer")
             return value
         if hint is Duration:
+            seconds: float | None = None
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-                return Duration(value)
-            if isinstance(value, str):
+                seconds = value
+            elif isinstance(value, str):
                 try:
-                    return Duration(parse_duration(value))
+                    seconds = parse_duration(value)
                 except ValueError as exc:
                     self.fail(where, str(exc))
-            self.fail(where, 'expected a duration such as "90s", "15m", "24h" or seconds')
+            if seconds is None:
+                self.fail(where, 'expected a duration such as "90s", "15m", "24h" or seconds')
+            if not math.isfinite(seconds):  # TOML's inf, or more digits than a float holds
+                self.fail(where, "expected a finite duration")
+            return Duration(seconds)
         if not isinstance(value, str):
             self.fail(where, "expected a string")
         if hint is Path:

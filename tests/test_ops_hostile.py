@@ -423,3 +423,23 @@ async def test_the_watchdog_pings_carry_a_status_line_systemd_can_show(tmp_path)
                 process.send_signal(signal.SIGTERM)
                 assert await asyncio.wait_for(process.wait(), 15) == 0
         assert "never awaited" not in (tmp_path / "relay.log").read_text()
+
+
+@pytest.mark.parametrize("setting", [
+    ("[provider_health]", 'max_backoff = "0.2s"', "max_backoff = inf"),
+    ("[queue] retry_schedule", "retry_schedule = [\"0.3s\"]", 'retry_schedule = ["' + "9" * 400 + 's"]'),
+])
+def test_an_infinite_duration_is_a_config_problem(tmp_path, setting):
+    """`inf` (TOML) or a number too long for a float: a backoff or retry that never ends
+    (mail never retried, "next probe in infd", `Infinity` in a JSON log line, which is
+    no JSON). Refused by check-config, and so by the start and a reload."""
+    where, old, new = setting
+    config = write_config(tmp_path, 2525)
+    assert keystore_cli(config, "init").returncode == 0
+    text = config.read_text()
+    assert old in text
+    config.write_text(text.replace(old, new))
+    checked = _check_config(config)
+    assert checked.returncode == 1
+    problems = [line for line in checked.stderr.splitlines() if line.startswith("problem: ")]
+    assert len(problems) == 1 and where in problems[0] and "finite" in problems[0], checked.stderr
