@@ -27,6 +27,7 @@ import datetime
 import ipaddress
 import json
 import os
+import socket
 import sqlite3
 import ssl
 import sys
@@ -133,7 +134,24 @@ async def check(config: Config) -> Report:
     await asyncio.to_thread(_check_files, config, report)
     await _check_keystore(config, report)
     report.listeners = listeners(config)
+    await asyncio.to_thread(_check_listen_hosts, report)
     return report
+
+
+def _check_listen_hosts(report: Report) -> None:
+    """Each address the relay would listen on resolves to one this machine has: bound on
+    port 0 for an instant (the configured ports may be the running relay's), so an address
+    that is not here, or a name that does not resolve, is found before a start fails on it
+    (a reload only says that a listener change waits for the restart)."""
+    for item in report.listeners:
+        where = "[metrics] listen" if item.kind == "metrics" else "[server] listener"
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                item.host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(address)
+        except OSError as exc:
+            report.problem(f"{where} {item.address!r}: cannot listen on {item.host}: {exc.strerror or exc}")
 
 
 def check_file(path: str | os.PathLike[str]) -> Report:

@@ -443,3 +443,25 @@ def test_an_infinite_duration_is_a_config_problem(tmp_path, setting):
     assert checked.returncode == 1
     problems = [line for line in checked.stderr.splitlines() if line.startswith("problem: ")]
     assert len(problems) == 1 and where in problems[0] and "finite" in problems[0], checked.stderr
+
+
+@pytest.mark.parametrize("address", [
+    ('submission = ["127.0.0.1:0"]', 'submission = ["192.0.2.99:2587"]', "[server] listener"),
+    (None, '\n[metrics]\nlisten = "999.1.1.1:9587"\n', "[metrics] listen"),
+])
+def test_check_config_names_a_listen_address_the_relay_cannot_listen_on(tmp_path, address):
+    """An address not on this machine, or a name that does not resolve: the start fails
+    on it, and a reload only says the change waits for a restart, which then fails."""
+    old, new, where = address
+    config = write_config(tmp_path, 2525)
+    assert keystore_cli(config, "init").returncode == 0
+    text = config.read_text()
+    assert old is None or old in text
+    config.write_text(text + new if old is None else text.replace(old, new, 1))
+    started = subprocess.run([sys.executable, "-m", "relay", "--config", str(config), "serve"],
+                             capture_output=True, text=True, timeout=60)
+    assert started.returncode != 0, started.stderr
+    checked = _check_config(config)
+    assert checked.returncode == 1, checked.stderr
+    problems = [line for line in checked.stderr.splitlines() if line.startswith("problem: ")]
+    assert len(problems) == 1 and where in problems[0] and "cannot listen" in problems[0], checked.stderr
