@@ -16,12 +16,14 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from relay.queue.sqlite import SqliteQueueStore
 from relay.tlsconf import generate_self_signed
 from tests.conftest import running_relay
 from tests.support.procs import free_port, keystore_cli, prepare_relay_folder, start_relay_process
@@ -484,3 +486,34 @@ async def test_the_renewal_hook_gate_agrees_with_reload(relay_with, tmp_path):
         assert await h.relay.reload()  # the relay takes it
         checked = await asyncio.to_thread(_check_config, h.config_path)
         assert checked.returncode == 0, checked.stderr  # the hook's gate
+
+
+async def test_scrapes_that_gave_up_leave_no_queue_count_behind_on_the_spool_reader(tmp_path):
+    """A scrape waits at most a second for the spool's reader thread (the one the relay's
+    deliveries read with). One that gave up must not leave its count queued there: during
+    a backlog (a big spool, a slow disk) scrapes every second would pile up counts ahead
+    of every read the relay needs."""
+    store = await SqliteQueueStore.open(tmp_path / "spool.db", relay=True)
+    try:
+        counted: list[str] = []
+        busy, release = threading.Event(), threading.Event()
+
+        def hold(_conn=None) -> None:
+            busy.set()
+            release.wait(10)
+
+        def watch() -> None:
+            store._rconn.set_trace_callback(
+                lambda sql: counted.append(sql) if sql.startswith("SELECT count(*), coalesce") else None)
+
+        store._reader.submit(watch).result(5)
+        store._reader.submit(hold)
+        assert busy.wait(5)
+        for _ in range(20):  # twenty scrapes while the reader is busy: each gives up
+            with pytest.raises(TimeoutError):
+                await asyncio.to_thread(store.depth_now, 0.01)
+        release.set()
+        assert await store.count() == 0  # the relay's next read
+        assert counted == []  # nothing left behind to run before it
+    finally:
+        await store.close()

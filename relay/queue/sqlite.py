@@ -329,7 +329,12 @@ class SqliteQueueStore:
                 raise RuntimeError("the spool is closed")
             return _depth(self._rconn)
 
-        return self._reader.submit(op).result(timeout)
+        future = self._reader.submit(op)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()  # not run later: scrapes that gave up must not pile up on the reader
+            raise
 
     # ------------------------------------------------------------- admin
 
