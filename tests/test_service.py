@@ -13,6 +13,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,3 +354,50 @@ async def logged_in_anonymously(port: int) -> None:
     writer.write(b"EHLO client.test\r\nQUIT\r\n")
     await reader.read()
     writer.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None,
+                    reason="the hook chowns files to the relay's user: root only")
+async def test_the_certbot_hook_switches_cert_and_key_together_and_reloads(tmp_path):
+    """deploy/certbot-deploy-hook.sh as certbot runs it (RENEWED_LINEAGE, as root), with the
+    relay's user root: each renewal is served after the hook, also when check-config
+    reports a problem the relay can live with (a greeting name the certificate lacks)."""
+    lineage = tmp_path / "letsencrypt"
+    lineage.mkdir()
+    hook_env = {**os.environ, "RENEWED_LINEAGE": str(lineage), "KEYRELAY_USER": "root",
+                "KEYRELAY_TLS_DIR": str(tmp_path / "tls"), "KEYRELAY_CONFIG": str(tmp_path / "relay.toml"),
+                "KEYRELAY_BIN": str(Path(sys.executable).with_name("relay")), "KEYRELAY_RELOAD": "true"}
+
+    def renew() -> tuple[int, subprocess.CompletedProcess]:
+        generate_self_signed("relay.test", lineage / "fullchain.pem", lineage / "privkey.pem")
+        done = subprocess.run(["sh", str(ROOT / "deploy" / "certbot-deploy-hook.sh")], env=hook_env,
+                              capture_output=True, text=True, timeout=60)
+        return serial_of(lineage / "fullchain.pem"), done
+
+    async with Sink() as sink:
+        port = free_port()
+        config, _ = await prepare_relay_folder(tmp_path, sink.port, port, '["1s"]')
+        implicit = with_implicit_port(config)
+        config.write_text(config.read_text()
+                          .replace('cert = "cert.pem"', 'cert = "tls/live/fullchain.pem"')
+                          .replace('key = "key.pem"', 'key = "tls/live/privkey.pem"')
+                          .replace('hostname = "relay.test"', 'hostname = "mx1.internal"'))
+        first, done = renew()  # the first certificate, before the relay runs
+        assert done.returncode == 0, done.stderr
+        relay = await start_relay_process(config, port)
+        try:
+            assert serial_seen(implicit, tmp_path) == first
+            hook_env["KEYRELAY_RELOAD"] = f"kill -HUP {relay.pid}"
+            for _ in range(4):
+                serial, done = renew()
+                assert done.returncode == 0, done.stderr
+                assert "mx1.internal" in done.stderr and "reloading anyway" in done.stderr
+                await wait_until(lambda serial=serial: serial_seen(implicit, tmp_path) == serial,
+                                 what="the renewed certificate served")
+            copies = [p for p in (tmp_path / "tls").iterdir() if not p.name.startswith(("live", "."))]
+            assert len(copies) == 3  # the newest three kept
+            key = tmp_path / "tls" / "live" / "privkey.pem"
+            assert oct(key.stat().st_mode & 0o777) == "0o600"
+        finally:
+            relay.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(relay.wait(), 15) == 0
