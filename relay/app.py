@@ -221,6 +221,8 @@ class Relay:
         """Stop taking connections; sessions not in a transaction get 421 4.3.2 at once,
         those in one get `[server] shutdown_grace` to finish it (a message answered 250
         is in the spool); then deliveries record what they did and stop."""
+        if self._handler is not None:
+            self._handler.stopping = True
         for listener in self.listeners:
             listener.server.close()
         for handshake in list(self.registry.handshakes):

@@ -10,6 +10,7 @@ import aiosmtplib
 import pytest
 
 from relay.signing import generate_key
+from tests.support.rawclient import RawSession
 from tests.support.sink import Sink
 from tests.support.waiting import wait_until
 
@@ -157,3 +158,23 @@ async def test_reloads_in_a_row_leave_no_connection_behind(relay_with, sink):
         await wait_until(lambda: sink.handler.disconnections == 4,
                          what=f"retired connections closed ({sink.handler.disconnections} of 4)")
         await client.quit()
+
+
+async def test_at_shutdown_a_message_in_flight_finishes_and_no_new_one_starts(relay_with, sink):
+    """A pipelining client finishing its message during the shutdown grace has the MAIL
+    it sent right behind the final dot refused with 421 4.3.2, not a new transaction."""
+    async with relay_with() as h:
+        await h.mailbox("alice@example.com")
+        secret = await h.key("alice@example.com")
+        session = await RawSession.logged_in(h.port, h.tls, "alice@example.com", secret)
+        assert (await session.say(b"MAIL FROM:<alice@example.com>")).startswith(b"250")
+        assert (await session.say(b"RCPT TO:<bob@example.net>")).startswith(b"250")
+        assert (await session.say(b"DATA")).startswith(b"354")
+        stopping = asyncio.get_running_loop().create_task(h.relay.stop(grace=5))
+        await wait_until(lambda: not h.relay.listeners[0].server.is_serving(), what="the stop")
+        session.writer.write(b"From: alice@example.com\r\n\r\nbody\r\n.\r\nMAIL FROM:<alice@example.com>\r\n")
+        said = (await session.rest()).decode().splitlines()
+        assert said[0].startswith("250 2.0.0 OK queued as")
+        assert said[1:] == ["421 4.3.2 Service shutting down, try again later"]
+        await asyncio.wait_for(stopping, 10)
+        assert [m.rcpt_tos for m in sink.messages] == [["bob@example.net"]]

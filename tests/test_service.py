@@ -5,7 +5,6 @@ file systemd itself accepts. Real processes, real signals, a real notify socket.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import shutil
@@ -23,6 +22,7 @@ from cryptography import x509
 
 from relay.tlsconf import generate_self_signed
 from tests.support.procs import free_port, prepare_relay_folder, start_relay_process
+from tests.support.rawclient import RawSession
 from tests.support.relayrun import client_tls
 from tests.support.sink import Sink
 from tests.support.waiting import wait_until
@@ -281,33 +281,6 @@ def test_systemd_accepts_the_unit(tmp_path):
         assert f"\n{directive}" in unit, directive
 
 
-async def raw_session_in_data(port: int, folder: Path, secret: str):
-    """A client that has typed MAIL, RCPT, DATA and part of a message, at the byte level
-    (so what the relay writes before closing is seen, whatever the client library does)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-
-    async def say(line: bytes) -> bytes:
-        if line:
-            writer.write(line + b"\r\n")
-        while True:
-            reply = await asyncio.wait_for(reader.readline(), 5)
-            if reply[3:4] != b"-":
-                return reply
-
-    await say(b"")
-    await say(b"EHLO client.test")
-    assert (await say(b"STARTTLS")).startswith(b"220")
-    await writer.start_tls(client_tls(folder))
-    await say(b"EHLO client.test")
-    plain = base64.b64encode(b"\0alice@example.com\0" + secret.encode())
-    assert (await say(b"AUTH PLAIN " + plain)).startswith(b"235")
-    assert (await say(b"MAIL FROM:<alice@example.com>")).startswith(b"250")
-    assert (await say(b"RCPT TO:<bob@example.net>")).startswith(b"250")
-    assert (await say(b"DATA")).startswith(b"354")
-    writer.write(b"From: alice@example.com\r\n\r\nand then nothing more")
-    return reader, writer
-
-
 async def test_sigterm_does_not_wait_past_the_grace_for_a_stalled_message(tmp_path):
     async with Sink() as sink:
         port = free_port()
@@ -316,15 +289,19 @@ async def test_sigterm_does_not_wait_past_the_grace_for_a_stalled_message(tmp_pa
             "rate_per_minute = 0", 'rate_per_minute = 0\nshutdown_grace = "1s"'))
         relay = await start_relay_process(config_path, port)
         try:
-            reader, writer = await raw_session_in_data(port, tmp_path, secret)
+            session = await RawSession.logged_in(port, client_tls(tmp_path), "alice@example.com", secret)
+            assert (await session.say(b"MAIL FROM:<alice@example.com>")).startswith(b"250")
+            assert (await session.say(b"RCPT TO:<bob@example.net>")).startswith(b"250")
+            assert (await session.say(b"DATA")).startswith(b"354")
+            session.writer.write(b"From: alice@example.com\r\n\r\nand then nothing more")
             loop = asyncio.get_running_loop()
             began = loop.time()
             relay.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(relay.wait(), 15) == 0
             assert loop.time() - began < 8  # the grace (1 s) and the deliveries' few seconds
-            said = await asyncio.wait_for(reader.read(), 5)
+            said = await session.rest()
             assert said == b"421 4.3.2 Service shutting down, try again later\r\n"  # told, then closed
-            writer.close()
+            session.close()
             log = (tmp_path / "relay.log").read_text()
             assert log.count("still in a message after shutdown_grace") == 1
             assert "1 session(s) still in a message" in log

@@ -46,6 +46,9 @@ class RelayHandler:
         self._signer = signer
         self._metrics = metrics or Metrics()
         self._rates = policy.RateLimiter(config.server.rate_per_minute)
+        # set at shutdown: a session finishing its message may not start another (a
+        # pipelining client would otherwise slip one in before it is told)
+        self.stopping = False
 
     def reconfigure(self, config: Config, signer: DkimSigner) -> None:
         """A reload: every session's next command sees the new limits and DKIM keys; the
@@ -122,6 +125,9 @@ class RelayHandler:
 
     async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
+        if self.stopping:
+            await server.hang_up(replies.SHUTTING_DOWN)
+            return replies.SHUTTING_DOWN
         identity = session.auth_data if session.authenticated else None
         if not isinstance(identity, Identity):
             self._metrics.message_refused("auth_required")
