@@ -125,6 +125,7 @@ def _show_key(key: AuthKey) -> None:
         ("id", key.id), ("name", key.name), ("status", key.status), ("scope", key.scope),
         ("permissions", " ".join(key.permissions)), ("owner", key.owner), ("note", key.note),
         ("route", key.route), ("rate limit", key.rate_limit),
+        ("allowed from", " ".join(key.allow_from) or "anywhere"),
         ("created", _when(key.created)), ("expires", _when(key.expires)),
         ("rotated", _when(key.rotated)),
         ("old secret valid until", _when(key.previous_valid_until)),
@@ -227,7 +228,8 @@ async def _key_create(store: KeyStore, args, config) -> int:
     key, secret = await store.create_key(
         mailbox=args.mailbox, workspace=args.workspace, name=args.name, owner=args.owner,
         note=args.note, permissions=args.scope or ["email.send"], expires=_expiry(args),
-        route=args.route, rate_limit=args.rate_limit, actor=_actor(),
+        route=args.route, rate_limit=args.rate_limit, allow_from=args.allow_from or (),
+        actor=_actor(),
     )
     _print_secret(key, secret, args, "created")
     return 0
@@ -372,6 +374,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--route", metavar="NAME")
     p.add_argument("--rate-limit", type=int, metavar="N",
                    help="messages per minute for this key (default: the relay's rate_per_minute)")
+    p.add_argument("--allow-from", action="append", metavar="CIDR",
+                   help="client network the key may log in from, repeatable, IPv4 or IPv6 "
+                        "(e.g. 192.0.2.0/24, 2001:db8::/48); default: anywhere")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_key_create)
     p = key.add_parser("list", help="list and search keys")

@@ -36,6 +36,7 @@ class Reason(enum.StrEnum):
     SUSPENDED = "suspended"
     NO_SEND_PERMISSION = "no_send_permission"
     ROTATED = "rotated"  # only from recheck: the secret a session logged in with is no longer valid
+    NOT_ALLOWED_FROM = "not_allowed_from"  # the client's address is outside the key's allow-from
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,6 +54,9 @@ class Identity:
     # recheck compares it with the key's current and rotation-grace hashes, so a session
     # ends with its secret. Not shown by repr, not part of equality.
     secret_hash: bytes = field(default=b"", repr=False, compare=False)
+    # The address the session logged in from: a recheck judges it against the key's
+    # allow-from as it stands then, so narrowing the list ends sessions outside it.
+    client_ip: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,6 +98,7 @@ class AuthKey:
     last_ip: str | None
     route: str | None
     rate_limit: int | None = None
+    allow_from: tuple[str, ...] = ()  # client networks (CIDR); empty: from anywhere
 
     @property
     def scope(self) -> str:

@@ -71,6 +71,11 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     """,
+    # 2: per-key client networks (`key create --allow-from`): canonical CIDRs separated by
+    # spaces; NULL: the key works from anywhere, as every key did before
+    """
+    ALTER TABLE auth_key ADD COLUMN allow_from TEXT;
+    """,
 ]
 
 

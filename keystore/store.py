@@ -30,7 +30,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from keystore import keys
+from keystore import keys, networks
 from keystore.db import open_database, open_reader
 from keystore.models import (
     PERMISSIONS,
@@ -71,7 +71,8 @@ _AUTH_SQL = """
 SELECT k.id, k.status, k.expires, k.secret_hash, k.prev_hash, k.prev_valid_until,
        k.permissions, k.route, k.mailbox_id, k.workspace_id, k.rate_limit,
        m.id, m.address, m.status, m.workspace_id, m.route, w.name,
-       (SELECT group_concat(a.address, ' ') FROM alias a WHERE a.mailbox_id = m.id)
+       (SELECT group_concat(a.address, ' ') FROM alias a WHERE a.mailbox_id = m.id),
+       k.allow_from
 FROM (SELECT ? AS kid, ? AS address) q
 LEFT JOIN auth_key k ON k.id = q.kid
 LEFT JOIN mailbox m ON m.address = q.address
@@ -80,7 +81,8 @@ LEFT JOIN workspace w ON w.id = m.workspace_id
 
 _KEY_SQL = """
 SELECT k.id, k.name, k.owner, k.note, w.name, m.address, k.permissions, k.status, k.created,
-       k.expires, k.rotated, k.prev_valid_until, k.last_used, k.last_ip, k.route, k.rate_limit
+       k.expires, k.rotated, k.prev_valid_until, k.last_used, k.last_ip, k.route, k.rate_limit,
+       k.allow_from
 FROM auth_key k JOIN workspace w ON w.id = k.workspace_id
 LEFT JOIN mailbox m ON m.id = k.mailbox_id
 """
@@ -184,7 +186,7 @@ class KeyStore:
         presented = keys.hash_secret(self._pepper, parsed.key_id, parsed.secret)
         if not _secret_valid(row, presented, now) or row[0] is None:
             return Reason.BAD_CREDENTIALS
-        outcome = self._judge(row, now, presented)
+        outcome = self._judge(row, now, presented, client_ip)
         if isinstance(outcome, Identity):
             self._remember_use(parsed.key_id, now, client_ip)
         return outcome
@@ -197,15 +199,16 @@ class KeyStore:
         if row[0] is None:
             return Reason.REVOKED  # deleted since login
         now = time.time()
-        outcome = self._judge(row, now, identity.secret_hash)
+        outcome = self._judge(row, now, identity.secret_hash, identity.client_ip)
         if isinstance(outcome, Identity) and not _secret_valid(row, identity.secret_hash, now):
             return Reason.ROTATED
         return outcome
 
     @staticmethod
-    def _judge(row: tuple, now: float, secret_hash: bytes) -> Identity | Reason:
+    def _judge(row: tuple, now: float, secret_hash: bytes, client_ip: str) -> Identity | Reason:
         (key_id, status, expires, _, _, _, perms, key_route, key_mailbox, key_ws, rate_limit,
-         mailbox_id, address, mailbox_status, mailbox_ws, mailbox_route, ws_name, aliases) = row
+         mailbox_id, address, mailbox_status, mailbox_ws, mailbox_route, ws_name, aliases,
+         allow_from) = row
         in_scope = mailbox_id is not None and (
             key_mailbox == mailbox_id if key_mailbox is not None else key_ws == mailbox_ws
         )
@@ -222,6 +225,8 @@ class KeyStore:
             return Reason.SUSPENDED
         if "email.send" not in permissions:
             return Reason.NO_SEND_PERMISSION
+        if not networks.address_allowed(key_id, allow_from, client_ip):
+            return Reason.NOT_ALLOWED_FROM
         return Identity(
             mailbox=address,
             key_id=key_id,
@@ -231,6 +236,7 @@ class KeyStore:
             route=key_route or mailbox_route,
             rate_limit=rate_limit,
             secret_hash=secret_hash,
+            client_ip=client_ip,
         )
 
     def _remember_use(self, key_id: str, now: float, client_ip: str) -> None:
@@ -375,7 +381,7 @@ class KeyStore:
         self, *, name: str, actor: str, mailbox: str | None = None, workspace: str | None = None,
         owner: str | None = None, note: str | None = None,
         permissions: Iterable[str] = ("email.send",), expires: float | None = None,
-        route: str | None = None, rate_limit: int | None = None,
+        route: str | None = None, rate_limit: int | None = None, allow_from: Iterable[str] = (),
     ) -> tuple[AuthKey, str]:
         """Create a key; returns the record and the full key string, shown this once."""
         if (mailbox is None) == (workspace is None):
@@ -387,6 +393,10 @@ class KeyStore:
             raise StoreError("a rate limit is a number of messages per minute, at least 1")
         if expires is not None and expires <= time.time():
             raise StoreError("expiry is in the past")
+        try:
+            allowed = networks.canonical_networks(allow_from)
+        except ValueError as exc:
+            raise StoreError(str(exc)) from None
         key_id = keys.generate_key_id()
         full, secret = keys.generate_key(key_id)
         async with self._transaction() as conn:
@@ -401,16 +411,17 @@ class KeyStore:
             await self._check_key_limit(conn, ws_id)
             await conn.execute(
                 "INSERT INTO auth_key (id, name, owner, note, workspace_id, mailbox_id, "
-                "permissions, status, created, expires, secret_hash, route, rate_limit) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
+                "permissions, status, created, expires, secret_hash, route, rate_limit, allow_from) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?)",
                 (key_id, name.strip(), owner, note, ws_id, mailbox_id, " ".join(perms),
                  time.time(), expires, keys.hash_secret(self._pepper, key_id, secret), route,
-                 rate_limit),
+                 rate_limit, allowed),
             )
             record = await self._key(conn, key_id)
             await self._audit(conn, actor, "key.create", key_id=key_id, mailbox=record.mailbox,
                               detail=f"name={record.name!r} scope={record.scope} "
-                                     f"permissions={','.join(perms)}")
+                                     f"permissions={','.join(perms)}"
+                                     + (f" allow_from={','.join(record.allow_from)}" if allowed else ""))
         return record, full
 
     async def _check_key_limit(self, conn: aiosqlite.Connection, ws_id: int) -> None:
@@ -633,5 +644,5 @@ def _auth_key(row: tuple) -> AuthKey:
         id=row[0], name=row[1], owner=row[2], note=row[3], workspace=row[4], mailbox=row[5],
         permissions=tuple(row[6].split()), status=row[7], created=row[8], expires=row[9],
         rotated=row[10], previous_valid_until=row[11], last_used=row[12], last_ip=row[13],
-        route=row[14], rate_limit=row[15],
+        route=row[14], rate_limit=row[15], allow_from=tuple(row[16].split()) if row[16] else (),
     )

@@ -19,9 +19,10 @@ address in it at will). Three counters:
   keystore, and a username that has not failed from it gets one check, answered slowly.
   So a valid key of another mailbox behind the same address still logs in, and a sprayer
   gets one guess per username at a slow pace (a 256-bit secret is not guessed that way).
-* right secrets on unusable keys (revoked, disabled, expired, suspended, no email.send),
-  per (address, key id): `max_failures` again. Only the key's holder can make these, so
-  they never count against the address or the username.
+* right secrets on unusable keys (revoked, disabled, expired, suspended, no email.send,
+  not allowed from the client's address), per (address, key id): `max_failures` again.
+  Only the key's holder can make these, so they never count against the address or the
+  username.
 
 Every count is reserved before the keystore is asked, and given back when the login
 succeeds: any number of concurrent AUTHs make at most the budget's worth of checks. An
@@ -262,7 +263,7 @@ class Authenticator:
         self._limiter = limiter
         self._recheck_interval = recheck_interval
         self._metrics = metrics or Metrics()
-        self._checked: dict[tuple[str, str, bytes], tuple[float, Identity | Reason]] = {}
+        self._checked: dict[tuple[str, str, bytes, str], tuple[float, Identity | Reason]] = {}
 
     def set_limits(self, *, max_failures: int, address_ceiling: int, window: float,
                    recheck_interval: float) -> None:
@@ -337,7 +338,8 @@ class Authenticator:
         return replies.REASON_REPLIES.get(verdict.value, replies.AUTH_INVALID)
 
 
-def _cache_slot(identity: Identity) -> tuple[str, str, bytes]:
+def _cache_slot(identity: Identity) -> tuple[str, str, bytes, str]:
     """Sessions share a recheck only if they logged in as the same mailbox with the same
-    secret: after a rotation, the old secret's sessions and the new one's part ways."""
-    return identity.key_id, identity.mailbox, identity.secret_hash
+    secret from the same address: after a rotation, the old secret's sessions and the new
+    one's part ways, and a key's allow-from narrowed ends only the sessions outside it."""
+    return identity.key_id, identity.mailbox, identity.secret_hash, identity.client_ip

@@ -33,6 +33,9 @@ REASON_REPLIES = {
         "535 5.7.8 Authentication credentials invalid: this auth key lacks the email.send permission",
     # only for a session already logged in: its secret was rotated (no grace, or the grace ended)
     "rotated": "535 5.7.8 Authentication credentials invalid: this auth key's secret has been rotated",
+    # the right secret from an address outside the key's allow-from networks
+    "not_allowed_from":
+        "535 5.7.8 Authentication credentials invalid: this auth key is not allowed from this address",
 }
 
 # --- MAIL / RCPT

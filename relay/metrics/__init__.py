@@ -45,7 +45,7 @@ disable_created_metrics()
 # an unknown mailbox or key are all "bad_credentials"), and the relay's own.
 AUTH_OUTCOMES = (
     "ok", "bad_credentials", "revoked", "disabled", "expired", "suspended", "no_send_permission",
-    "throttled", "keystore_unavailable", "malformed", "abandoned",
+    "not_allowed_from", "throttled", "keystore_unavailable", "malformed", "abandoned",
 )
 # Why a message was refused (at MAIL, at the end of DATA, or while DATA was read).
 REFUSAL_REASONS = (
