@@ -167,8 +167,8 @@ async def _mailbox_list(store: KeyStore, args, config) -> int:
         _print_json([_mailbox_json(m) for m in mailboxes])
         return 0
     _table(
-        ["ADDRESS", "WORKSPACE", "STATUS", "KEYS", "ALIASES", "SUSPENDED"],
-        [[m.address, m.workspace, m.status, m.keys, " ".join(m.aliases) or None,
+        ["ADDRESS", "WORKSPACE", "STATUS", "KEYS", "WORKSPACE KEYS", "ALIASES", "SUSPENDED"],
+        [[m.address, m.workspace, m.status, m.keys, m.workspace_keys, " ".join(m.aliases) or None,
           f"{_when(m.suspended_at)} {m.suspended_reason or ''}".strip() if m.suspended_at else None]
          for m in mailboxes],
     )
@@ -177,8 +177,9 @@ async def _mailbox_list(store: KeyStore, args, config) -> int:
 
 async def _mailbox_suspend(store: KeyStore, args, config) -> int:
     mailbox = await store.suspend_mailbox(args.address, reason=args.reason, actor=_actor())
-    print(f"mailbox {mailbox.address} suspended; its {mailbox.keys} key(s) stop working "
-          "until it is resumed")
+    print(f"mailbox {mailbox.address} suspended; {mailbox.keys + mailbox.workspace_keys} key(s) "
+          f"stop working for it until it is resumed ({mailbox.keys} mailbox key(s), "
+          f"{mailbox.workspace_keys} workspace key(s) of {mailbox.workspace})")
     return 0
 
 
@@ -305,10 +306,28 @@ async def _audit(store: KeyStore, args, config) -> int:
 async def _workspace_list(store: KeyStore, args, config) -> int:
     spaces = await store.list_workspaces()
     if args.json:
-        _print_json([dataclasses.asdict(w) for w in spaces])
+        _print_json([{**dataclasses.asdict(w), "suspended_at": _when(w.suspended_at)
+                      if w.suspended_at else None} for w in spaces])
         return 0
-    _table(["WORKSPACE", "MAILBOXES", "ACTIVE KEYS", "KEY LIMIT"],
-           [[w.name, w.mailboxes, w.active_keys, w.key_limit] for w in spaces])
+    _table(["WORKSPACE", "STATUS", "MAILBOXES", "ACTIVE KEYS", "KEY LIMIT", "SUSPENDED"],
+           [[w.name, w.status, w.mailboxes, w.active_keys, w.key_limit,
+             f"{_when(w.suspended_at)} {w.suspended_reason or ''}".strip() if w.suspended_at else None]
+            for w in spaces])
+    return 0
+
+
+async def _workspace_suspend(store: KeyStore, args, config) -> int:
+    mailbox_keys, workspace_keys = await store.suspend_workspace(
+        args.workspace, reason=args.reason, actor=_actor())
+    print(f"workspace {args.workspace} suspended; its {mailbox_keys + workspace_keys} key(s) "
+          f"({mailbox_keys} mailbox key(s), {workspace_keys} workspace key(s)) stop working "
+          "until it is resumed")
+    return 0
+
+
+async def _workspace_resume(store: KeyStore, args, config) -> int:
+    await store.resume_workspace(args.workspace, actor=_actor())
+    print(f"workspace {args.workspace} resumed")
     return 0
 
 
@@ -412,7 +431,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_audit)
 
-    workspace = commands.add_parser("workspace", help="list workspaces, set key limits")
+    workspace = commands.add_parser("workspace", help="list workspaces, set key limits, suspend")
     ws = workspace.add_subparsers(dest="workspace_command", required=True, metavar="ACTION")
     p = ws.add_parser("list")
     p.add_argument("--json", action="store_true")
@@ -421,6 +440,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("workspace")
     p.add_argument("limit", type=int)
     p.set_defaults(handler=_workspace_limit)
+    p = ws.add_parser("suspend", help="stop every key of a workspace until resumed")
+    p.add_argument("workspace")
+    p.add_argument("--reason")
+    p.set_defaults(handler=_workspace_suspend)
+    p = ws.add_parser("resume", help="resume a suspended workspace")
+    p.add_argument("workspace")
+    p.set_defaults(handler=_workspace_resume)
 
     p = commands.add_parser("backup", help="online, consistent copy of the keystore")
     p.add_argument("path")

@@ -65,6 +65,9 @@ class Workspace:
     key_limit: int
     active_keys: int
     mailboxes: int
+    status: str = "active"  # "suspended": every key of it fails with Reason.SUSPENDED
+    suspended_reason: str | None = None
+    suspended_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,7 +80,8 @@ class Mailbox:
     suspended_at: float | None
     route: str | None
     created: float
-    keys: int
+    keys: int  # keys scoped to this mailbox
+    workspace_keys: int = 0  # keys scoped to its workspace: they can log in as it too
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -76,6 +76,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE auth_key ADD COLUMN allow_from TEXT;
     """,
+    # 3: `keystore workspace suspend / resume`: a suspended workspace's keys all fail at AUTH
+    # as a suspended mailbox's do; the mailboxes' own status is left as it is
+    """
+    ALTER TABLE workspace ADD COLUMN status TEXT NOT NULL DEFAULT 'active'
+        CHECK (status IN ('active', 'suspended'));
+    ALTER TABLE workspace ADD COLUMN suspended_reason TEXT;
+    ALTER TABLE workspace ADD COLUMN suspended_at REAL;
+    """,
 ]
 
 

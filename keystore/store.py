@@ -70,7 +70,8 @@ def normalize_address(address: str) -> str:
 _AUTH_SQL = """
 SELECT k.id, k.status, k.expires, k.secret_hash, k.prev_hash, k.prev_valid_until,
        k.permissions, k.route, k.mailbox_id, k.workspace_id, k.rate_limit,
-       m.id, m.address, m.status, m.workspace_id, m.route, w.name,
+       m.id, m.address, CASE WHEN w.status = 'suspended' THEN 'suspended' ELSE m.status END,
+       m.workspace_id, m.route, w.name,
        (SELECT group_concat(a.address, ' ') FROM alias a WHERE a.mailbox_id = m.id),
        k.allow_from
 FROM (SELECT ? AS kid, ? AS address) q
@@ -91,7 +92,8 @@ _MAILBOX_SQL = """
 SELECT m.address, w.name,
        (SELECT group_concat(a.address, ' ') FROM alias a WHERE a.mailbox_id = m.id),
        m.status, m.suspended_reason, m.suspended_at, m.route, m.created,
-       (SELECT count(*) FROM auth_key k WHERE k.mailbox_id = m.id)
+       (SELECT count(*) FROM auth_key k WHERE k.mailbox_id = m.id),
+       (SELECT count(*) FROM auth_key k WHERE k.mailbox_id IS NULL AND k.workspace_id = w.id)
 FROM mailbox m JOIN workspace w ON w.id = m.workspace_id
 """
 
@@ -408,6 +410,7 @@ class KeyStore:
                 ws_id = ws_rows[0][0]
             else:
                 ws_id = await self._workspace_id(conn, workspace, create=False)
+            await self._check_not_suspended(conn, ws_id, mailbox_id)
             await self._check_key_limit(conn, ws_id)
             await conn.execute(
                 "INSERT INTO auth_key (id, name, owner, note, workspace_id, mailbox_id, "
@@ -423,6 +426,23 @@ class KeyStore:
                                      f"permissions={','.join(perms)}"
                                      + (f" allow_from={','.join(record.allow_from)}" if allowed else ""))
         return record, full
+
+    @staticmethod
+    async def _check_not_suspended(
+        conn: aiosqlite.Connection, ws_id: int, mailbox_id: int | None,
+    ) -> None:
+        """No new keys under a suspension: a key made there would look usable in every
+        listing yet fail at its first login, and lifting the suspension is a decision of
+        its own (resume first, then create)."""
+        (ws_name, ws_status), = await conn.execute_fetchall(
+            "SELECT name, status FROM workspace WHERE id = ?", (ws_id,))
+        if ws_status == "suspended":
+            raise StoreError(f"workspace {ws_name} is suspended; resume it before creating keys in it")
+        if mailbox_id is not None:
+            (address, status), = await conn.execute_fetchall(
+                "SELECT address, status FROM mailbox WHERE id = ?", (mailbox_id,))
+            if status == "suspended":
+                raise StoreError(f"mailbox {address} is suspended; resume it before creating keys for it")
 
     async def _check_key_limit(self, conn: aiosqlite.Connection, ws_id: int) -> None:
         rows = await conn.execute_fetchall(
@@ -455,10 +475,15 @@ class KeyStore:
         self, *, mailbox: str | None = None, workspace: str | None = None,
         search: str | None = None, status: str | None = None,
     ) -> list[AuthKey]:
+        """Keys matching every filter given. `mailbox`: every key able to log in as it,
+        its own and its workspace's (workspace keys have `mailbox` None, scope workspace:W)."""
         clauses, params = [], []
         if mailbox is not None:
-            clauses.append("m.address = ?")
-            params.append(normalize_address(mailbox))
+            clauses.append(
+                "(m.address = ? OR (k.mailbox_id IS NULL AND k.workspace_id = "
+                "(SELECT workspace_id FROM mailbox WHERE address = ?)))"
+            )
+            params.extend([normalize_address(mailbox)] * 2)
         if workspace is not None:
             clauses.append("w.name = ?")
             params.append(workspace)
@@ -555,10 +580,42 @@ class KeyStore:
         rows = await self._rows(
             "SELECT w.name, w.key_limit, "
             "(SELECT count(*) FROM auth_key k WHERE k.workspace_id = w.id AND k.status = 'active'),"
-            " (SELECT count(*) FROM mailbox m WHERE m.workspace_id = w.id) "
+            " (SELECT count(*) FROM mailbox m WHERE m.workspace_id = w.id), "
+            "w.status, w.suspended_reason, w.suspended_at "
             "FROM workspace w ORDER BY w.name"
         )
-        return [Workspace(name=r[0], key_limit=r[1], active_keys=r[2], mailboxes=r[3]) for r in rows]
+        return [Workspace(name=r[0], key_limit=r[1], active_keys=r[2], mailboxes=r[3], status=r[4],
+                          suspended_reason=r[5], suspended_at=r[6]) for r in rows]
+
+    async def suspend_workspace(self, name: str, *, reason: str | None, actor: str) -> tuple[int, int]:
+        """Every key of the workspace, mailbox keys and workspace keys, fails at AUTH with
+        `suspended` (and open sessions at their next MAIL FROM) until `resume_workspace`;
+        the keys and each mailbox's own status are untouched. Returns (mailbox keys,
+        workspace keys) of the workspace."""
+        return await self._set_workspace_status(name, "suspended", reason, actor)
+
+    async def resume_workspace(self, name: str, *, actor: str) -> tuple[int, int]:
+        return await self._set_workspace_status(name, "active", None, actor)
+
+    async def _set_workspace_status(
+        self, name: str, status: str, reason: str | None, actor: str
+    ) -> tuple[int, int]:
+        async with self._transaction() as conn:
+            ws_id = await self._workspace_id(conn, name, create=False)
+            (current, mailbox_keys, workspace_keys), = await conn.execute_fetchall(
+                "SELECT status, (SELECT count(*) FROM auth_key WHERE workspace_id = ?1 AND "
+                "mailbox_id IS NOT NULL), (SELECT count(*) FROM auth_key WHERE workspace_id = ?1 "
+                "AND mailbox_id IS NULL) FROM workspace WHERE id = ?1", (ws_id,))
+            if current == status:
+                raise StoreError(f"workspace {name} is already {status}")
+            await conn.execute(
+                "UPDATE workspace SET status = ?, suspended_reason = ?, suspended_at = ? WHERE id = ?",
+                (status, reason, time.time() if status == "suspended" else None, ws_id),
+            )
+            action = "workspace.suspend" if status == "suspended" else "workspace.resume"
+            await self._audit(conn, actor, action,
+                              detail=name + (f" reason={reason}" if reason else ""))
+        return mailbox_keys, workspace_keys
 
     async def set_key_limit(self, workspace: str, limit: int, *, actor: str) -> None:
         if limit < 0:
@@ -635,7 +692,7 @@ def _mailbox(row: tuple) -> Mailbox:
     return Mailbox(
         address=row[0], workspace=row[1], aliases=tuple(row[2].split()) if row[2] else (),
         status=row[3], suspended_reason=row[4], suspended_at=row[5], route=row[6],
-        created=row[7], keys=row[8],
+        created=row[7], keys=row[8], workspace_keys=row[9],
     )
 
 

@@ -248,10 +248,11 @@ def test_mailbox_add_and_list(cli):
     )
 
     table = cli.ok("mailbox", "list").splitlines()
-    assert table[0].split() == ["ADDRESS", "WORKSPACE", "STATUS", "KEYS", "ALIASES", "SUSPENDED"]
-    assert table[1].split() == ["alice@acme.test", "acme", "active", "0", "info@acme.test",
+    assert table[0].split() == ["ADDRESS", "WORKSPACE", "STATUS", "KEYS", "WORKSPACE", "KEYS",
+                                "ALIASES", "SUSPENDED"]
+    assert table[1].split() == ["alice@acme.test", "acme", "active", "0", "0", "info@acme.test",
                                 "sales@acme.test", "-"]
-    assert table[2].split() == ["bob@other.test", "default", "active", "0", "-", "-"]
+    assert table[2].split() == ["bob@other.test", "default", "active", "0", "0", "-", "-"]
 
     listed = cli.json("mailbox", "list")
     assert [m["address"] for m in listed] == ["alice@acme.test", "bob@other.test"]
@@ -594,13 +595,15 @@ def test_workspace_list_and_set_limit(cli):
     cli.ok("mailbox", "add", "carol@globex.test", "--workspace", "globex")
     cli.create_key("--mailbox", "alice@acme.test", "--name", "one")
 
+    active = {"status": "active", "suspended_reason": None, "suspended_at": None}
     assert cli.json("workspace", "list") == [
-        {"name": "acme", "key_limit": 100, "active_keys": 1, "mailboxes": 2},
-        {"name": "globex", "key_limit": 100, "active_keys": 0, "mailboxes": 1},
+        {"name": "acme", "key_limit": 100, "active_keys": 1, "mailboxes": 2, **active},
+        {"name": "globex", "key_limit": 100, "active_keys": 0, "mailboxes": 1, **active},
     ]
     table = cli.ok("workspace", "list").splitlines()
-    assert table[0].split() == ["WORKSPACE", "MAILBOXES", "ACTIVE", "KEYS", "KEY", "LIMIT"]
-    assert table[1].split() == ["acme", "2", "1", "100"]
+    assert table[0].split() == ["WORKSPACE", "STATUS", "MAILBOXES", "ACTIVE", "KEYS", "KEY", "LIMIT",
+                                "SUSPENDED"]
+    assert table[1].split() == ["acme", "active", "2", "1", "100", "-"]
 
     assert cli.ok("workspace", "set-limit", "acme", "2").strip() == "workspace acme: at most 2 active keys"
     cli.create_key("--workspace", "acme", "--name", "two")
