@@ -268,6 +268,13 @@ async def _key_status(store: KeyStore, args, config) -> int:
 
 
 async def _key_rotate(store: KeyStore, args, config) -> int:
+    if args.end_grace:
+        key = await store.end_rotation_grace(args.id, actor=_actor())
+        if args.json:
+            print(json.dumps(_key_json(key), indent=2))
+        else:
+            print(f"key {key.id} ({key.name!r}): the previous secret no longer works (grace ended)")
+        return 0
     grace = parse_duration(args.grace) if args.grace else 0.0
     key, secret = await store.rotate_key(args.id, grace=grace, actor=_actor())
     _print_secret(key, secret, args, "rotated")
@@ -416,7 +423,10 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=_key_status)
     p = key.add_parser("rotate", help="give a key a new secret")
     p.add_argument("id")
-    p.add_argument("--grace", metavar="DURATION", help="keep the old secret valid this long")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--grace", metavar="DURATION", help="keep the old secret valid this long")
+    when.add_argument("--end-grace", action="store_true",
+                      help="retire the previous secret now, before its grace ends (no new secret)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_key_rotate)
     p = key.add_parser("delete", help="delete a key record")

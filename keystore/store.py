@@ -554,6 +554,21 @@ class KeyStore:
                               detail=f"grace={grace:g}s")
             return await self._key(conn, key_id), full
 
+    async def end_rotation_grace(self, key_id: str, *, actor: str) -> AuthKey:
+        """Retire the previous secret now (every caller has the new one): logins with it
+        fail from now on, and sessions opened with it end at their next MAIL FROM."""
+        async with self._transaction() as conn:
+            record = await self._key(conn, key_id)
+            now = time.time()
+            if record.previous_valid_until is None or record.previous_valid_until <= now:
+                raise StoreError(f"key {key_id} has no rotation grace running: its previous secret "
+                                 "already does not work")
+            await conn.execute("UPDATE auth_key SET prev_hash = NULL, prev_valid_until = NULL WHERE id = ?",
+                               (key_id,))
+            await self._audit(conn, actor, "key.end_grace", key_id=key_id, mailbox=record.mailbox,
+                              detail=f"{record.previous_valid_until - now:.0f}s early")
+            return await self._key(conn, key_id)
+
     async def delete_key(self, key_id: str, *, actor: str) -> AuthKey:
         async with self._transaction() as conn:
             record = await self._key(conn, key_id)

@@ -134,3 +134,40 @@ async def test_a_fresh_recheck_does_not_trust_the_cache(tmp_path):
         assert await authenticator.recheck(identity) == refusal  # and the cache learnt it
     finally:
         await store.close()
+
+
+async def test_ending_a_rotation_grace_early_retires_the_old_secret_at_once(relay_with):
+    """`key rotate ID --end-grace`: every caller has the new secret, so the old one stops
+    now rather than at the end of its grace: old sessions end at their next MAIL, new
+    logins with it fail, the new secret carries on; audited; a second time is refused."""
+    async with relay_with(auth='recheck_interval = "0s"') as h:
+        await h.mailbox("alice@example.com")
+        record, old = await h.relay.store.create_key(mailbox="alice@example.com", name="crm", actor="t")
+        on_old = await h.login("alice@example.com", old)
+        _, new = await h.relay.store.rotate_key(record.id, grace=3600, actor="t")
+        on_new = await h.login("alice@example.com", new)
+        await on_old.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)  # within the grace
+
+        end_grace = ("key", "rotate", record.id, "--end-grace")
+        ended = await asyncio.to_thread(keystore_cli, h.config_path, *end_grace)
+        assert ended.returncode == 0, ended.stderr
+        assert ended.stdout.strip() == (
+            f"key {record.id} ('crm'): the previous secret no longer works (grace ended)")
+
+        code, message = await mail_refused_within(on_old, 5)
+        assert (code, message) == (
+            535, "5.7.8 Authentication credentials invalid: this auth key's secret has been rotated")
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+            await h.login("alice@example.com", old)
+        await on_new.sendmail("alice@example.com", ["carol@example.net"], MESSAGE)
+        await h.sink.wait_for(2)
+        on_old.close()
+        on_new.close()
+
+        again = await asyncio.to_thread(keystore_cli, h.config_path, *end_grace)
+        assert again.returncode == 1
+        assert "has no rotation grace running" in again.stderr
+        both = await asyncio.to_thread(keystore_cli, h.config_path, *end_grace, "--grace", "1h")
+        assert both.returncode == 2 and "not allowed with argument" in both.stderr
+        events = [e.action for e in await h.relay.store.audit_events(key_id=record.id)]
+        assert events.count("key.end_grace") == 1
