@@ -20,8 +20,11 @@ def pytest_asyncio_loop_factories(config, item):
 
 
 @contextlib.asynccontextmanager
-async def running_relay(folder, sink, **config_parts):
+async def running_relay(folder, sink, *, edit=None, **config_parts):
+    """`edit(text)`: a change write_config's parts cannot make (another listener line)."""
     path = write_config(folder, sink.port, **config_parts)
+    if edit is not None:
+        path.write_text(edit(path.read_text()))
     config = load_config(path)
     store = await KeyStore.open(config.keystore.path, config.keystore.pepper_file, create=True)
     await store.close()

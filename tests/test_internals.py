@@ -15,6 +15,7 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from relay import internals
+from tests.support.waiting import wait_until
 
 
 class _Handler:
@@ -60,14 +61,10 @@ ON_SESSIONS = [(what, name) for what, name in internals.REQUIRED if what.endswit
 @pytest.mark.parametrize(("what", "name"), ON_SESSIONS, ids=[f"{what}.{name}" for what, name in ON_SESSIONS])
 async def test_a_private_name_of_a_live_session_is_still_there(h, what, name):
     """Some exist only once a client is connected: checked on a real session."""
-    import time
-
     reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
     try:
         await reader.readline()  # the greeting: the session exists
-        deadline = time.monotonic() + 5
-        while not h.relay.registry.live and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: h.relay.registry.live, what="the session in the registry")
         (session,) = h.relay.registry.live
         assert hasattr(session, name), f"{what} has no {name!r} any more: relay/internals.py must change"
     finally:

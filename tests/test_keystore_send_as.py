@@ -16,6 +16,7 @@ import pytest
 from keystore.models import Identity, Reason
 from keystore.schema import MIGRATIONS, migrate, run_migrations
 from tests.support.procs import keystore_cli
+from tests.support.refusals import refused_within
 from tests.test_keystore_cli import CLI, when
 
 SUSPENDED_REPLY = "5.7.8 Authentication credentials invalid: this mailbox is suspended"
@@ -190,17 +191,6 @@ def _run(h, *args: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-async def _refused_at_mail(client) -> tuple[int, str]:
-    """Send until the relay refuses (the recheck is cached for [auth] recheck_interval)."""
-    for _ in range(100):
-        try:
-            await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
-        except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPDataError) as exc:
-            return exc.code, exc.message
-        await asyncio.sleep(0.05)
-    raise AssertionError("still sending 5s after the workspace was suspended")
-
-
 async def test_relay_refuses_every_key_of_a_suspended_workspace(h):
     await h.mailbox("alice@example.com", workspace="acme")
     await h.mailbox("bob@example.com", workspace="acme")
@@ -214,7 +204,7 @@ async def test_relay_refuses_every_key_of_a_suspended_workspace(h):
 
     await asyncio.to_thread(_run, h, "workspace", "suspend", "acme", "--reason", "unpaid")
 
-    code, message = await _refused_at_mail(open_session)
+    code, message, _ = await refused_within(open_session, 5)
     assert (code, message) in ((535, SUSPENDED_REPLY),
                                (554, "5.7.8 Message refused: this mailbox is suspended"))
     open_session.close()

@@ -26,6 +26,7 @@ from relay.metrics import AUTH_OUTCOMES, REFUSAL_REASONS
 from tests.conftest import running_relay
 from tests.support.fs import fill, small_filesystem
 from tests.support.relayrun import write_config
+from tests.support.waiting import wait_until
 
 ALICE = "alice@example.com"
 MESSAGE = f"From: {ALICE}\r\nSubject: metrics\r\n\r\nhello\r\n".encode()
@@ -71,14 +72,14 @@ def series(samples: Samples, name: str) -> dict[tuple[tuple[str, str], ...], flo
 
 async def scrape_until(h, check, what: str, timeout: float = 10.0) -> Samples:
     """Scrape until `check(samples)` holds (the relay counts after the event, not before)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        samples = await scrape(h)
-        if check(samples):
-            return samples
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    last: list[Samples] = []
+
+    async def holds() -> bool:
+        last[:] = [await scrape(h)]
+        return check(last[0])
+
+    await wait_until(holds, timeout, what)
+    return last[0]
 
 
 async def test_a_scripted_session_gives_exact_counts_on_the_metrics_page(tmp_path, sink):
@@ -192,11 +193,8 @@ async def test_queue_depth_and_oldest_age_show_a_waiting_and_a_held_message(tmp_
             infos = await store.messages()
             return infos if infos and infos[0].attempts == 1 else []
 
-        deadline = time.monotonic() + 10
-        while not (infos := await attempted()):
-            assert time.monotonic() < deadline, "the first attempt was not recorded"
-            await asyncio.sleep(0.05)
-        (info,) = infos
+        await wait_until(attempted, timeout=10, what="the first attempt recorded")
+        (info,) = await attempted()
         before = time.time() - info.created
         samples = await scrape(h)
         after = time.time() - info.created

@@ -4,11 +4,9 @@ through; a route with every upstream down defers without connecting and without 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import pytest
@@ -155,16 +153,6 @@ async def queue_rows(h) -> list:
     return await h.relay.queue.store.messages()
 
 
-async def until(check: Callable[[], Awaitable[object]], timeout: float = 5.0, what: str = "condition",
-                ) -> None:
-    """wait_until for a check that reads the spool."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def test_a_route_whose_upstreams_are_all_down_defers_without_connecting_or_spinning(relay_with):
     async with RawServer(GREETING_421) as a, RawServer(b"554 5.3.2 not accepting mail") as b:
         extra = smarthost("a", a.port) + smarthost("b", b.port) + group("both", "a", "b")
@@ -180,7 +168,7 @@ async def test_a_route_whose_upstreams_are_all_down_defers_without_connecting_or
                 rows[:] = await queue_rows(h)
                 return len(rows) == 1 and bool(down.match(rows[0].last_error or ""))
 
-            await until(deferred_down, what="the all-down deferral")
+            await wait_until(deferred_down, what="the all-down deferral")
             assert (a.connections, b.connections) == (1, 1)
             assert rows[0].recipients[0].status == "pending"
 
@@ -190,7 +178,7 @@ async def test_a_route_whose_upstreams_are_all_down_defers_without_connecting_or
             async def three_more() -> bool:
                 return await deferred_down() and rows[0].attempts >= first + 3
 
-            await until(three_more, what="three more attempts")
+            await wait_until(three_more, what="three more attempts")
             elapsed = time.monotonic() - start
             assert elapsed >= 2 * 0.2, f"3 attempts in {elapsed:.2f}s: faster than the retry schedule"
             assert (a.connections, b.connections) == (1, 1)
@@ -202,7 +190,7 @@ async def test_a_route_whose_upstreams_are_all_down_defers_without_connecting_or
                 return any((r.last_error or "").startswith("451 4.4.1 upstream a is down (next probe in ")
                            for r in await queue_rows(h))
 
-            await until(single_down, what="the single upstream's deferral")
+            await wait_until(single_down, what="the single upstream's deferral")
             assert (a.connections, b.connections) == (1, 1)
             assert h.sink.messages == []
 
@@ -224,15 +212,15 @@ async def test_a_refused_sender_is_not_the_providers_failure_but_a_refused_login
                 return [r.last_error or "" for r in rows] if len(rows) == count and all(
                     r.attempts for r in rows) else None
 
-            await until(lambda: replies(1), what="the refused login")
+            await wait_until(lambda: replies(1), what="the refused login")
             # one refused login (down_after = 1) and the provider is down: no more connections
             await send_many(h, locked_key, 1)
-            await until(lambda: replies(2), what="the next message to the locked provider")
+            await wait_until(lambda: replies(2), what="the next message to the locked provider")
             assert (await replies(2))[1].startswith("451 4.4.1 upstream locked is down (next probe in ")
             assert locked.handler.connections == 1
             # a provider refusing the sender keeps being used: the session itself worked
             await send_many(h, await h.key("alice@example.com", route="picky"), 2)
-            await until(lambda: replies(4), what="both messages to the picky provider")
+            await wait_until(lambda: replies(4), what="both messages to the picky provider")
             refusals = [r.split(": ")[0] for r in (await replies(4))[2:]]
             assert refusals == ["451 4.4.0 picky refused MAIL FROM"] * 2
             picky_state, locked_state = state_of(h, "picky"), state_of(h, "locked")

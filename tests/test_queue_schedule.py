@@ -70,7 +70,7 @@ async def test_the_scheduler_stops_when_cancelled_as_a_timer_wakes_it():
     for spins in range(6):
         scheduler = Scheduler(deliver, lambda lane: 1)
         runner = asyncio.create_task(scheduler.run())
-        await asyncio.sleep(0.01)  # waiting for its wake-up
+        await asyncio.sleep(0)  # it runs to its wait for a wake-up
         scheduler.later(time.time() + 60, f"m{spins}", "sink")  # sets the wake-up event
         for _ in range(spins):
             await asyncio.sleep(0)

@@ -110,6 +110,15 @@ class Service:
     def log(self) -> str:
         return (self.folder / "relay.log").read_text()
 
+    async def still_sending(self, session: aiosmtplib.SMTP) -> None:
+        """`session` (opened earlier) and a new one each send a message that arrives."""
+        await session.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+        fresh = await logged_in(self.port, self.folder, self.secret)
+        await fresh.sendmail("alice@example.com", ["carol@example.net"], MESSAGE)
+        await self.sink.wait_for(2)
+        await session.quit()
+        await fresh.quit()
+
 
 @contextlib.asynccontextmanager
 async def service(folder: Path, **options):
@@ -200,12 +209,7 @@ async def test_a_broken_config_on_sighup_changes_nothing(tmp_path, breakage):
         assert len(refusals) == 1 and "running configuration stays in force" in refusals[0]
         # the old configuration is in force: same certificate, same upstream, session alive
         assert serial_seen(relay.implicit, tmp_path) == serial
-        await session.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
-        fresh = await logged_in(relay.port, tmp_path, relay.secret)
-        await fresh.sendmail("alice@example.com", ["carol@example.net"], MESSAGE)
-        await relay.sink.wait_for(2)
-        await session.quit()
-        await fresh.quit()
+        await relay.still_sending(session)
 
 
 async def test_sigterm_lets_a_message_in_data_finish_and_refuses_the_rest(tmp_path):

@@ -14,21 +14,9 @@ from keystore.models import Identity
 from keystore.store import KeyStore
 from relay.auth import Authenticator, FailureLimiter
 from tests.support.procs import keystore_cli
+from tests.support.refusals import mail_refused_within, refused_within
 
 MESSAGE = b"From: alice@example.com\r\n\r\nhi\r\n"
-
-
-async def refused_within(client, seconds: float) -> tuple[int, str, float]:
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        try:
-            await client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
-        except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPDataError) as exc:
-            # at MAIL FROM (535, from the cached recheck) or, when the change lands while
-            # the message is sent, at the end of DATA (554, which asks the keystore itself)
-            return exc.code, exc.message, time.monotonic() - started
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"still sending {seconds}s after the CLI command")
 
 
 @pytest.mark.parametrize(
@@ -63,19 +51,6 @@ async def test_expiry_during_an_open_session(h):
     code, message, _ = await refused_within(client, 1.0)
     assert code in (535, 554) and "this auth key has expired" in message
     client.close()
-
-
-async def mail_refused_within(client, seconds: float) -> tuple[int, str]:
-    """MAIL FROM (then RSET) until the relay refuses it: the check at MAIL itself."""
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        try:
-            await client.mail("alice@example.com")
-        except aiosmtplib.SMTPSenderRefused as exc:
-            return exc.code, exc.message
-        await client.rset()
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"MAIL FROM still accepted {seconds}s later")
 
 
 async def test_rotation_without_grace_ends_sessions_on_the_old_secret(relay_with):

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 
-async def wait_until(check: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
-    """Until `check()` holds, looking every 10 ms; AssertionError naming `what` after `timeout` s."""
+async def wait_until(check: Callable[[], object | Awaitable[object]], timeout: float = 5.0,
+                     what: str = "condition") -> None:
+    """Until `check()` holds, looking every 10 ms; AssertionError naming `what` after
+    `timeout` s. `check` may be a coroutine function (one that reads the spool)."""
     deadline = time.monotonic() + timeout
-    while not check():
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
