@@ -11,6 +11,10 @@ Format: ``rak_<id>_<secret><check>``
 Keys are random, so a slow password hash buys nothing: we store
 HMAC-SHA256(pepper, id ":" secret). The pepper lives in a separate 0600 file, so a stolen
 database alone cannot be used to test guesses.
+
+Admin tokens (`keystore admin-token`, the HTTP API and console) have the same shape with
+their own prefix, ``rat_`` ("relay admin token"), so neither can be mistaken for the other
+by a person, a secret scanner or the parser.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from keystore.secretfile import secret_file_problem
 
 __all__ = [
     "KEY_PREFIX",
+    "TOKEN_PREFIX",
     "ParsedKey",
     "PepperError",
     "create_pepper",
@@ -41,16 +46,21 @@ __all__ = [
 ]
 
 KEY_PREFIX = "rak_"
+TOKEN_PREFIX = "rat_"  # noqa: S105 (a prefix, not a secret)
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 _ID_LEN, _SECRET_LEN, _CHECK_LEN = 12, 43, 6
-_KEY_RE = re.compile(
-    rf"^{KEY_PREFIX}([a-z2-7]{{{_ID_LEN}}})_([0-9A-Za-z]{{{_SECRET_LEN}}})([0-9A-Za-z]{{{_CHECK_LEN}}})$"
-)
+_KEY_RES = {
+    prefix: re.compile(
+        rf"^{prefix}([a-z2-7]{{{_ID_LEN}}})_([0-9A-Za-z]{{{_SECRET_LEN}}})([0-9A-Za-z]{{{_CHECK_LEN}}})$"
+    )
+    for prefix in (KEY_PREFIX, TOKEN_PREFIX)
+}
 _ID_RE = re.compile(rf"^[a-z2-7]{{{_ID_LEN}}}$")
 # Anything that looks like a key, even mistyped, upper-cased (aiosmtpd upper-cases command
 # words it logs) or cut short: the prefix, an id-like word, then the secret part to hide.
-_KEYLIKE_RE = re.compile(rf"({KEY_PREFIX}[0-9A-Za-z]{{0,64}}_)[0-9A-Za-z]+", re.IGNORECASE)
+_KEYLIKE_RE = re.compile(rf"((?:{KEY_PREFIX}|{TOKEN_PREFIX})[0-9A-Za-z]{{0,64}}_)[0-9A-Za-z]+",
+                         re.IGNORECASE)
 
 
 class PepperError(Exception):
@@ -86,24 +96,25 @@ def generate_secret() -> str:
     return _base62(secrets.randbits(256), _SECRET_LEN)
 
 
-def format_key(key_id: str, secret: str) -> str:
-    body = f"{KEY_PREFIX}{key_id}_{secret}"
+def format_key(key_id: str, secret: str, prefix: str = KEY_PREFIX) -> str:
+    body = f"{prefix}{key_id}_{secret}"
     return body + _checksum(body)
 
 
-def generate_key(key_id: str | None = None) -> tuple[str, str]:
-    """Return (full key string, secret part) for a new or rotated key."""
+def generate_key(key_id: str | None = None, prefix: str = KEY_PREFIX) -> tuple[str, str]:
+    """Return (full key string, secret part) for a new or rotated key (or admin token)."""
     secret = generate_secret()
-    return format_key(key_id or generate_key_id(), secret), secret
+    return format_key(key_id or generate_key_id(), secret, prefix), secret
 
 
 def is_key_id(text: str) -> bool:
     return bool(_ID_RE.match(text))
 
 
-def parse_key(text: str) -> ParsedKey | None:
-    """Split a presented key; None for anything malformed or with a bad checksum."""
-    match = _KEY_RE.match(text)
+def parse_key(text: str, prefix: str = KEY_PREFIX) -> ParsedKey | None:
+    """Split a presented key (or admin token, by its prefix); None for anything malformed
+    or with a bad checksum."""
+    match = _KEY_RES[prefix].match(text)
     if not match:
         return None
     body = text[: -_CHECK_LEN]

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "PERMISSIONS",
+    "ROLES",
+    "AdminToken",
     "AuditEvent",
     "AuthKey",
     "Identity",
@@ -17,6 +19,9 @@ __all__ = [
 ]
 
 PERMISSIONS = ("email.send", "email.receive", "mailbox.read", "mailbox.settings.update")
+# Admin token roles, weakest first: a viewer reads; an editor manages keys and mailboxes of
+# its workspaces; an owner does everything, tokens included (keystore/service.py decides).
+ROLES = ("viewer", "editor", "owner")
 
 
 def canonical_address(address: str) -> str:
@@ -103,6 +108,11 @@ class AuthKey:
     route: str | None
     rate_limit: int | None = None
     allow_from: tuple[str, ...] = ()  # client networks (CIDR); empty: from anywhere
+    # the last login with the right secret that was refused (revoked, disabled, from
+    # outside allow_from, ...): when, from where, and the Reason's value
+    last_failed: float | None = None
+    last_failed_ip: str | None = None
+    last_failed_reason: str | None = None
 
     @property
     def scope(self) -> str:
@@ -118,3 +128,20 @@ class AuditEvent:
     key_id: str | None
     mailbox: str | None
     detail: str | None
+    workspace: str | None = None  # None: an entry older than the admin console (schema 4)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminToken:
+    """An admin token (`keystore admin-token`, the HTTP API and console); never its secret."""
+
+    id: str
+    name: str
+    role: str  # one of ROLES
+    workspaces: tuple[str, ...]  # empty: every workspace (owners always)
+    status: str  # active | revoked
+    created: float
+    created_by: str
+    last_used: float | None
+    last_ip: str | None
+    revoked_at: float | None

@@ -84,6 +84,31 @@ MIGRATIONS: list[str] = [
     ALTER TABLE workspace ADD COLUMN suspended_reason TEXT;
     ALTER TABLE workspace ADD COLUMN suspended_at REAL;
     """,
+    # 4: the admin console (issue 11): a key's last failed use (the right secret refused,
+    # e.g. from outside its allow-from); the workspace of each audit entry, so a token
+    # limited to some workspaces sees their trail only (NULL for older entries: owners
+    # only); admin tokens with roles, hashed like keys
+    """
+    ALTER TABLE auth_key ADD COLUMN last_failed REAL;
+    ALTER TABLE auth_key ADD COLUMN last_failed_ip TEXT;
+    ALTER TABLE auth_key ADD COLUMN last_failed_reason TEXT;
+    ALTER TABLE audit ADD COLUMN workspace TEXT;
+    CREATE INDEX audit_workspace ON audit(workspace, id);
+    CREATE INDEX audit_key ON audit(key_id);
+    CREATE TABLE admin_token (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('viewer', 'editor', 'owner')),
+        workspaces TEXT,
+        secret_hash BLOB NOT NULL,
+        status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'revoked')),
+        created REAL NOT NULL,
+        created_by TEXT NOT NULL,
+        last_used REAL,
+        last_ip TEXT,
+        revoked_at REAL
+    );
+    """,
 ]
 
 

@@ -24,7 +24,7 @@ import hmac
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -34,6 +34,8 @@ from keystore import keys, networks
 from keystore.db import open_database, open_reader
 from keystore.models import (
     PERMISSIONS,
+    ROLES,
+    AdminToken,
     AuditEvent,
     AuthKey,
     Identity,
@@ -43,16 +45,31 @@ from keystore.models import (
     canonical_address,
 )
 
-__all__ = ["KeyStore", "KeystoreUnavailable", "StoreError", "normalize_address"]
+__all__ = ["Conflict", "KeyStore", "KeystoreUnavailable", "NotFound", "StoreError", "normalize_address"]
 
 _ADDRESS_RE = re.compile(r"^[^\s@<>()\[\],;:\"\\]+@[A-Za-z0-9.-]+\.?[A-Za-z0-9-]*$")
 _DUMMY_HASH = bytes(32)
 USE_FLUSH_DELAY = 1.0  # seconds a key's last use may take to reach the database
 _KEY_STATUSES = ("active", "disabled", "revoked")
+# What `update_key` may change (a key's name stays as created: it is how people find it in
+# the audit trail); a value of None clears the setting.
+KEY_SETTINGS = ("route", "rate_limit", "expires", "owner", "note", "allow_from")
+TOKEN_USE_WRITE_INTERVAL = 60.0  # seconds between writes of one admin token's last use
 
 
 class StoreError(Exception):
-    """An operation the keystore refuses (unknown mailbox, duplicate, revoked key, ...)."""
+    """An operation the keystore refuses: bad input (an invalid address, a rate limit of 0,
+    ...); the subclasses say when it is something else. The CLI exits 1 on any of them,
+    the HTTP API answers 400, 404 or 409."""
+
+
+class NotFound(StoreError):
+    """The workspace, mailbox, key or token named does not exist."""
+
+
+class Conflict(StoreError):
+    """The request is valid but the record's state refuses it (already revoked, already
+    suspended, an address in use, a key limit reached, ...)."""
 
 
 class KeystoreUnavailable(Exception):
@@ -83,7 +100,7 @@ LEFT JOIN workspace w ON w.id = m.workspace_id
 _KEY_SQL = """
 SELECT k.id, k.name, k.owner, k.note, w.name, m.address, k.permissions, k.status, k.created,
        k.expires, k.rotated, k.prev_valid_until, k.last_used, k.last_ip, k.route, k.rate_limit,
-       k.allow_from
+       k.allow_from, k.last_failed, k.last_failed_ip, k.last_failed_reason
 FROM auth_key k JOIN workspace w ON w.id = k.workspace_id
 LEFT JOIN mailbox m ON m.id = k.mailbox_id
 """
@@ -111,6 +128,7 @@ class KeyStore:
         self._default_key_limit = default_key_limit
         self._write_lock = asyncio.Lock()
         self._uses: dict[str, tuple[float, str]] = {}
+        self._failures: dict[str, tuple[float, str, str]] = {}
         self._use_flusher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -191,6 +209,10 @@ class KeyStore:
         outcome = self._judge(row, now, presented, client_ip)
         if isinstance(outcome, Identity):
             self._remember_use(parsed.key_id, now, client_ip)
+        elif outcome is not Reason.BAD_CREDENTIALS:
+            # the right secret, refused (revoked, from outside its allow-from, ...): the
+            # key's owner sees it as the key's last failed use
+            self._remember_use(parsed.key_id, now, client_ip, failed=outcome)
         return outcome
 
     async def recheck(self, identity: Identity) -> Identity | Reason:
@@ -241,11 +263,16 @@ class KeyStore:
             client_ip=client_ip,
         )
 
-    def _remember_use(self, key_id: str, now: float, client_ip: str) -> None:
+    def _remember_use(
+        self, key_id: str, now: float, client_ip: str, failed: Reason | None = None,
+    ) -> None:
         """Last use is bookkeeping, not part of the decision: logins only note it, and one
         write per USE_FLUSH_DELAY records them all, so a login is a single read. Reads of
         key records through this store flush first; other processes see it that much later."""
-        self._uses[key_id] = (now, client_ip)
+        if failed is None:
+            self._uses[key_id] = (now, client_ip)
+        else:
+            self._failures[key_id] = (now, client_ip, failed.value)
         if self._use_flusher is None:
             self._use_flusher = asyncio.ensure_future(self._flush_uses_later())
 
@@ -258,12 +285,18 @@ class KeyStore:
 
     async def flush_uses(self) -> None:
         uses, self._uses = self._uses, {}
-        if not uses:
+        failures, self._failures = self._failures, {}
+        if not uses and not failures:
             return
         try:
             await self._conn.executemany(
                 "UPDATE auth_key SET last_used = ?, last_ip = ? WHERE id = ?",
                 [(when, ip, key_id) for key_id, (when, ip) in uses.items()],
+            )
+            await self._conn.executemany(
+                "UPDATE auth_key SET last_failed = ?, last_failed_ip = ?, last_failed_reason = ? "
+                "WHERE id = ?",
+                [(when, ip, reason, key_id) for key_id, (when, ip, reason) in failures.items()],
             )
         except (sqlite3.Error, ValueError):
             pass  # last-use bookkeeping must never turn a valid login into a failure
@@ -275,7 +308,7 @@ class KeyStore:
         if rows:
             return rows[0][0]
         if not create:
-            raise StoreError(f"unknown workspace: {name}")
+            raise NotFound(f"unknown workspace: {name}")
         cursor = await conn.execute(
             "INSERT INTO workspace (name, key_limit, created) VALUES (?, ?, ?)",
             (name, self._default_key_limit, time.time()),
@@ -287,7 +320,7 @@ class KeyStore:
             "SELECT id FROM mailbox WHERE address = ?", (normalize_address(address),)
         )
         if not rows:
-            raise StoreError(f"unknown mailbox: {address}")
+            raise NotFound(f"unknown mailbox: {address}")
         return rows[0][0]
 
     async def add_mailbox(
@@ -307,7 +340,7 @@ class KeyStore:
                 (address, *alias_list) * 2,
             )
             if taken:
-                raise StoreError(f"address already in use: {taken[0][0]}")
+                raise Conflict(f"address already in use: {taken[0][0]}")
             ws_id = await self._workspace_id(conn, workspace, create=True)
             cursor = await conn.execute(
                 "INSERT INTO mailbox (address, workspace_id, route, created) VALUES (?, ?, ?, ?)",
@@ -324,7 +357,7 @@ class KeyStore:
     async def get_mailbox(self, address: str) -> Mailbox:
         rows = await self._rows(_MAILBOX_SQL + " WHERE m.address = ?", (normalize_address(address),))
         if not rows:
-            raise StoreError(f"unknown mailbox: {address}")
+            raise NotFound(f"unknown mailbox: {address}")
         return _mailbox(rows[0])
 
     async def list_mailboxes(self, workspace: str | None = None) -> list[Mailbox]:
@@ -348,7 +381,7 @@ class KeyStore:
             mailbox_id = await self._mailbox_id(conn, address)
             rows = await conn.execute_fetchall("SELECT status FROM mailbox WHERE id = ?", (mailbox_id,))
             if rows[0][0] == status:
-                raise StoreError(f"mailbox {address} is already {status}")
+                raise Conflict(f"mailbox {address} is already {status}")
             await conn.execute(
                 "UPDATE mailbox SET status = ?, suspended_reason = ?, suspended_at = ? WHERE id = ?",
                 (status, reason, time.time() if status == "suspended" else None, mailbox_id),
@@ -362,19 +395,22 @@ class KeyStore:
         address = normalize_address(address)
         async with self._transaction() as conn:
             mailbox_id = await self._mailbox_id(conn, address)
+            (workspace,), = await conn.execute_fetchall(
+                "SELECT w.name FROM mailbox m JOIN workspace w ON w.id = m.workspace_id "
+                "WHERE m.id = ?", (mailbox_id,))
             key_ids = [r[0] for r in await conn.execute_fetchall(
                 "SELECT id FROM auth_key WHERE mailbox_id = ?", (mailbox_id,))]
             if key_ids and not force:
-                raise StoreError(
+                raise Conflict(
                     f"mailbox {address} has {len(key_ids)} key(s); "
                     "revoke or delete them, or pass --force to delete them with it"
                 )
             for key_id in key_ids:
                 await conn.execute("DELETE FROM auth_key WHERE id = ?", (key_id,))
                 await self._audit(conn, actor, "key.delete", key_id=key_id, mailbox=address,
-                                  detail="with its mailbox")
+                                  detail="with its mailbox", workspace=workspace)
             await conn.execute("DELETE FROM mailbox WHERE id = ?", (mailbox_id,))
-            await self._audit(conn, actor, "mailbox.remove", mailbox=address)
+            await self._audit(conn, actor, "mailbox.remove", mailbox=address, workspace=workspace)
         return len(key_ids)
 
     # ------------------------------------------------------------------ keys
@@ -437,12 +473,12 @@ class KeyStore:
         (ws_name, ws_status), = await conn.execute_fetchall(
             "SELECT name, status FROM workspace WHERE id = ?", (ws_id,))
         if ws_status == "suspended":
-            raise StoreError(f"workspace {ws_name} is suspended; resume it before creating keys in it")
+            raise Conflict(f"workspace {ws_name} is suspended; resume it before creating keys in it")
         if mailbox_id is not None:
             (address, status), = await conn.execute_fetchall(
                 "SELECT address, status FROM mailbox WHERE id = ?", (mailbox_id,))
             if status == "suspended":
-                raise StoreError(f"mailbox {address} is suspended; resume it before creating keys for it")
+                raise Conflict(f"mailbox {address} is suspended; resume it before creating keys for it")
 
     async def _check_key_limit(self, conn: aiosqlite.Connection, ws_id: int) -> None:
         rows = await conn.execute_fetchall(
@@ -453,7 +489,7 @@ class KeyStore:
         )
         name, limit, active = rows[0]
         if active >= limit:
-            raise StoreError(
+            raise Conflict(
                 f"workspace {name} already has {active} active keys (limit {limit}); "
                 "revoke unused keys or raise the limit"
             )
@@ -461,23 +497,42 @@ class KeyStore:
     async def _key(self, conn: aiosqlite.Connection, key_id: str) -> AuthKey:
         rows = await conn.execute_fetchall(_KEY_SQL + " WHERE k.id = ?", (key_id,))
         if not rows:
-            raise StoreError(f"unknown key: {key_id}")
+            raise NotFound(f"unknown key: {key_id}")
         return _auth_key(rows[0])
 
     async def get_key(self, key_id: str) -> AuthKey:
         await self.flush_uses()
         rows = await self._rows(_KEY_SQL + " WHERE k.id = ?", (key_id,))
         if not rows:
-            raise StoreError(f"unknown key: {key_id}")
+            raise NotFound(f"unknown key: {key_id}")
         return _auth_key(rows[0])
 
     async def list_keys(
         self, *, mailbox: str | None = None, workspace: str | None = None,
-        search: str | None = None, status: str | None = None,
+        search: str | None = None, status: str | None = None, owner: str | None = None,
+        unused_for: float | None = None, not_rotated_for: float | None = None,
+        workspaces: Iterable[str] | None = None,
     ) -> list[AuthKey]:
         """Keys matching every filter given. `mailbox`: every key able to log in as it,
-        its own and its workspace's (workspace keys have `mailbox` None, scope workspace:W)."""
+        its own and its workspace's (workspace keys have `mailbox` None, scope workspace:W).
+        `unused_for` / `not_rotated_for` (seconds): active keys not used (or not rotated)
+        for that long, counting from their creation when never; `workspaces`: only keys
+        of these (a limited token's view)."""
         clauses, params = [], []
+        now = time.time()
+        if workspaces is not None:
+            names = list(workspaces)
+            clauses.append(f"w.name IN ({','.join('?' * len(names))})" if names else "0")
+            params.extend(names)
+        if owner is not None:
+            clauses.append("lower(k.owner) = lower(?)")
+            params.append(owner.strip())
+        if unused_for is not None:
+            clauses.append("k.status = 'active' AND coalesce(k.last_used, k.created) <= ?")
+            params.append(now - unused_for)
+        if not_rotated_for is not None:
+            clauses.append("k.status = 'active' AND coalesce(k.rotated, k.created) <= ?")
+            params.append(now - not_rotated_for)
         if mailbox is not None:
             clauses.append(
                 "(m.address = ? OR (k.mailbox_id IS NULL AND k.workspace_id = "
@@ -505,6 +560,84 @@ class KeyStore:
         rows = await self._rows(_KEY_SQL + where + " ORDER BY k.created, k.id", params)
         return [_auth_key(r) for r in rows]
 
+    async def update_key(self, key_id: str, changes: Mapping[str, object], *, actor: str) -> AuthKey:
+        """Change a key's settings (KEY_SETTINGS; None clears one). Open sessions follow at
+        their next MAIL FROM (a narrower allow-from ends those outside it). A revoked key
+        cannot change: it will never log in again."""
+        unknown = sorted(set(changes) - set(KEY_SETTINGS))
+        if unknown:
+            raise StoreError(f"a key's {unknown[0]} cannot be changed (can: {', '.join(KEY_SETTINGS)})")
+        if not changes:
+            raise StoreError("nothing to change (give at least one of: " + ", ".join(KEY_SETTINGS) + ")")
+        values: dict[str, object] = {}
+        for name, value in changes.items():
+            if name == "rate_limit" and value is not None and (not isinstance(value, int) or value < 1):
+                raise StoreError("a rate limit is a number of messages per minute, at least 1")
+            if name == "expires" and value is not None and float(value) <= time.time():
+                raise StoreError("expiry is in the past")
+            if name in ("owner", "note", "route") and value is not None:
+                value = str(value).strip() or None
+            if name == "allow_from" and value is not None:
+                try:
+                    value = networks.canonical_networks(value)  # type: ignore[arg-type]
+                except ValueError as exc:
+                    raise StoreError(str(exc)) from None
+            values[name] = value
+        async with self._transaction() as conn:
+            record = await self._key(conn, key_id)
+            if record.status == "revoked":
+                raise Conflict(f"key {key_id} is revoked; a revoked key cannot be changed")
+            await conn.execute(
+                "UPDATE auth_key SET " + ", ".join(f"{name} = ?" for name in values) + " WHERE id = ?",
+                (*values.values(), key_id),
+            )
+            updated = await self._key(conn, key_id)
+            await self._audit(conn, actor, "key.update", key_id=key_id, mailbox=record.mailbox,
+                              detail=" ".join(f"{name}={_audit_value(getattr(updated, name))}"
+                                              for name in values))
+            return updated
+
+    async def revoke_keys(
+        self, *, actor: str, owner: str | None = None, mailbox: str | None = None,
+        workspaces: Iterable[str] | None = None,
+    ) -> list[AuthKey]:
+        """Revoke, in one transaction, every key not yet revoked of one owner (a contractor
+        leaves) or scoped to one mailbox (its workspace's keys are left: they serve other
+        mailboxes too), limited to `workspaces` when given. NotFound when there is none."""
+        if (owner is None) == (mailbox is None):
+            raise StoreError("revoke by exactly one of: owner, mailbox")
+        if owner is not None and not owner.strip():
+            raise StoreError("an owner to revoke the keys of must not be empty")
+        clauses = ["k.status != 'revoked'"]
+        params: list[object] = []
+        if owner is not None:
+            clauses.append("lower(k.owner) = lower(?)")
+            params.append(owner.strip())
+            what = f"owner {owner.strip()!r}"
+        else:
+            clauses.append("m.address = ?")
+            params.append(normalize_address(mailbox))
+            what = f"mailbox {normalize_address(mailbox)}"
+        if workspaces is not None:
+            names = list(workspaces)
+            clauses.append(f"w.name IN ({','.join('?' * len(names))})" if names else "0")
+            params.extend(names)
+        async with self._transaction() as conn:
+            rows = await conn.execute_fetchall(_KEY_SQL + " WHERE " + " AND ".join(clauses), params)
+            if not rows:
+                if mailbox is not None:
+                    await self._mailbox_id(conn, mailbox)  # NotFound for an unknown mailbox
+                raise NotFound(f"no keys to revoke for {what} (none, or all revoked already)")
+            revoked = []
+            for row in rows:
+                key_id = row[0]
+                await conn.execute(
+                    "UPDATE auth_key SET status = 'revoked', prev_hash = NULL WHERE id = ?", (key_id,))
+                await self._audit(conn, actor, "key.revoke", key_id=key_id, mailbox=row[5],
+                                  detail=f"with every key of {what}")
+                revoked.append(await self._key(conn, key_id))
+            return revoked
+
     async def disable_key(self, key_id: str, *, actor: str) -> AuthKey:
         return await self._set_key_status(key_id, "disabled", actor)
 
@@ -518,9 +651,9 @@ class KeyStore:
         async with self._transaction() as conn:
             record = await self._key(conn, key_id)
             if record.status == "revoked":
-                raise StoreError(f"key {key_id} is revoked; revocation is permanent")
+                raise Conflict(f"key {key_id} is revoked; revocation is permanent")
             if record.status == status:
-                raise StoreError(f"key {key_id} is already {status}")
+                raise Conflict(f"key {key_id} is already {status}")
             if status == "active":
                 ws = await conn.execute_fetchall(
                     "SELECT workspace_id FROM auth_key WHERE id = ?", (key_id,))
@@ -540,7 +673,7 @@ class KeyStore:
         async with self._transaction() as conn:
             record = await self._key(conn, key_id)
             if record.status == "revoked":
-                raise StoreError(f"key {key_id} is revoked and cannot be rotated")
+                raise Conflict(f"key {key_id} is revoked and cannot be rotated")
             full, secret = keys.generate_key(key_id)
             now = time.time()
             await conn.execute(
@@ -561,7 +694,7 @@ class KeyStore:
             record = await self._key(conn, key_id)
             now = time.time()
             if record.previous_valid_until is None or record.previous_valid_until <= now:
-                raise StoreError(f"key {key_id} has no rotation grace running: its previous secret "
+                raise Conflict(f"key {key_id} has no rotation grace running: its previous secret "
                                  "already does not work")
             await conn.execute("UPDATE auth_key SET prev_hash = NULL, prev_valid_until = NULL WHERE id = ?",
                                (key_id,))
@@ -574,7 +707,7 @@ class KeyStore:
             record = await self._key(conn, key_id)
             await conn.execute("DELETE FROM auth_key WHERE id = ?", (key_id,))
             await self._audit(conn, actor, "key.delete", key_id=key_id, mailbox=record.mailbox,
-                              detail=f"name={record.name!r}")
+                              detail=f"name={record.name!r}", workspace=record.workspace)
         return record
 
     async def routes_in_use(self) -> dict[str, list[str]]:
@@ -622,13 +755,13 @@ class KeyStore:
                 "mailbox_id IS NOT NULL), (SELECT count(*) FROM auth_key WHERE workspace_id = ?1 "
                 "AND mailbox_id IS NULL) FROM workspace WHERE id = ?1", (ws_id,))
             if current == status:
-                raise StoreError(f"workspace {name} is already {status}")
+                raise Conflict(f"workspace {name} is already {status}")
             await conn.execute(
                 "UPDATE workspace SET status = ?, suspended_reason = ?, suspended_at = ? WHERE id = ?",
                 (status, reason, time.time() if status == "suspended" else None, ws_id),
             )
             action = "workspace.suspend" if status == "suspended" else "workspace.resume"
-            await self._audit(conn, actor, action,
+            await self._audit(conn, actor, action, workspace=name,
                               detail=name + (f" reason={reason}" if reason else ""))
         return mailbox_keys, workspace_keys
 
@@ -638,23 +771,117 @@ class KeyStore:
         async with self._transaction() as conn:
             ws_id = await self._workspace_id(conn, workspace, create=False)
             await conn.execute("UPDATE workspace SET key_limit = ? WHERE id = ?", (limit, ws_id))
-            await self._audit(conn, actor, "workspace.limit", detail=f"{workspace} key_limit={limit}")
+            await self._audit(conn, actor, "workspace.limit", workspace=workspace,
+                              detail=f"{workspace} key_limit={limit}")
+
+    # ---------------------------------------------------------- admin tokens
+
+    async def create_token(
+        self, *, name: str, role: str, workspaces: Iterable[str] = (), actor: str,
+    ) -> tuple[AdminToken, str]:
+        """A new admin token; returns the record and the full token, shown this once."""
+        if not name.strip():
+            raise StoreError("an admin token needs a name saying who or what uses it")
+        if role not in ROLES:
+            raise StoreError(f"unknown role {role!r} (use {', '.join(ROLES)})")
+        names = sorted({w.strip() for w in workspaces})
+        if role == "owner" and names:
+            raise StoreError("an owner token covers every workspace; give --workspace to viewers "
+                             "and editors only")
+        token_id = keys.generate_key_id()
+        full, secret = keys.generate_key(token_id, keys.TOKEN_PREFIX)
+        async with self._transaction() as conn:
+            for workspace in names:
+                await self._workspace_id(conn, workspace, create=False)
+            await conn.execute(
+                "INSERT INTO admin_token (id, name, role, workspaces, secret_hash, created, created_by) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (token_id, name.strip(), role, " ".join(names) or None,
+                 _token_hash(self._pepper, token_id, secret), time.time(), actor),
+            )
+            await self._audit(conn, actor, "token.create",
+                              detail=f"{token_id} name={name.strip()!r} role={role}"
+                                     + (f" workspaces={','.join(names)}" if names else ""))
+            return await self._token(conn, token_id), full
+
+    async def _token(self, conn: aiosqlite.Connection, token_id: str) -> AdminToken:
+        rows = await conn.execute_fetchall(_ADMIN_ROW_SQL + " WHERE id = ?", (token_id,))
+        if not rows:
+            raise NotFound(f"unknown admin token: {token_id}")
+        return _admin_token(rows[0])
+
+    async def get_token(self, token_id: str) -> AdminToken:
+        rows = await self._rows(_ADMIN_ROW_SQL + " WHERE id = ?", (token_id,))
+        if not rows:
+            raise NotFound(f"unknown admin token: {token_id}")
+        return _admin_token(rows[0])
+
+    async def list_tokens(self) -> list[AdminToken]:
+        return [_admin_token(r) for r in await self._rows(_ADMIN_ROW_SQL + " ORDER BY created, id")]
+
+    async def revoke_token(self, token_id: str, *, actor: str) -> AdminToken:
+        async with self._transaction() as conn:
+            record = await self._token(conn, token_id)
+            if record.status == "revoked":
+                raise Conflict(f"admin token {token_id} is already revoked")
+            await conn.execute("UPDATE admin_token SET status = 'revoked', revoked_at = ? WHERE id = ?",
+                               (time.time(), token_id))
+            await self._audit(conn, actor, "token.revoke", detail=f"{token_id} name={record.name!r}")
+            return await self._token(conn, token_id)
+
+    async def verify_token(self, presented: str, client_ip: str) -> AdminToken | None:
+        """The active token `presented` is, or None. As `authenticate`: one read that
+        always returns a row and a constant-time comparison, so an unknown id and a wrong
+        secret cost the same."""
+        parsed = keys.parse_key(presented, keys.TOKEN_PREFIX)
+        if parsed is None:
+            return None
+        (row,) = await self._rows(
+            "SELECT t.id, t.secret_hash, t.status, t.last_used FROM (SELECT ? AS tid) q "
+            "LEFT JOIN admin_token t ON t.id = q.tid", (parsed.key_id,), conn=self._reader)
+        matches = hmac.compare_digest(_token_hash(self._pepper, parsed.key_id, parsed.secret),
+                                      row[1] or _DUMMY_HASH)
+        if not matches or row[0] is None or row[2] != "active":
+            return None
+        now = time.time()
+        if row[3] is None or now - row[3] >= TOKEN_USE_WRITE_INTERVAL:
+            try:
+                async with self._transaction() as conn:
+                    await conn.execute("UPDATE admin_token SET last_used = ?, last_ip = ? WHERE id = ?",
+                                       (now, client_ip, row[0]))
+            except KeystoreUnavailable:
+                pass  # bookkeeping must not refuse a valid token
+        return await self.get_token(row[0])
 
     # ----------------------------------------------------------------- audit
 
     async def _audit(
         self, conn: aiosqlite.Connection, actor: str, action: str, *,
         key_id: str | None = None, mailbox: str | None = None, detail: str | None = None,
+        workspace: str | None = None,
     ) -> None:
+        """One audit entry, in the caller's transaction. Its workspace (what a token limited
+        to some workspaces may read) is the one given, else the key's, else the mailbox's."""
         await conn.execute(
-            "INSERT INTO audit (at, actor, action, key_id, mailbox, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (time.time(), actor, action, key_id, mailbox, detail),
+            "INSERT INTO audit (at, actor, action, key_id, mailbox, detail, workspace) "
+            "VALUES (?, ?, ?, ?, ?, ?, coalesce(?, "
+            "(SELECT w.name FROM auth_key k JOIN workspace w ON w.id = k.workspace_id WHERE k.id = ?), "
+            "(SELECT w.name FROM mailbox m JOIN workspace w ON w.id = m.workspace_id "
+            "WHERE m.address = ?)))",
+            (time.time(), actor, action, key_id, mailbox, detail, workspace, key_id, mailbox),
         )
 
     async def audit_events(
         self, *, key_id: str | None = None, mailbox: str | None = None, since: float | None = None,
+        workspaces: Iterable[str] | None = None, limit: int | None = None,
     ) -> list[AuditEvent]:
+        """Entries matching every filter, oldest first; `workspaces`: only entries of
+        these (a limited token's view); `limit`: the newest `limit` of them."""
         clauses, params = [], []
+        if workspaces is not None:
+            names = list(workspaces)
+            clauses.append(f"workspace IN ({','.join('?' * len(names))})" if names else "0")
+            params.extend(names)
         if key_id is not None:
             clauses.append("key_id = ?")
             params.append(key_id)
@@ -665,12 +892,12 @@ class KeyStore:
             clauses.append("at >= ?")
             params.append(since)
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        rows = await self._rows(
-            "SELECT id, at, actor, action, key_id, mailbox, detail FROM audit" + where + " ORDER BY id",
-            params,
-        )
+        sql = "SELECT id, at, actor, action, key_id, mailbox, detail, workspace FROM audit" + where
+        if limit is not None:
+            sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT {int(limit)})"
+        rows = await self._rows(sql + " ORDER BY id", params)
         return [AuditEvent(id=r[0], at=r[1], actor=r[2], action=r[3], key_id=r[4], mailbox=r[5],
-                           detail=r[6]) for r in rows]
+                           detail=r[6], workspace=r[7]) for r in rows]
 
     async def backup(self, target: Path) -> None:
         """Online, consistent copy (VACUUM INTO reads one snapshot), created 0600."""
@@ -682,6 +909,35 @@ class KeyStore:
         except sqlite3.Error as exc:
             raise StoreError(f"backup failed: {exc}") from exc
         target.chmod(0o600)
+
+
+_ADMIN_ROW_SQL = """
+SELECT id, name, role, workspaces, status, created, created_by, last_used, last_ip, revoked_at
+FROM admin_token
+"""
+
+
+def _token_hash(pepper: bytes, token_id: str, secret: str) -> bytes:
+    """Keyed like a key's, in a namespace of its own: a token's hash never equals a key's."""
+    return keys.hash_secret(pepper, f"token:{token_id}", secret)
+
+
+def _admin_token(row: tuple) -> AdminToken:
+    return AdminToken(
+        id=row[0], name=row[1], role=row[2], workspaces=tuple(row[3].split()) if row[3] else (),
+        status=row[4], created=row[5], created_by=row[6], last_used=row[7], last_ip=row[8],
+        revoked_at=row[9],
+    )
+
+
+def _audit_value(value: object) -> str:
+    if value is None or value == ():
+        return "-"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def _secret_valid(row: tuple, presented: bytes, now: float) -> bool:
@@ -717,4 +973,5 @@ def _auth_key(row: tuple) -> AuthKey:
         permissions=tuple(row[6].split()), status=row[7], created=row[8], expires=row[9],
         rotated=row[10], previous_valid_until=row[11], last_used=row[12], last_ip=row[13],
         route=row[14], rate_limit=row[15], allow_from=tuple(row[16].split()) if row[16] else (),
+        last_failed=row[17], last_failed_ip=row[18], last_failed_reason=row[19],
     )
