@@ -344,6 +344,12 @@ async def _workspace_limit(store: KeyStore, args, config) -> int:
     return 0
 
 
+async def _serve(store: KeyStore, args, config) -> int:
+    from keystore.http import serve  # the HTTP stack loads only for this command
+
+    return await serve.run(store, config, listen=args.listen)
+
+
 async def _backup(store: KeyStore, args, config) -> int:
     await store.backup(Path(args.path))
     print(f"keystore copied to {args.path} (mode 0600)")
@@ -457,6 +463,10 @@ def _parser() -> argparse.ArgumentParser:
     p = ws.add_parser("resume", help="resume a suspended workspace")
     p.add_argument("workspace")
     p.set_defaults(handler=_workspace_resume)
+
+    p = commands.add_parser("serve", help="the admin HTTP API and web console ([admin] listen)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="instead of [admin] listen (port 0: any free)")
+    p.set_defaults(handler=_serve)
 
     p = commands.add_parser("backup", help="online, consistent copy of the keystore")
     p.add_argument("path")
