@@ -8,20 +8,8 @@ dual-stack socket) counts as its IPv4 address.
 
 from __future__ import annotations
 
-import ipaddress
+# It lives beside the failure throttle both the relay and the admin API use (the
+# keystore package cannot import the relay's).
+from keystore.throttle import client_network
 
 __all__ = ["client_network"]
-
-
-def client_network(host: str) -> str:
-    """"192.0.2.7" -> "192.0.2.7"; "2001:db8:1:2::5" -> "2001:db8:1:2::/64"; anything that
-    is not an IP address (a Unix socket's name) is its own unit."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
