@@ -18,9 +18,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keystore.http.site import is_loopback
 from keystore.secretfile import secret_file_problem
 
 __all__ = [
+    "AdminConfig",
     "AuthConfig",
     "Config",
     "HealthConfig",
@@ -209,6 +211,18 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AdminConfig:
+    """`keystore serve`: the admin HTTP API and console on `listen` (HOST:PORT); none if
+    unset. Plain HTTP on loopback, HTTPS with [tls]'s certificate anywhere else. A console
+    login lasts `session_ttl`; `public_host` is the SMTP host the console tells people to
+    put in their mail clients (default: [server] hostname)."""
+
+    listen: str | None = None
+    session_ttl: Duration = Duration(8 * 3600)
+    public_host: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class HealthConfig:
     """Provider health ([provider_health], relay/delivery/health.py): after `down_after`
     session-level failures in a row (connect, TLS, greeting, EHLO, STARTTLS, AUTH, a 421 at
@@ -240,6 +254,7 @@ class Config:
     dkim: tuple[DkimConfig, ...] = ()
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     provider_health: HealthConfig = field(default_factory=HealthConfig)
 
     @property
@@ -355,7 +370,7 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _check_operations(config: Config, source: Path, add: typing.Callable[[str], None]) -> None:
-    """[log], [metrics], [provider_health] and the shutdown grace."""
+    """[log], [metrics], [admin], [provider_health] and the shutdown grace."""
     if config.log.level.lower() not in _LOG_LEVELS:
         add(f"{source}: [log] level: expected one of {', '.join(_LOG_LEVELS)}, not {config.log.level!r}")
     if config.log.format not in ("text", "json"):
@@ -365,6 +380,17 @@ def _check_operations(config: Config, source: Path, add: typing.Callable[[str], 
             split_hostport(config.metrics.listen)
         except ValueError as exc:
             add(f"{source}: [metrics] listen {config.metrics.listen!r}: {exc}")
+    if config.admin.listen is not None:
+        try:
+            host, _ = split_hostport(config.admin.listen)
+        except ValueError as exc:
+            add(f"{source}: [admin] listen {config.admin.listen!r}: {exc}")
+        else:
+            if not is_loopback(host) and config.tls is None:
+                add(f"{source}: [admin] listen {config.admin.listen!r}: off loopback the console "
+                    "serves HTTPS and needs [tls]")
+    if config.admin.session_ttl <= 0:
+        add(f"{source}: [admin] session_ttl: longer than 0")
     health = config.provider_health
     if health.down_after < 1:
         add(f"{source}: [provider_health] down_after: at least 1")
