@@ -13,22 +13,31 @@ import getpass
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 
 from keystore.keys import PepperError
-from keystore.models import PERMISSIONS, AuthKey, Mailbox
+from keystore.models import PERMISSIONS, ROLES, AdminToken, AuthKey, Mailbox
+from keystore.service import Actor, AdminService
 from keystore.store import KeyStore, KeystoreUnavailable, StoreError
 from relay.config import ConfigError, load_config, parse_duration, resolve_config_path
 
 __all__ = ["main"]
 
 EXIT_REFUSED, EXIT_USAGE = 1, 2
+# `key list`'s FLAGS (the console's badges): no use for 30 days, no rotation for 90
+UNUSED_AFTER = 30 * 86400.0
+ROTATION_DUE_AFTER = 90 * 86400.0
 
 
 class Refused(Exception):
     """Raised by a command for exit status 1 with a one-line message."""
+
+
+class UsageError(Exception):
+    """Raised by a command for exit status 2: options that do not go together."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (Refused, StoreError, KeystoreUnavailable, PepperError) as exc:
         print(f"keystore: {exc}", file=sys.stderr)
         return EXIT_REFUSED
-    except ValueError as exc:  # bad --ttl / --expires / --grace values
+    except (ValueError, UsageError) as exc:  # bad --ttl / --expires / --grace values
         print(f"keystore: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -58,7 +67,8 @@ async def _run(args: argparse.Namespace, config) -> int:
         return await _init(ks)
     store = await KeyStore.open(ks.path, ks.pepper_file, default_key_limit=ks.default_key_limit)
     try:
-        return await args.handler(store, args, config)
+        service = AdminService(store, route_names=config.route_names)
+        return await args.handler(service, Actor.shell(_actor()), args, config)
     finally:
         await store.close()
 
@@ -96,7 +106,7 @@ def _key_json(key: AuthKey) -> dict:
     data = dataclasses.asdict(key)
     data["permissions"] = list(key.permissions)
     data["scope"] = key.scope
-    for name in ("created", "expires", "rotated", "previous_valid_until", "last_used"):
+    for name in ("created", "expires", "rotated", "previous_valid_until", "last_used", "last_failed"):
         data[name] = _when(data[name]) if data[name] is not None else None
     return data
 
@@ -130,6 +140,8 @@ def _show_key(key: AuthKey) -> None:
         ("rotated", _when(key.rotated)),
         ("old secret valid until", _when(key.previous_valid_until)),
         ("last used", _when(key.last_used)), ("last client", key.last_ip),
+        ("last failed use", f"{_when(key.last_failed)} from {key.last_failed_ip} "
+                            f"({key.last_failed_reason.replace('_', ' ')})" if key.last_failed else None),
     ]
     for label, value in fields:
         print(f"{label + ':':24}{'-' if value is None else value}")
@@ -148,21 +160,21 @@ def _print_secret(key: AuthKey, secret: str, args: argparse.Namespace, verb: str
 
 
 # ---------------------------------------------------------------- commands
+# Each command is thin over AdminService (keystore/service.py), as the HTTP API is: the
+# same refusals, the same audit entries. The CLI's actor is the shell's user, an owner.
 
 
-async def _mailbox_add(store: KeyStore, args, config) -> int:
-    _check_route(args.route, config)
-    mailbox = await store.add_mailbox(
-        args.address, workspace=args.workspace, aliases=args.alias, route=args.route,
-        actor=_actor(),
+async def _mailbox_add(svc: AdminService, me: Actor, args, config) -> int:
+    mailbox = await svc.add_mailbox(
+        me, args.address, workspace=args.workspace, aliases=args.alias, route=args.route,
     )
     aliases = f" (aliases: {', '.join(mailbox.aliases)})" if mailbox.aliases else ""
     print(f"mailbox {mailbox.address} added to workspace {mailbox.workspace}{aliases}")
     return 0
 
 
-async def _mailbox_list(store: KeyStore, args, config) -> int:
-    mailboxes = await store.list_mailboxes(args.workspace)
+async def _mailbox_list(svc: AdminService, me: Actor, args, config) -> int:
+    mailboxes = await svc.mailboxes(me, args.workspace)
     if args.json:
         _print_json([_mailbox_json(m) for m in mailboxes])
         return 0
@@ -175,22 +187,22 @@ async def _mailbox_list(store: KeyStore, args, config) -> int:
     return 0
 
 
-async def _mailbox_suspend(store: KeyStore, args, config) -> int:
-    mailbox = await store.suspend_mailbox(args.address, reason=args.reason, actor=_actor())
+async def _mailbox_suspend(svc: AdminService, me: Actor, args, config) -> int:
+    mailbox = await svc.suspend_mailbox(me, args.address, reason=args.reason)
     print(f"mailbox {mailbox.address} suspended; {mailbox.keys + mailbox.workspace_keys} key(s) "
           f"stop working for it until it is resumed ({mailbox.keys} mailbox key(s), "
           f"{mailbox.workspace_keys} workspace key(s) of {mailbox.workspace})")
     return 0
 
 
-async def _mailbox_resume(store: KeyStore, args, config) -> int:
-    mailbox = await store.resume_mailbox(args.address, actor=_actor())
+async def _mailbox_resume(svc: AdminService, me: Actor, args, config) -> int:
+    mailbox = await svc.resume_mailbox(me, args.address)
     print(f"mailbox {mailbox.address} resumed")
     return 0
 
 
-async def _mailbox_remove(store: KeyStore, args, config) -> int:
-    deleted = await store.remove_mailbox(args.address, force=args.force, actor=_actor())
+async def _mailbox_remove(svc: AdminService, me: Actor, args, config) -> int:
+    deleted = await svc.remove_mailbox(me, args.address, force=args.force)
     print(f"mailbox {args.address} removed" + (f" with {deleted} key(s)" if deleted else ""))
     return 0
 
@@ -217,42 +229,48 @@ def parse_iso(text: str) -> float:
     return moment.timestamp()
 
 
-def _check_route(route: str | None, config) -> None:
-    names = config.route_names
-    if route is not None and names and route not in names:
-        raise Refused(f"unknown route {route!r}: no [[upstream]] or [[group]] of that name "
-                      f"(have: {', '.join(names)})")
-
-
-async def _key_create(store: KeyStore, args, config) -> int:
-    _check_route(args.route, config)
-    key, secret = await store.create_key(
-        mailbox=args.mailbox, workspace=args.workspace, name=args.name, owner=args.owner,
+async def _key_create(svc: AdminService, me: Actor, args, config) -> int:
+    key, secret = await svc.create_key(
+        me, mailbox=args.mailbox, workspace=args.workspace, name=args.name, owner=args.owner,
         note=args.note, permissions=args.scope or ["email.send"], expires=_expiry(args),
         route=args.route, rate_limit=args.rate_limit, allow_from=args.allow_from or (),
-        actor=_actor(),
     )
     _print_secret(key, secret, args, "created")
     return 0
 
 
-async def _key_list(store: KeyStore, args, config) -> int:
-    found = await store.list_keys(
-        mailbox=args.mailbox, workspace=args.workspace, search=args.search, status=args.status
+def _flags(key: AuthKey, now: float) -> str | None:
+    """The console's badges, in words: what a review of keys should look at."""
+    flags = []
+    if key.status == "active" and (key.last_used or key.created) <= now - UNUSED_AFTER:
+        flags.append("unused")
+    if key.status == "active" and (key.rotated or key.created) <= now - ROTATION_DUE_AFTER:
+        flags.append("rotation-due")
+    return ",".join(flags) or None
+
+
+async def _key_list(svc: AdminService, me: Actor, args, config) -> int:
+    found = await svc.keys(
+        me, mailbox=args.mailbox, workspace=args.workspace, search=args.search, status=args.status,
+        owner=args.owner,
+        unused_for=parse_duration(args.unused_for) if args.unused_for else None,
+        not_rotated_for=parse_duration(args.not_rotated_for) if args.not_rotated_for else None,
     )
     if args.json:
         _print_json([_key_json(k) for k in found])
         return 0
+    now = time.time()
     _table(
-        ["ID", "NAME", "STATUS", "SCOPE", "OWNER", "CREATED", "EXPIRES", "LAST USED"],
+        ["ID", "NAME", "STATUS", "SCOPE", "OWNER", "CREATED", "EXPIRES", "LAST USED", "ROTATED",
+         "FLAGS"],
         [[k.id, k.name, k.status, k.scope, k.owner, _when(k.created), _when(k.expires),
-          _when(k.last_used)] for k in found],
+          _when(k.last_used), _when(k.rotated), _flags(k, now)] for k in found],
     )
     return 0
 
 
-async def _key_show(store: KeyStore, args, config) -> int:
-    key = await store.get_key(args.id)
+async def _key_show(svc: AdminService, me: Actor, args, config) -> int:
+    key = await svc.key(me, args.id)
     if args.json:
         _print_json(_key_json(key))
     else:
@@ -260,23 +278,85 @@ async def _key_show(store: KeyStore, args, config) -> int:
     return 0
 
 
-async def _key_status(store: KeyStore, args, config) -> int:
-    change = {"disable": store.disable_key, "enable": store.enable_key, "revoke": store.revoke_key}
-    key = await change[args.key_command](args.id, actor=_actor())
+async def _key_status(svc: AdminService, me: Actor, args, config) -> int:
+    change = {"disable": svc.disable_key, "enable": svc.enable_key}
+    key = await change[args.key_command](me, args.id)
     print(f"key {key.id} ({key.name!r}) is now {key.status}")
     return 0
 
 
-async def _key_rotate(store: KeyStore, args, config) -> int:
+async def _key_revoke(svc: AdminService, me: Actor, args, config) -> int:
+    chosen = [name for name in ("id", "owner", "mailbox") if getattr(args, name)]
+    if len(chosen) != 1:
+        raise UsageError("key revoke: give one of: a key ID, --owner WHO, --mailbox ADDRESS")
+    if args.id:
+        key = await svc.revoke_key(me, args.id)
+        print(f"key {key.id} ({key.name!r}) is now {key.status}")
+        return 0
+    if not args.yes:
+        pending = [k for k in await svc.keys(me, owner=args.owner) if k.status != "revoked"] \
+            if args.owner else [k for k in await svc.keys(me, mailbox=args.mailbox)
+                                if k.status != "revoked" and k.mailbox is not None]
+        if pending:
+            print(f"These {len(pending)} key(s) will be revoked, for good:")
+            for key in pending:
+                print(f"  {key.id}  {key.name}  ({key.scope})")
+            print("Type 'revoke' to confirm: ", end="", flush=True)
+            if sys.stdin.readline().strip() != "revoke":
+                raise Refused("not confirmed; nothing revoked")
+    revoked = await svc.revoke_keys(me, owner=args.owner, mailbox=args.mailbox)
+    if args.json:
+        _print_json([_key_json(k) for k in revoked])
+        return 0
+    for key in revoked:
+        print(f"key {key.id} ({key.name!r}) is now revoked")
+    print(f"{len(revoked)} key(s) revoked")
+    return 0
+
+
+async def _key_update(svc: AdminService, me: Actor, args, config) -> int:
+    changes: dict[str, object] = {}
+    for name in args.clear or ():
+        changes[name.replace("-", "_")] = None
+    given = {
+        "route": args.route, "rate_limit": args.rate_limit, "owner": args.owner, "note": args.note,
+        "allow_from": args.allow_from, "expires": _expiry(args),
+    }
+    for name, value in given.items():
+        if value is not None:
+            if name in changes:
+                raise UsageError(f"key update: --{name.replace('_', '-')} and --clear "
+                                 f"{name.replace('_', '-')} together")
+            changes[name] = value
+    key = await svc.update_key(me, args.id, changes)
+    if args.json:
+        _print_json(_key_json(key))
+        return 0
+    print(f"key {key.id} ({key.name!r}) updated: "
+          + ", ".join(f"{name.replace('_', '-')} {_setting(getattr(key, name))}" for name in changes))
+    return 0
+
+
+def _setting(value: object) -> str:
+    if value is None or value == ():
+        return "cleared"
+    if isinstance(value, tuple):
+        return " ".join(value)
+    if isinstance(value, float):
+        return _when(value)
+    return str(value)
+
+
+async def _key_rotate(svc: AdminService, me: Actor, args, config) -> int:
     if args.end_grace:
-        key = await store.end_rotation_grace(args.id, actor=_actor())
+        key = await svc.end_rotation_grace(me, args.id)
         if args.json:
             print(json.dumps(_key_json(key), indent=2))
         else:
             print(f"key {key.id} ({key.name!r}): the previous secret no longer works (grace ended)")
         return 0
     grace = parse_duration(args.grace) if args.grace else 0.0
-    key, secret = await store.rotate_key(args.id, grace=grace, actor=_actor())
+    key, secret = await svc.rotate_key(me, args.id, grace=grace)
     _print_secret(key, secret, args, "rotated")
     if not args.json:
         until = _when(key.previous_valid_until) if grace else "no longer (stopped now)"
@@ -284,22 +364,21 @@ async def _key_rotate(store: KeyStore, args, config) -> int:
     return 0
 
 
-async def _key_delete(store: KeyStore, args, config) -> int:
-    key = await store.get_key(args.id)
+async def _key_delete(svc: AdminService, me: Actor, args, config) -> int:
+    key = await svc.key(me, args.id)
+    answer = key.name
     if not args.yes:
         print(f"Deleting key {key.id} cannot be undone. Type its name ({key.name}) to confirm: ",
               end="", flush=True)
         answer = sys.stdin.readline().strip()
-        if answer != key.name:
-            raise Refused("confirmation did not match the key's name; nothing deleted")
-    await store.delete_key(key.id, actor=_actor())
+    await svc.delete_key(me, key.id, confirm=answer)
     print(f"key {key.id} ({key.name!r}) deleted")
     return 0
 
 
-async def _audit(store: KeyStore, args, config) -> int:
-    events = await store.audit_events(
-        key_id=args.key, mailbox=args.mailbox,
+async def _audit(svc: AdminService, me: Actor, args, config) -> int:
+    events = await svc.audit(
+        me, key_id=args.key, mailbox=args.mailbox,
         since=parse_iso(args.since) if args.since else None,
     )
     if args.json:
@@ -310,8 +389,8 @@ async def _audit(store: KeyStore, args, config) -> int:
     return 0
 
 
-async def _workspace_list(store: KeyStore, args, config) -> int:
-    spaces = await store.list_workspaces()
+async def _workspace_list(svc: AdminService, me: Actor, args, config) -> int:
+    spaces = await svc.workspaces(me)
     if args.json:
         _print_json([{**dataclasses.asdict(w), "suspended_at": _when(w.suspended_at)
                       if w.suspended_at else None} for w in spaces])
@@ -323,35 +402,79 @@ async def _workspace_list(store: KeyStore, args, config) -> int:
     return 0
 
 
-async def _workspace_suspend(store: KeyStore, args, config) -> int:
-    mailbox_keys, workspace_keys = await store.suspend_workspace(
-        args.workspace, reason=args.reason, actor=_actor())
+async def _workspace_suspend(svc: AdminService, me: Actor, args, config) -> int:
+    mailbox_keys, workspace_keys = await svc.suspend_workspace(me, args.workspace, reason=args.reason)
     print(f"workspace {args.workspace} suspended; its {mailbox_keys + workspace_keys} key(s) "
           f"({mailbox_keys} mailbox key(s), {workspace_keys} workspace key(s)) stop working "
           "until it is resumed")
     return 0
 
 
-async def _workspace_resume(store: KeyStore, args, config) -> int:
-    await store.resume_workspace(args.workspace, actor=_actor())
+async def _workspace_resume(svc: AdminService, me: Actor, args, config) -> int:
+    await svc.resume_workspace(me, args.workspace)
     print(f"workspace {args.workspace} resumed")
     return 0
 
 
-async def _workspace_limit(store: KeyStore, args, config) -> int:
-    await store.set_key_limit(args.workspace, args.limit, actor=_actor())
+async def _workspace_limit(svc: AdminService, me: Actor, args, config) -> int:
+    await svc.set_key_limit(me, args.workspace, args.limit)
     print(f"workspace {args.workspace}: at most {args.limit} active keys")
     return 0
 
 
-async def _serve(store: KeyStore, args, config) -> int:
+def _token_json(token: AdminToken) -> dict:
+    data = dataclasses.asdict(token)
+    data["workspaces"] = list(token.workspaces)
+    for name in ("created", "last_used", "revoked_at"):
+        data[name] = _when(data[name]) if data[name] is not None else None
+    return data
+
+
+async def _token_create(svc: AdminService, me: Actor, args, config) -> int:
+    if args.replace:
+        for old in await svc.tokens(me):
+            if old.name == args.name.strip() and old.status == "active":
+                await svc.revoke_token(me, old.id)
+    token, secret = await svc.create_token(me, name=args.name, role=args.role,
+                                           workspaces=args.workspace)
+    if args.json:
+        _print_json({**_token_json(token), "secret": secret})
+        return 0
+    where = ", ".join(token.workspaces) if token.workspaces else "every workspace"
+    print(f"created admin token {token.id} ({token.name!r}, {token.role} of {where})")
+    print()
+    print(f"    {secret}")
+    print()
+    print("This is the only time the token is shown. Use it as 'Authorization: Bearer ...' or")
+    print("paste it into the console's login page.")
+    return 0
+
+
+async def _token_list(svc: AdminService, me: Actor, args, config) -> int:
+    tokens = await svc.tokens(me)
+    if args.json:
+        _print_json([_token_json(t) for t in tokens])
+        return 0
+    _table(["ID", "NAME", "ROLE", "WORKSPACES", "STATUS", "CREATED", "BY", "LAST USED", "LAST CLIENT"],
+           [[t.id, t.name, t.role, " ".join(t.workspaces) or "all", t.status, _when(t.created),
+             t.created_by, _when(t.last_used), t.last_ip] for t in tokens])
+    return 0
+
+
+async def _token_revoke(svc: AdminService, me: Actor, args, config) -> int:
+    token = await svc.revoke_token(me, args.id)
+    print(f"admin token {token.id} ({token.name!r}) revoked; its console sessions end now")
+    return 0
+
+
+async def _serve(svc: AdminService, me: Actor, args, config) -> int:
     from keystore.http import serve  # the HTTP stack loads only for this command
 
-    return await serve.run(store, config, listen=args.listen)
+    return await serve.run(svc.store, config, listen=args.listen)
 
 
-async def _backup(store: KeyStore, args, config) -> int:
-    await store.backup(Path(args.path))
+async def _backup(svc: AdminService, me: Actor, args, config) -> int:
+    await svc.backup(me, Path(args.path))
     print(f"keystore copied to {args.path} (mode 0600)")
     return 0
 
@@ -411,22 +534,54 @@ def _parser() -> argparse.ArgumentParser:
                         "(e.g. 192.0.2.0/24, 2001:db8::/48); default: anywhere")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_key_create)
-    p = key.add_parser("list", help="list and search keys")
-    p.add_argument("--mailbox", metavar="A")
+    p = key.add_parser("list", help="list and search keys; reports of unused and unrotated keys")
+    p.add_argument("--mailbox", metavar="A", help="every key able to send as A (its own and its "
+                   "workspace's)")
     p.add_argument("--workspace", metavar="W")
-    p.add_argument("--search", metavar="TEXT")
+    p.add_argument("--search", metavar="TEXT", help="in name, owner, note, mailbox, workspace")
+    p.add_argument("--owner", metavar="WHO")
     p.add_argument("--status", metavar="S", choices=["active", "disabled", "revoked"])
+    p.add_argument("--unused-for", metavar="DURATION",
+                   help="active keys not used for this long (e.g. 30d), never-used ones from creation")
+    p.add_argument("--not-rotated-for", metavar="DURATION",
+                   help="active keys whose secret is this old (e.g. 90d)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_key_list)
     p = key.add_parser("show", help="show one key")
     p.add_argument("id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_key_show)
-    for action, text in (("disable", "stop a key (reversible)"), ("enable", "re-enable a key"),
-                         ("revoke", "revoke a key, immediately and for good")):
+    for action, text in (("disable", "stop a key (reversible)"), ("enable", "re-enable a key")):
         p = key.add_parser(action, help=text)
         p.add_argument("id")
         p.set_defaults(handler=_key_status)
+    p = key.add_parser("revoke", help="revoke a key (or every key of an owner or a mailbox), "
+                       "immediately and for good")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--owner", metavar="WHO", help="every key of this owner (a contractor leaves)")
+    p.add_argument("--mailbox", metavar="ADDRESS",
+                   help="every key of this mailbox (not its workspace's keys)")
+    p.add_argument("--yes", action="store_true", help="with --owner / --mailbox: do not ask")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_key_revoke)
+    p = key.add_parser("update", help="change a key's route, rate limit, expiry, owner, note or "
+                       "client networks (its name stays)")
+    p.add_argument("id")
+    p.add_argument("--route", metavar="NAME")
+    p.add_argument("--rate-limit", type=int, metavar="N", help="messages per minute")
+    expiry = p.add_mutually_exclusive_group()
+    expiry.add_argument("--expires", metavar="ISO-DATE")
+    expiry.add_argument("--ttl", metavar="DURATION", help="from now, e.g. 30d")
+    p.add_argument("--owner", metavar="WHO")
+    p.add_argument("--note")
+    p.add_argument("--allow-from", action="append", metavar="CIDR",
+                   help="replaces the key's client networks; repeatable, IPv4 or IPv6")
+    p.add_argument("--clear", action="append", metavar="SETTING",
+                   choices=["route", "rate-limit", "expires", "owner", "note", "allow-from"],
+                   help="unset one (repeatable): route, rate-limit, expires, owner, note, allow-from "
+                        "(allow-from: from anywhere again)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_key_update)
     p = key.add_parser("rotate", help="give a key a new secret")
     p.add_argument("id")
     when = p.add_mutually_exclusive_group()
@@ -463,6 +618,25 @@ def _parser() -> argparse.ArgumentParser:
     p = ws.add_parser("resume", help="resume a suspended workspace")
     p.add_argument("workspace")
     p.set_defaults(handler=_workspace_resume)
+
+    token = commands.add_parser("admin-token", help="tokens for the HTTP API and console").add_subparsers(
+        dest="token_command", required=True, metavar="ACTION")
+    p = token.add_parser("create", help="create an admin token (its secret is shown once)")
+    p.add_argument("--name", required=True, help="who or what uses it, e.g. 'provisioning'")
+    p.add_argument("--role", required=True, choices=ROLES,
+                   help="viewer: reads; editor: manages keys and mailboxes; owner: everything")
+    p.add_argument("--workspace", action="append", default=[], metavar="W",
+                   help="limit a viewer or editor to this workspace (repeatable); default: all")
+    p.add_argument("--replace", action="store_true",
+                   help="revoke the active tokens of the same name first")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_token_create)
+    p = token.add_parser("list", help="list admin tokens")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_token_list)
+    p = token.add_parser("revoke", help="revoke an admin token")
+    p.add_argument("id")
+    p.set_defaults(handler=_token_revoke)
 
     p = commands.add_parser("serve", help="the admin HTTP API and web console ([admin] listen)")
     p.add_argument("--listen", metavar="HOST:PORT", help="instead of [admin] listen (port 0: any free)")

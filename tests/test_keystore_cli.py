@@ -433,7 +433,7 @@ def test_key_list_filters_and_search(seeded):
 
     table = cli.ok("key", "list", "--search", "billing").splitlines()
     assert table[0].split() == ["ID", "NAME", "STATUS", "SCOPE", "OWNER", "CREATED", "EXPIRES",
-                                "LAST", "USED"]
+                                "LAST", "USED", "ROTATED", "FLAGS"]
     assert len(table) == 2
     assert table[1].split()[:4] == [billing, "Billing", "active", "mailbox:bob@acme.test"]
 
