@@ -72,6 +72,14 @@ async def test_allowed_network_logs_in_other_addresses_get_the_reason(h):
     wrong = secret[:-1] + ("A" if secret[-1] != "A" else "B")
     assert await attempt(h, "alice@example.com", wrong, "127.0.0.2") == (535, INVALID)
 
+    # the refusal with the right secret is the key's last failed use; the wrong secret is
+    # not (it proves nothing about the key's holder)
+    key_id = keys.parse_key(secret).key_id
+    await h.relay.store.flush_uses()
+    shown = (await cli(h, "key", "show", key_id)).stdout
+    assert "last client:            127.0.0.1\n" in shown
+    assert "last failed use:" in shown and shown.split("last failed use:")[1].split("\n")[0].endswith(
+        " from 127.0.0.2 (not allowed from)")
 
 async def test_network_refusals_count_against_that_key_only(relay_with):
     async with relay_with(auth="max_failures = 2") as h:
@@ -163,23 +171,28 @@ async def test_key_show_and_list_give_the_networks(h):
     assert shown_json["allow_from"] == listed[key_id]["allow_from"]
 
 
-async def test_narrowed_networks_end_open_sessions_outside_them(h):
-    """An open session is judged again at MAIL FROM with the address it logged in from.
-    (`key update --allow-from` is not written yet: the column is set as it will set it.)"""
+async def test_key_update_allow_from_takes_effect_on_open_sessions(h):
+    """`key update --allow-from`: an open session is judged again at MAIL FROM with the
+    address it logged in from; `--clear allow-from` lets the key in from anywhere again."""
     await h.mailbox("alice@example.com")
     key_id, secret = await cli_key(h, "alice@example.com")
     inside = await h.login("alice@example.com", secret, source="127.0.0.1")
     outside = await h.login("alice@example.com", secret, source="127.0.0.2")
 
-    with sqlite3.connect(h.folder / "keystore.db") as db:
-        db.execute("UPDATE auth_key SET allow_from = '127.0.0.1/32' WHERE id = ?", (key_id,))
-    db.close()
+    updated = await cli(h, "key", "update", key_id, "--allow-from", "127.0.0.1/32")
+    assert updated.returncode == 0, updated.stderr
+    assert updated.stdout == f"key {key_id} ('CRM') updated: allow-from 127.0.0.1/32\n"
 
     _, message, _ = await refused_within(outside, 2, message=MESSAGE)
     assert message.endswith("this auth key is not allowed from this address")
     await inside.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
     await inside.quit()
     outside.close()
+    assert await attempt(h, "alice@example.com", secret, "127.0.0.2") == (535, NOT_ALLOWED)
+
+    cleared = await cli(h, "key", "update", key_id, "--clear", "allow-from")
+    assert cleared.stdout == f"key {key_id} ('CRM') updated: allow-from cleared\n"
+    assert (await attempt(h, "alice@example.com", secret, "127.0.0.2"))[0] == 235
 
 
 async def test_keystore_from_the_previous_version_is_upgraded(tmp_path, sink):
