@@ -24,13 +24,16 @@ certs: install
 	$(BIN)/relay --config $(CONFIG) gen-cert
 
 # The relay on the dev config: dev cert, keystore initialised, a local sink on 127.0.0.1:2525
-# writing each delivered message to var/sink/. Ctrl-C stops both.
+# writing each delivered message to var/sink/, the admin console on 127.0.0.1:8025 with a
+# fresh owner token (the previous `make run` token is revoked). Ctrl-C stops them all.
 run: install
 	@test -f certs/dev.crt || $(BIN)/relay --config $(CONFIG) gen-cert
 	@$(BIN)/keystore --config $(CONFIG) init
-	@$(BIN)/relay --config $(CONFIG) dev-sink --port 2525 --dir var/sink & \
-	  trap "kill $$! 2>/dev/null" EXIT INT TERM; \
+	@$(BIN)/relay --config $(CONFIG) dev-sink --port 2525 --dir var/sink & sink=$$!; \
+	  $(BIN)/keystore --config $(CONFIG) serve & console=$$!; \
+	  trap "kill $$sink $$console 2>/dev/null" EXIT INT TERM; \
 	  $(BIN)/relay --config $(CONFIG) hint; \
+	  $(BIN)/keystore --config $(CONFIG) admin-token create --name "make run" --role owner --replace; \
 	  $(BIN)/relay --config $(CONFIG) serve
 
 bench: install

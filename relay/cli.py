@@ -162,6 +162,10 @@ def _hint(config) -> int:
     metrics = ""
     if config.metrics.listen:
         metrics = f"\n  curl -s http://{config.metrics.listen}/metrics | grep ^keyrelay_"
+    console = ""
+    if config.admin.listen:
+        console = (f"\nThe admin console and API (keystore serve) are on http://{config.admin.listen}/:"
+                   "\nlog in with the owner admin token printed below.\n")
     print(f"""
 Relay starting. To send a test message through it, in another terminal:
 
@@ -175,7 +179,7 @@ Relay starting. To send a test message through it, in another terminal:
 Delivered messages appear in var/sink/. How the relay is doing:
 
   .venv/bin/relay {cfg} status{metrics}
-
+{console}
 Stop with Ctrl-C.
 """)
     return 0
