@@ -259,14 +259,14 @@ def _refused(port: int) -> bool:
     return False
 
 
-def _verify(unit: str, folder: Path) -> str:
+def _verify(unit: str, folder: Path, program: str = "relay") -> str:
     """systemd-analyze verify's complaints about `unit` (it exits 0 on unknown keys and bad
     values, and only says so on stderr), with ExecStart's binary present (verify checks)."""
-    binary = folder / "relay"
+    binary = folder / program
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
-    path = folder / "relay.service"
-    path.write_text(unit.replace("/opt/keyrelay/.venv/bin/relay", str(binary)))
+    path = folder / f"{program}.service"
+    path.write_text(unit.replace(f"/opt/keyrelay/.venv/bin/{program}", str(binary)))
     result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True,
                             timeout=60)
     return f"exit {result.returncode}\n{result.stderr}" if result.returncode else result.stderr.strip()
@@ -282,6 +282,18 @@ def test_systemd_accepts_the_unit(tmp_path):
                       "SystemCallFilter=@system-service", "ProtectClock=true", "ProtectKernelLogs=true",
                       "RestrictSUIDSGID=true", "RestrictRealtime=true", "ProtectProc=invisible",
                       "LimitNOFILE=65536", "RestartPreventExitStatus=2"):
+        assert f"\n{directive}" in unit, directive
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_accepts_the_console_unit(tmp_path):
+    unit = (ROOT / "deploy" / "keystore-console.service").read_text()
+    assert _verify(unit, tmp_path, "keystore") == ""
+    assert "Unknown key" in _verify(unit.replace("Type=exec", "Type=exec\nProtectClok=true"), tmp_path,
+                                    "keystore")
+    assert "\nExecStart=/opt/keyrelay/.venv/bin/keystore --config /etc/keyrelay/relay.toml serve\n" in unit
+    for directive in ("User=keyrelay", "UMask=0077", "ProtectSystem=strict", "NoNewPrivileges=true",
+                      "SystemCallFilter=@system-service", "RestartPreventExitStatus=2"):
         assert f"\n{directive}" in unit, directive
 
 
