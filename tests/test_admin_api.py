@@ -18,6 +18,11 @@ import httpx
 import pytest
 
 from keystore import keys
+from keystore.http.app import create_app
+from keystore.http.site import Site
+from keystore.service import AdminService
+from keystore.store import KeyStore
+from relay.config import ConfigError, load_config
 from tests.support.adminserver import AdminServer, Token, admin_server, create_token, start_admin_server
 from tests.support.procs import free_port, keystore_cli
 from tests.support.relayrun import write_config
@@ -105,6 +110,10 @@ def test_the_openapi_document_is_served_and_lists_every_operation(server):
     # request bodies refuse unknown fields, and say so in the document
     assert doc["components"]["schemas"]["KeyIn"]["additionalProperties"] is False
     assert doc["components"]["schemas"]["KeyOut"]["properties"]["created"]["format"] == "date-time"
+    refusals = doc["paths"]["/api/v1/keys"]["post"]["responses"]
+    assert {"201", "400", "401", "403", "404", "409", "429"} <= set(refusals)
+    schema = refusals["403"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/ErrorOut"}
     assert httpx.get(server.url + "docs").status_code == 404  # no Swagger UI from a CDN
 
 
@@ -471,6 +480,55 @@ async def test_a_key_created_over_the_api_sends_and_one_revoked_over_it_is_refus
                 assert refused.value.code == 535 and "revoked" in refused.value.message
         finally:
             assert await asyncio.to_thread(server.stop) == 0
+
+
+# ------------------------------------------------------ the server's faults
+
+
+async def test_an_unreadable_keystore_is_503_and_a_bug_is_a_logged_500_without_details(tmp_path, caplog):
+    """In process (the faults are hard to cause in a running server on purpose): a bug in a
+    route answers `internal` and the log has the traceback; a keystore that cannot be read
+    answers `unavailable` with Retry-After, not 401, and costs the token no failure."""
+    config = load_config(write_config(tmp_path, free_port()))
+    store = await KeyStore.open(config.keystore.path, config.keystore.pepper_file, create=True)
+    _, secret = await store.create_token(name="root", role="owner", actor="test")
+
+    class Buggy(AdminService):
+        async def workspaces(self, actor):
+            raise RuntimeError("a bug")
+
+    app = create_app(Buggy(store), Site("relay.test", 587, 465, False, 3600.0))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    headers = {"Authorization": f"Bearer {secret}"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin", headers=headers) as api:
+        response = await api.get("/api/v1/workspaces")
+        assert "the server's log" in error(response, 500, "internal")
+        assert "a bug" not in response.text
+        assert "GET /api/v1/workspaces" in caplog.text and "RuntimeError: a bug" in caplog.text
+        assert secret not in caplog.text
+
+        await store.close()
+        for _ in range(12):  # more than [auth] max_failures: none of them counted
+            response = await api.get("/api/v1/keys")
+            error(response, 503, "unavailable")
+            assert response.headers["retry-after"] == "5"
+
+
+def test_the_admin_section_of_the_config(tmp_path):
+    example = load_config(Path(__file__).resolve().parent.parent / "config.example.toml")
+    assert (example.admin.listen, example.admin.session_ttl) == ("127.0.0.1:8025", 8 * 3600)
+    path = write_config(tmp_path, free_port())
+    base = path.read_text()
+    assert load_config(path).admin.listen is None  # no console unless asked for
+    for section, problem in [
+        ('listen = "nowhere"', "[admin] listen 'nowhere': expected HOST:PORT"),
+        ('session_ttl = 0', "[admin] session_ttl: longer than 0"),
+        ('listn = "127.0.0.1:1"', "[admin]: unknown key 'listn'"),
+    ]:
+        path.write_text(base + f"\n[admin]\n{section}\n")
+        with pytest.raises(ConfigError) as refused:
+            load_config(path)
+        assert problem in str(refused.value)
 
 
 # ----------------------------------------------------------- serve itself

@@ -326,9 +326,30 @@ def _secret(request: Request, key: AuthKey, secret: str) -> KeySecret:
     return KeySecret(key=KeyOut.of(key), secret=secret, smtp=_smtp(request.app.state.site, key))
 
 
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable: invalid, unauthorized, forbidden, not_found, conflict, "
+                                  "too_large, throttled, unavailable, internal")
+    message: str = Field(description="for people; may change between versions")
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorOut, "description": text} for status, text in (
+        (400, "invalid input (the message names the field)"),
+        (401, "no, unknown or revoked admin token"),
+        (403, "the token's role or workspaces do not allow it"),
+        (404, "no such record, or one in a workspace the token does not cover"),
+        (409, "the record's state refuses it (already revoked, suspended, ...)"),
+        (429, "too many failed token logins from this address (see Retry-After)"),
+        (503, "the keystore is unavailable; try again"),
+    )
+}
 ActorDep = Annotated[Actor, Depends(_actor)]
 ServiceDep = Annotated[AdminService, Depends(_service)]
-router = APIRouter(prefix=PREFIX)
+router = APIRouter(prefix=PREFIX, responses=_ERRORS)
 
 
 @router.get("/me", tags=["tokens"], summary="The token's actor, role and workspaces")
