@@ -415,6 +415,14 @@ def test_bad_input_is_400_with_a_message_naming_the_problem(server, owner):
         big = {"name": "x", "mailbox": address, "note": "x" * (2 << 20)}
         assert "over" in error(api.post("/keys", json=big), 413, "too_large")
 
+        def chunked():  # no Content-Length: the server counts as it reads
+            yield b'{"name": "x", "note": "'
+            yield from (b"x" * 65536 for _ in range(32))
+            yield b'"}'
+
+        response = api.post("/keys", content=chunked(), headers={"Content-Type": "application/json"})
+        assert "over" in error(response, 413, "too_large")
+
 
 def test_unknown_ids_and_endpoints_are_404(server, owner):
     with client(server, owner) as api:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from keystore.http.auth import bearer, request_actor
 from keystore.http.site import Site
-from keystore.models import AdminToken, AuditEvent, AuthKey, Mailbox, Workspace
+from keystore.models import AdminToken, AuditEvent, AuthKey, Mailbox, Workspace, canonical_address
 from keystore.service import Actor, AdminService
 from keystore.store import NotFound, StoreError
 
@@ -430,7 +430,7 @@ async def resume_mailbox(address: str, actor: ActorDep, svc: ServiceDep) -> Mail
 async def remove_mailbox(address: str, actor: ActorDep, svc: ServiceDep,
                          force: bool = False) -> MailboxRemoved:
     deleted = await svc.remove_mailbox(actor, address, force=force)
-    return MailboxRemoved(address=address, keys_deleted=deleted)
+    return MailboxRemoved(address=canonical_address(address), keys_deleted=deleted)
 
 
 # ------------------------------------------------------------------ keys

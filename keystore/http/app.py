@@ -71,8 +71,8 @@ class _Guard:
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
             if declared.isdigit() and int(declared) <= DRAIN_LIMIT:
-                # read it to the end first: a client still sending when the server closes
-                # gets a connection reset instead of the answer
+                # read it to the end first (up to DRAIN_LIMIT): a client still sending when
+                # the server closes gets a connection reset instead of the answer
                 while (await receive()).get("more_body"):
                     pass
             await _too_large(scope, send)
@@ -85,6 +85,9 @@ class _Guard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > MAX_BODY:  # a chunked body that did not say its size
+                    while message.get("more_body") and seen <= DRAIN_LIMIT:  # as above
+                        message = await receive()
+                        seen += len(message.get("body", b""))
                     raise HTTPException(413, f"request body over {MAX_BODY} bytes")
             return message
 
