@@ -1,0 +1,91 @@
+"""Templates (Jinja2, autoescaped) and the few formatting rules the pages share."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+
+from keystore.models import AuthKey
+
+__all__ = ["ROTATION_DUE", "UNUSED", "badges", "page"]
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+UNUSED = 30 * 86400.0  # the "unused" badge: no use for 30 days (from creation if never used)
+ROTATION_DUE = 90 * 86400.0  # the "rotation due" badge: not rotated for 90 days
+
+
+def when(at: float | None, never: str = "never") -> str:
+    if at is None:
+        return never
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def ago(at: float | None) -> str:
+    """'3 days ago', 'in 2 hours': how far from now, roughly."""
+    if at is None:
+        return ""
+    delta = time.time() - at
+    future = delta < 0
+    delta = abs(delta)
+    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
+        if delta >= size:
+            count = int(delta // size)
+            text = f"{count} {unit}{'s' if count != 1 else ''}"
+            break
+    else:
+        return "just now"
+    return f"in {text}" if future else f"{text} ago"
+
+
+def badges(key: AuthKey, now: float | None = None) -> list[str]:
+    """The key list's warnings, by the same rules as `key list --unused-for 30d` and
+    `--not-rotated-for 90d` (active keys only; counting from creation when never)."""
+    now = time.time() if now is None else now
+    if key.status != "active":
+        return []
+    found = []
+    if (key.last_used or key.created) <= now - UNUSED:
+        found.append("unused")
+    if (key.rotated or key.created) <= now - ROTATION_DUE:
+        found.append("rotation due")
+    return found
+
+
+def segment(value: str) -> str:
+    """A value (an address, a workspace name) as one URL path segment."""
+    return quote(value, safe="@")
+
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(TEMPLATES),
+    autoescape=True,  # every page: names, notes and owners are typed by people
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_env.filters.update(when=when, ago=ago, seg=segment)
+_env.globals.update(badges=badges)
+
+
+def page(request: Request, template: str, status: int = 200, **context: object) -> HTMLResponse:
+    """Render one page; `context` adds to what every page has (the session's actor,
+    CSRF token and flash messages, put on request.state by the route)."""
+    state = request.state
+    values = {
+        "actor": getattr(state, "actor", None),
+        "csrf": getattr(state, "csrf", ""),
+        "flash": getattr(state, "flash", []),
+        "can_edit": getattr(state, "can_edit", False),
+        "is_owner": getattr(state, "is_owner", False),
+        "error": None,
+        "query": request.query_params.get("q", ""),
+        **context,
+    }
+    html = _env.get_template(template).render(values)
+    return HTMLResponse(html, status_code=status)
