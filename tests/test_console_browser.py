@@ -142,6 +142,12 @@ async def test_create_key_send_with_it_revoke_then_login_refused(site: ConsoleSi
         assert refused.value.smtp_error == (b"5.7.8 Authentication credentials invalid: "
                                             b"this auth key has been revoked")
         assert len(sink.messages) == 1
+
+        def failure_shown() -> bool:
+            browser.refresh()
+            return text(browser, "#last-failed").endswith("from 127.0.0.1: revoked")
+
+        await wait_until(failure_shown, timeout=5, what="the key page showing the refused login")
         assert csp_violations(browser) == []
 
 

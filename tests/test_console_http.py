@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sqlite3
 import time
 
 import httpx
@@ -278,3 +279,108 @@ def test_failed_logins_are_refused_alike_then_throttled(site: ConsoleSite):
                 assert "Too many failed logins" in refusal_of(reply.text)
                 break
         assert statuses[0] == 401 and statuses[-1] == 429, statuses
+
+
+def age_key(site: ConsoleSite, key_id: str, *, days: float, rotated_days: float | None = None) -> None:
+    """Make a key look `days` old (created then, never used since): waiting 30 days for the
+    badge is not an option, and the keystore has no other way to have an old key."""
+    now = time.time()
+    with sqlite3.connect(site.folder / "keystore.db") as db:
+        db.execute("UPDATE auth_key SET created = ?, last_used = NULL, rotated = ? WHERE id = ?",
+                   (now - days * 86400, None if rotated_days is None else now - rotated_days * 86400, key_id))
+
+
+def badges_of(html: str, key_id: str) -> list[str]:
+    row = re.search(rf'<tr data-key-id="{key_id}">(.*?)</tr>', html, re.S)
+    assert row, f"key {key_id} is not listed"
+    return re.findall(r'class="badge [^"]*">([^<]+)<', row.group(1))
+
+
+def test_key_lists_badge_unused_and_rotation_due_keys_and_report_them(site: ConsoleSite):
+    with site.login("owner") as client:
+        fresh, _ = new_key(client, "alice@acme.example", "fresh")
+        idle, _ = new_key(client, "alice@acme.example", "idle")
+        ancient, _ = new_key(client, "alice@acme.example", "ancient")
+        rotated, _ = new_key(client, "alice@acme.example", "old but rotated")
+        age_key(site, idle, days=45)
+        age_key(site, ancient, days=120)
+        age_key(site, rotated, days=120, rotated_days=10)
+        page = client.get("/mailboxes/alice@acme.example").text
+        assert badges_of(page, fresh) == []
+        assert badges_of(page, idle) == ["unused"]
+        assert badges_of(page, ancient) == ["unused", "rotation due"]
+        assert badges_of(page, rotated) == ["unused"]
+        unused = client.get("/keys", params={"report": "unused"}).text
+        assert {idle, ancient, rotated} <= set(re.findall(r'data-key-id="(\w+)"', unused))
+        assert fresh not in unused
+        due = client.get("/keys", params={"report": "rotation"}).text
+        assert ancient in due and rotated not in due and idle not in due
+        # a disabled key is not nagged about
+        token = csrf_of(page)
+        assert client.post(f"/keys/{ancient}/disable", data={"csrf": token}).status_code == 303
+        assert badges_of(client.get("/mailboxes/alice@acme.example").text, ancient) == []
+
+
+def test_search_by_name_owner_workspace_and_note(site: ConsoleSite):
+    with site.login("owner") as client:
+        crm, _ = new_key(client, "alice@acme.example", "Zebra CRM", owner="Quentin", note="the yak account")
+        other, _ = new_key(client, "dave@other.example", "Zebra backup")
+
+        def found(**params: str) -> set[str]:
+            reply = client.get("/keys", params=params)
+            assert reply.status_code == 200
+            return set(re.findall(r'data-key-id="(\w+)"', reply.text))
+
+        assert found(q="zebra") >= {crm, other}
+        assert crm in found(q="quentin") and other not in found(q="quentin")
+        assert crm in found(q="YAK") and other not in found(q="yak")
+        assert found(q="zebra", workspace="other") == {other}
+        assert crm in found(owner="quentin")
+        assert found(q="no such thing anywhere") == set()
+
+
+def test_a_mailbox_page_lists_every_key_able_to_send_as_it(site: ConsoleSite):
+    with site.login("owner") as client:
+        own, _ = new_key(client, "carol@acme.example", "carol's own")
+        form = client.get("/keys/new", params={"workspace": "acme"})
+        assert "New key for workspace acme" in form.text
+        reply = client.post("/keys/new", data={"csrf": csrf_of(form.text), "workspace": "acme",
+                                               "name": "acme-wide", "permissions": "email.send"})
+        assert reply.status_code == 303
+        workspace_key = reply.headers["location"].split("/")[2]
+        shown = client.get(reply.headers["location"]).text
+        assert "any active mailbox of workspace acme" in shown and "carol@acme.example" in shown
+        page = client.get("/mailboxes/carol@acme.example").text
+        listed = set(re.findall(r'data-key-id="(\w+)"', page))
+        assert {own, workspace_key} <= listed
+        assert workspace_key in client.get("/workspaces/acme").text
+        assert workspace_key not in client.get("/mailboxes/dave@other.example").text
+
+
+def test_an_owner_suspends_and_resumes_a_workspace(site: ConsoleSite):
+    with site.login("owner") as client:
+        token = csrf_of(client.get("/").text)
+        reply = client.post("/workspaces/other/suspend", data={"csrf": token, "reason": "unpaid"})
+        assert reply.status_code == 303
+        page = client.get("/").text
+        assert "Workspace other suspended: every key of it is refused at login." in page
+        assert "/workspaces/other/resume" in page and "unpaid" in page
+        again = client.post("/workspaces/other/suspend", data={"csrf": token})
+        assert again.status_code == 409 and refusal_of(again.text) == "workspace other is already suspended"
+        assert client.post("/workspaces/other/resume", data={"csrf": token}).status_code == 303
+        assert "/workspaces/other/suspend" in client.get("/").text
+    with site.login("editor") as editor:
+        reply = editor.post("/workspaces/acme/suspend", data={"csrf": csrf_of(editor.get("/").text)})
+        assert reply.status_code == 403
+        assert refusal_of(reply.text) == "suspending a workspace needs the owner role; this is editor"
+
+
+def test_log_out_ends_the_session(site: ConsoleSite):
+    with site.login("viewer") as client:
+        token = csrf_of(client.get("/").text)
+        assert client.get("/login").headers["location"] == "/"  # logged in: no form
+        assert client.post("/logout", data={}).status_code == 403  # logging out is a form too
+        reply = client.post("/logout", data={"csrf": token})
+        assert reply.status_code == 303 and reply.headers["location"] == "/login"
+        assert "Max-Age=0" in session_cookie(reply)
+        assert client.get("/").headers["location"] == "/login"
