@@ -33,7 +33,7 @@ def canonical_networks(values: Iterable[str]) -> str | None:
             network = ipaddress.ip_network(text, strict=True)
         except ValueError as exc:
             raise ValueError(
-                f"--allow-from {value!r} is not a network in CIDR notation "
+                f"allow-from {value!r} is not a network in CIDR notation "
                 f"(e.g. 192.0.2.0/24, 2001:db8::/48, 198.51.100.7): {exc}"
             ) from None
         if network not in networks:

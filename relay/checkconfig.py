@@ -39,6 +39,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from keystore.db import BUSY_TIMEOUT_MS
+from keystore.http.site import is_loopback
 from keystore.keys import PepperError, load_pepper
 from keystore.schema import MIGRATIONS
 from keystore.store import KeyStore, KeystoreUnavailable
@@ -66,7 +67,9 @@ EXPIRY_WARNING = datetime.timedelta(days=14)  # certbot renews at 30 days left: 
 class Listen:
     """An address the relay would listen on."""
 
-    kind: str  # "submission" (STARTTLS), "submissions" (implicit TLS) or "metrics"
+    # "submission" (STARTTLS), "submissions" (implicit TLS), "metrics", or "admin" (`keystore
+    # serve`, a process of its own reading the same file)
+    kind: str
     host: str
     port: int
 
@@ -144,7 +147,7 @@ def _check_listen_hosts(report: Report) -> None:
     that is not here, or a name that does not resolve, is found before a start fails on it
     (a reload only says that a listener change waits for the restart)."""
     for item in report.listeners:
-        where = "[metrics] listen" if item.kind == "metrics" else "[server] listener"
+        where = {"metrics": "[metrics] listen", "admin": "[admin] listen"}.get(item.kind, "[server] listener")
         try:
             family, kind, proto, _, address = socket.getaddrinfo(
                 item.host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
@@ -174,6 +177,8 @@ def listeners(config: Config) -> list[Listen]:
     configured += [("submissions", a) for a in config.server.submissions]
     if config.metrics.listen is not None:
         configured.append(("metrics", config.metrics.listen))
+    if config.admin.listen is not None:
+        configured.append(("admin", config.admin.listen))
     found = []
     for kind, address in configured:
         try:
@@ -451,7 +456,11 @@ def main(explicit_config: str | None, *, as_json: bool = False) -> int:
         print(json.dumps(report.as_json(), indent=2))
         return 0 if report.ok else 1
     for item in report.listeners:
-        target = f"http://{item.address}/metrics" if item.kind == "metrics" else item.address
+        target = item.address
+        if item.kind == "metrics":
+            target = f"http://{item.address}/metrics"
+        elif item.kind == "admin":
+            target = f"{'http' if is_loopback(item.host) else 'https'}://{item.address}/ (keystore serve)"
         print(f"listen: {item.label} on {target}")
     for text in report.warnings:
         print(f"warning: {text}", file=sys.stderr)

@@ -132,7 +132,7 @@ def test_a_good_config_prints_where_it_would_listen_and_exits_0(tmp_path):
     with held:
         folder.edit('submission = ["127.0.0.1:0"]', f'submission = ["127.0.0.1:{port}", "[::1]:2587"]')
         folder.edit('submissions = ["127.0.0.1:0"]', 'submissions = [":2465"]')
-        folder.append('\n[metrics]\nlisten = "127.0.0.1:9587"\n')
+        folder.append('\n[metrics]\nlisten = "127.0.0.1:9587"\n[admin]\nlisten = "127.0.0.1:8025"\n')
         outcome = folder.check()
     assert outcome.returncode == 0, outcome.stderr
     assert outcome.stderr == ""
@@ -141,6 +141,7 @@ def test_a_good_config_prints_where_it_would_listen_and_exits_0(tmp_path):
         "listen: STARTTLS on [::1]:2587",
         "listen: implicit TLS on 0.0.0.0:2465",
         "listen: metrics on http://127.0.0.1:9587/metrics",
+        "listen: admin on http://127.0.0.1:8025/ (keystore serve)",
         f"{folder.source}: no problems, no warnings",
     ]
 
@@ -319,6 +320,13 @@ def test_upstream_password_files_and_ca_files(tmp_path):
     os.chmod(second, 0o600)
     (tmp_path / "provider-ca.pem").write_bytes((tmp_path / "cert.pem").read_bytes())
     assert folder.check().returncode == 0
+
+
+def test_an_admin_listen_address_this_machine_does_not_have(tmp_path):
+    """`keystore serve` reads the same file: its address is checked as the relay's are."""
+    folder = Folder(tmp_path)
+    folder.append('\n[admin]\nlisten = "192.0.2.1:8025"\n')  # TEST-NET-1: on no machine
+    assert folder.only_problem().startswith("[admin] listen '192.0.2.1:8025': cannot listen on 192.0.2.1: ")
 
 
 def test_a_nameserver_that_is_no_address_is_a_problem_not_a_traceback(tmp_path):

@@ -149,7 +149,7 @@ async def test_malformed_network_is_refused_by_the_cli(h, cidr):
                        "--allow-from", "192.0.2.0/24", "--allow-from", cidr)
     assert result.returncode != 0
     assert result.stdout == ""
-    assert result.stderr.startswith(f"keystore: --allow-from {cidr!r} is not a network in CIDR notation")
+    assert result.stderr.startswith(f"keystore: allow-from {cidr!r} is not a network in CIDR notation")
     listed = await cli(h, "key", "list", "--json")
     assert json.loads(listed.stdout) == []  # nothing was created
 

@@ -79,7 +79,7 @@ def test_key_update_refusals(tmp_path):
         "keystore: a rate limit is a number of messages per minute, at least 1")
     assert cli.refused("key", "update", key, "--expires", "2001-01-01") == "keystore: expiry is in the past"
     assert cli.refused("key", "update", key, "--allow-from", "10.0.0.1/8").startswith(
-        "keystore: --allow-from '10.0.0.1/8' is not a network in CIDR notation")
+        "keystore: allow-from '10.0.0.1/8' is not a network in CIDR notation")
     assert cli.refused("key", "update", key).startswith("keystore: nothing to change")
     assert cli.refused("key", "update", "aaaaaaaaaaaa", "--note", "x") == (
         "keystore: unknown key: aaaaaaaaaaaa")
