@@ -24,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 from keystore.http.console import login, pages
 from keystore.http.console.csrf import CsrfRefused
 from keystore.http.console.headers import SecurityHeaders
-from keystore.http.console.render import page
+from keystore.http.console.render import error_page, page
 from keystore.http.console.session import COOKIE
 
 __all__ = ["install"]
@@ -46,20 +46,9 @@ async def _csrf_refused(request: Request, exc: Exception) -> Response:
                         "missing or wrong); nothing was changed. Reload the page and try again.")
 
 
-_TITLES = {400: "Refused", 401: "Not logged in", 403: "Not allowed", 404: "Not found",
-           405: "Not allowed", 409: "Refused", 413: "Too large", 429: "Too many attempts",
-           503: "Try again shortly"}
-
-
-def _error_page(request: Request, status: int, message: str) -> Response:
-    """What errors.py shows outside /api/ (an unknown page, a refusal no route caught, a
-    bug): the console's page, never a traceback."""
-    return page(request, "error.html", status, title=_TITLES.get(status, "Something went wrong"),
-                message=message)
-
-
 def install(app: FastAPI) -> None:
-    app.state.error_page = _error_page
+    # errors.py's answer outside /api/ (an unknown page, a refusal no route caught, a bug)
+    app.state.error_page = error_page
     app.include_router(login.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="console-static")

@@ -3,8 +3,9 @@
 Each handler asks `open_console` (or `posted`, which also checks the CSRF token) for the
 session's actor, calls one AdminService operation and renders or redirects. A refusal from
 the service (Forbidden, NotFound, Conflict, bad input) is shown on the page the person was
-on, in a banner, with the matching 4xx status; nothing here catches anything broader, so
-a bug is a plain 500 page, never a traceback (FastAPI does not show them).
+on, in a banner, with the matching 4xx status. Nothing here catches anything broader: a
+bug reaches errors.py's handler, which logs it and shows the console's error page (500,
+never a traceback).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from starlette.responses import RedirectResponse, Response
 
 from keystore.http.console import csrf
 from keystore.http.console.forms import KeyForm, expiry_text, grace_seconds, networks_text
-from keystore.http.console.render import ROTATION_DUE, UNUSED, page, segment
+from keystore.http.console.render import ROTATION_DUE, UNUSED, error_page, page, segment
 from keystore.http.console.session import COOKIE, Session, SessionStore
 from keystore.models import PERMISSIONS, AuthKey
 from keystore.service import Actor, AdminService, Forbidden
@@ -99,8 +100,10 @@ def _see_other(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303)
 
 
-def _refused(console: Console, exc: Exception, *, title: str = "Refused") -> Response:
-    return page(console.request, "error.html", status_of(exc), title=title, message=str(exc))
+def _refused(console: Console, exc: Exception) -> Response:
+    """A refusal with nothing to show beside it (the record asked for is not there, or not
+    this token's to see)."""
+    return error_page(console.request, status_of(exc), str(exc))
 
 
 async def _act(

@@ -13,7 +13,7 @@ from starlette.responses import HTMLResponse
 
 from keystore.models import AuthKey
 
-__all__ = ["ROTATION_DUE", "UNUSED", "badges", "page"]
+__all__ = ["ROTATION_DUE", "UNUSED", "badges", "error_page", "page", "segment"]
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 UNUSED = 30 * 86400.0  # the "unused" badge: no use for 30 days (from creation if never used)
@@ -89,3 +89,15 @@ def page(request: Request, template: str, status: int = 200, **context: object) 
     }
     html = _env.get_template(template).render(values)
     return HTMLResponse(html, status_code=status)
+
+
+_TITLES = {400: "Refused", 401: "Not logged in", 403: "Not allowed", 404: "Not found",
+           405: "Not allowed", 409: "Refused", 413: "Too large", 429: "Too many attempts",
+           503: "Try again shortly"}
+
+
+def error_page(request: Request, status: int, message: str) -> HTMLResponse:
+    """A page that is only a refusal or an error: its title by status, the message in the
+    refusal banner. errors.py shows its errors outside /api/ with this too."""
+    return page(request, "error.html", status, title=_TITLES.get(status, "Something went wrong"),
+                message=message)
