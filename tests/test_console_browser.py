@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -77,7 +78,10 @@ def click(browser: WebDriver, selector: str) -> None:
     """Click and wait for the next page (the old one goes stale)."""
     element = browser.find_element(By.CSS_SELECTOR, selector)
     element.click()
-    WebDriverWait(browser, 10).until(expected_conditions.staleness_of(element))
+    # while the old page goes, chromedriver may say "Node ... does not belong to the
+    # document" rather than "stale element": look again until it says stale
+    WebDriverWait(browser, 10, ignored_exceptions=(WebDriverException,)).until(
+        expected_conditions.staleness_of(element))
 
 
 def text(browser: WebDriver, selector: str) -> str:
