@@ -17,6 +17,9 @@ tls=${KEYRELAY_TLS_DIR:-/etc/keyrelay/tls}
 config=${KEYRELAY_CONFIG:-/etc/keyrelay/relay.toml}
 relay=${KEYRELAY_BIN:-/opt/keyrelay/.venv/bin/relay}
 reload=${KEYRELAY_RELOAD:-systemctl reload relay}
+# keystore serve (deploy/keystore-console.service) serves HTTPS with the same certificate
+# when [admin] listen is not loopback; it reads it at start only (its logins start over)
+console=${KEYRELAY_CONSOLE_RESTART:-"if systemctl is-active --quiet keystore-console; then systemctl restart keystore-console; fi"}
 
 stamp=$(date -u +%Y%m%dT%H%M%SZ)-$$
 install -d -m 0750 -o root -g "$user" "$tls"
@@ -33,3 +36,4 @@ if ! runuser -u "$user" -- "$relay" --config "$config" check-config >/dev/null; 
     echo "keyrelay: check-config reports the problems above; reloading anyway (the relay keeps its running configuration if it cannot use the new one)" >&2
 fi
 $reload
+eval "$console"

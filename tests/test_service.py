@@ -359,7 +359,9 @@ async def test_the_certbot_hook_switches_cert_and_key_together_and_reloads(tmp_p
     lineage.mkdir()
     hook_env = {**os.environ, "RENEWED_LINEAGE": str(lineage), "KEYRELAY_USER": "root",
                 "KEYRELAY_TLS_DIR": str(tmp_path / "tls"), "KEYRELAY_CONFIG": str(tmp_path / "relay.toml"),
-                "KEYRELAY_BIN": str(Path(sys.executable).with_name("relay")), "KEYRELAY_RELOAD": "true"}
+                "KEYRELAY_BIN": str(Path(sys.executable).with_name("relay")), "KEYRELAY_RELOAD": "true",
+                # the console unit's restart (it serves HTTPS with the same certificate)
+                "KEYRELAY_CONSOLE_RESTART": f"echo restarted >> {tmp_path / 'console-restarts'}"}
 
     def renew() -> tuple[int, subprocess.CompletedProcess]:
         generate_self_signed("relay.test", lineage / "fullchain.pem", lineage / "privkey.pem")
@@ -389,6 +391,7 @@ async def test_the_certbot_hook_switches_cert_and_key_together_and_reloads(tmp_p
                                  what="the renewed certificate served")
             copies = [p for p in (tmp_path / "tls").iterdir() if not p.name.startswith(("live", "."))]
             assert len(copies) == 3  # the newest three kept
+            assert (tmp_path / "console-restarts").read_text() == "restarted\n" * 5
             key = tmp_path / "tls" / "live" / "privkey.pem"
             assert oct(key.stat().st_mode & 0o777) == "0o600"
         finally:
