@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import ssl
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -424,6 +425,47 @@ def test_bad_input_is_400_with_a_message_naming_the_problem(server, owner):
         assert "over" in error(response, 413, "too_large")
 
 
+def test_numbers_and_times_past_what_the_keystore_holds_are_400_and_the_key_list_still_works(server, owner):
+    """JSON has 1e300, Infinity and NaN, and ISO has 9999-12-31T23:59-05:00: a grace or an
+    expiry past the year 9999 used to be stored and then fail every answer showing the key
+    (the key list a 500 for everyone), an integer past 64 bits a 500 at once."""
+    with client(server, owner) as api:
+        address = mailbox(api, unique("ws"))
+        key_id = new_key(api, address)["key"]["id"]
+        raw = {"Content-Type": "application/json"}
+        late = "9999-12-31T23:59:59-05:00"
+        cases = [
+            (api.post(f"/keys/{key_id}/rotate", json={"grace": "99999999999999999999999w"}), "grace:"),
+            (api.post(f"/keys/{key_id}/rotate", json={"grace": 1e300}), "grace:"),
+            (api.post(f"/keys/{key_id}/rotate", content=b'{"grace": Infinity}', headers=raw), "grace"),
+            (api.post(f"/keys/{key_id}/rotate", content=b'{"grace": NaN}', headers=raw), "grace"),
+            (api.post("/keys", json={"name": "late", "mailbox": address, "expires": late}), "expires:"),
+            (api.patch(f"/keys/{key_id}", json={"expires": late}), "expires:"),
+            (api.post("/keys", json={"name": "big", "mailbox": address, "rate_limit": 10**30}),
+             "rate_limit:"),
+            (api.patch(f"/keys/{key_id}", json={"rate_limit": 10**30}), "rate_limit:"),
+            (api.patch(f"/workspaces/{address.split('@')[0]}", json={"key_limit": 10**30}), "key_limit:"),
+        ]
+        for response, words in cases:
+            assert words in error(response, 400, "invalid"), response.request.content
+        (key,) = ok(api.get("/keys", params={"mailbox": address}))["keys"]  # nothing made, nothing broken
+        assert key["id"] == key_id and key["rotated"] is None and key["expires"] is None
+        assert key["rate_limit"] is None
+
+
+def test_a_stored_time_too_late_to_show_does_not_break_the_api(server, owner, folder):
+    """A keystore may hold a time past the year 9999 (the CLI takes any --grace, an older
+    server took any): the API shows it as the latest time ISO 8601 has, rather than a 500
+    on the key and on every list holding it."""
+    with client(server, owner) as api:
+        address = mailbox(api, unique("ws"))
+        key_id = new_key(api, address)["key"]["id"]
+        with sqlite3.connect(folder / "keystore.db") as db:
+            db.execute("UPDATE auth_key SET prev_valid_until = ? WHERE id = ?", (1e30, key_id))
+        assert ok(api.get(f"/keys/{key_id}"))["previous_valid_until"] == "9999-12-31T23:59:59Z"
+        assert [k["id"] for k in ok(api.get("/keys", params={"mailbox": address}))["keys"]] == [key_id]
+
+
 def test_unknown_ids_and_endpoints_are_404(server, owner):
     with client(server, owner) as api:
         for path in ("/keys/aaaaaaaaaaaa", "/mailboxes/nobody@example.com", f"/workspaces/{unique()}",
@@ -455,6 +497,22 @@ def test_the_access_log_has_no_query_strings_and_no_secrets(server, owner):
     assert "GET /api/v1/keys 200" in log
     assert "needle-in-query" not in log
     assert owner.secret not in log and secret not in log
+
+
+def test_a_request_path_forges_no_log_line_and_leaves_no_token_in_the_log(server, owner):
+    """The path is logged percent-decoded: `%0a` would start a line of the client's own
+    making, and a token pasted into a URL would be written down whole."""
+    forged = "2026-01-01 00:00:00,000 WARNING keystore.http: admin login failed client=192.0.2.1"
+    with client(server, owner) as api:
+        error(api.get("/nothing%0d%0a" + forged.replace(" ", "%20") + "%1b[2J"), 404, "not_found")
+        error(api.get(f"/keys/{owner.secret}"), 404, "not_found")
+        asyncio.run(wait_until(lambda: f"/keys/rat_{owner.id}_" in server.log.read_text(),
+                               what="the access log's line of the second request"))
+    lines = server.log.read_text().splitlines()
+    assert not [line for line in lines if line.startswith(forged)]
+    assert not [line for line in lines if "\x1b" in line]
+    assert any("/nothing\\r\\n2026-01-01" in line for line in lines)
+    assert owner.secret not in server.log.read_text()
 
 
 # ------------------------------------------------------------------- SMTP

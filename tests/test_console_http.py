@@ -236,6 +236,50 @@ def test_refusals_show_on_the_form_with_a_4xx(site: ConsoleSite):
                            data={"csrf": csrf_of(mailbox.text)}).status_code == 303
 
 
+def test_numbers_and_times_past_what_the_keystore_holds_are_refused_and_break_no_page(site: ConsoleSite):
+    """A rate limit past 64 bits was a 500; a grace of 9...9 days (infinite once a float)
+    was stored, and from then on the key's page was a 500. A time the keystore holds
+    past the year 9999 (the CLI takes any --grace) shows as the latest there is."""
+    with site.login("owner") as client:
+        key_id, _ = new_key(client, "alice@acme.example", "bounds")
+        token = csrf_of(client.get(f"/keys/{key_id}").text)
+        form = client.get("/keys/new", params={"mailbox": "alice@acme.example"})
+        reply = client.post("/keys/new", data={"csrf": csrf_of(form.text), "mailbox": "alice@acme.example",
+                                               "name": "huge", "permissions": "email.send",
+                                               "rate_limit": "9" * 40})
+        assert reply.status_code == 400 and "rate limit" in refusal_of(reply.text)
+        reply = client.post(f"/keys/{key_id}/rotate", data={"csrf": token, "grace": "9" * 400 + "d"})
+        assert reply.status_code == 400 and "grace: at most" in refusal_of(reply.text)
+        page = client.get(f"/keys/{key_id}")
+        assert page.status_code == 200 and "Rotated</dt><dd>never" in page.text
+        with sqlite3.connect(site.folder / "keystore.db") as db:
+            db.execute("UPDATE auth_key SET prev_valid_until = ?, expires = ? WHERE id = ?",
+                       (1e30, 1e30, key_id))
+        page = client.get(f"/keys/{key_id}")
+        assert page.status_code == 200 and "9999-12-31 23:59 UTC" in page.text
+        assert client.get(f"/keys/{key_id}/edit").status_code == 200
+        assert client.get("/mailboxes/alice@acme.example").status_code == 200
+
+
+def test_logging_in_again_ends_the_session_it_replaces(site: ConsoleSite):
+    """The login form open in two tabs, both used: the browser keeps the second session's
+    cookie, and the first session must not live on unseen in the server until its time is
+    up (its cookie may have been copied)."""
+    with site.client() as client:
+        nonce = csrf_of(client.get("/login").text)
+        owner, viewer = site.tokens["owner"].secret, site.tokens["viewer"].secret
+        assert client.post("/login", data={"csrf": nonce, "token": owner}).status_code == 303
+        first = client.cookies["keystore_session"]
+        client.cookies.set("keystore_login", nonce)  # the other tab's form, as its cookie was
+        assert client.post("/login", data={"csrf": nonce, "token": viewer}).status_code == 303
+        assert client.cookies["keystore_session"] != first
+        assert client.get("/").status_code == 200
+    with site.client() as stale:
+        stale.cookies.set("keystore_session", first)
+        reply = stale.get("/")
+        assert reply.status_code == 303 and reply.headers["location"] == "/login"
+
+
 def test_edit_rotate_with_grace_end_grace_and_the_audit_trail(site: ConsoleSite):
     owner = site.tokens["owner"]
     with site.login(owner) as client:

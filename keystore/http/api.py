@@ -19,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from keystore.http.auth import bearer, request_actor
+from keystore.http.limits import MAX_INT, check_grace, check_time, clamp_time
 from keystore.http.site import Site
 from keystore.models import AdminToken, AuditEvent, AuthKey, Mailbox, Workspace, canonical_address
 from keystore.service import Actor, AdminService
@@ -56,21 +57,22 @@ def parse_when(text: str) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-def _epoch(moment: datetime | None) -> float | None:
+def _epoch(moment: datetime | None, field: str = "expires") -> float | None:
     if moment is None:
         return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    return check_time((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp(), field)
 
 
 def iso(ts: float | None) -> str | None:
     """Seconds since the epoch → `2026-05-01T12:00:00Z` (None stays None)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(clamp_time(ts), UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 When = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time",
                                       "example": "2026-05-01T12:00:00Z"})]
+Count = Annotated[int, Field(le=MAX_INT)]  # what SQLite's INTEGER holds (limits.py)
 
 # --------------------------------------------------------------- responses
 
@@ -247,7 +249,7 @@ class _In(BaseModel):
 
 
 class WorkspaceUpdate(_In):
-    key_limit: int = Field(description="active keys the workspace may hold")
+    key_limit: Count = Field(description="active keys the workspace may hold")
 
 
 class Suspension(_In):
@@ -270,7 +272,7 @@ class KeyIn(_In):
     permissions: list[str] = ["email.send"]
     expires: datetime | None = Field(None, description="ISO 8601; no zone: UTC")
     route: str | None = None
-    rate_limit: int | None = None
+    rate_limit: Count | None = None
     allow_from: list[str] = Field([], description="client networks (CIDR) it may log in from")
 
 
@@ -278,7 +280,7 @@ class KeyUpdate(_In):
     """Only the fields given change; null clears a setting."""
 
     route: str | None = None
-    rate_limit: int | None = None
+    rate_limit: Count | None = None
     expires: datetime | None = None
     owner: str | None = None
     note: str | None = None
@@ -515,7 +517,7 @@ async def revoke_key(key_id: str, actor: ActorDep, svc: ServiceDep) -> KeyOut:
 async def rotate_key(key_id: str, request: Request, actor: ActorDep, svc: ServiceDep,
                      body: Rotation | None = None) -> KeySecret:
     grace = (body or Rotation()).grace
-    seconds = parse_duration(grace, field="grace") if isinstance(grace, str) else float(grace)
+    seconds = check_grace(parse_duration(grace, field="grace") if isinstance(grace, str) else float(grace))
     key, secret = await svc.rotate_key(actor, key_id, grace=seconds)
     return _secret(request, key, secret)
 

@@ -18,13 +18,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keystore.http import api, console, errors
 from keystore.http.auth import TokenLogins
+from keystore.http.limits import loggable
 from keystore.http.site import Site
 from keystore.service import AdminService
 from keystore.throttle import FailureLimiter
 
 __all__ = ["MAX_BODY", "create_app"]
 
-# method, path (never the query string: a search term, a confirmation), status, client
+# method, path (never the query string: a search term, a confirmation; as limits.loggable
+# writes it: no line breaks of the client's, no token's secret), status, client
 access = logging.getLogger("keystore.http.access")
 MAX_BODY = 1 << 20  # bytes a request body may have: the largest real one is a few KiB
 DRAIN_LIMIT = 16 << 20  # a larger body is not read at all before the 413
@@ -111,7 +113,7 @@ class _Guard:
             await self.app(scope, limited_receive, guarded_send)
         finally:
             client = scope.get("client") or ("-", 0)
-            access.info("%s %s %s client=%s %.0fms", scope.get("method"), scope.get("path"),
+            access.info("%s %s %s client=%s %.0fms", scope.get("method"), loggable(scope.get("path", "")),
                         status or "-", client[0], (time.monotonic() - started) * 1000)
 
 

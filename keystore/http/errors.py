@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from keystore.http.limits import loggable
 from keystore.service import Forbidden
 from keystore.store import Conflict, KeystoreUnavailable, NotFound, StoreError
 
@@ -165,7 +166,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:
-        # the path without its query string, the exception with its traceback: neither
-        # carries a secret (tokens travel in a header, key secrets only in responses)
-        log.error("internal error at %s %s", request.method, request.url.path, exc_info=exc)
+        # the path without its query string (limits.loggable: a pasted token cut short),
+        # the exception with its traceback (tokens travel in a header, key secrets only in
+        # responses)
+        log.error("internal error at %s %s", request.method, loggable(request.url.path), exc_info=exc)
         return _answer(request, 500, "internal", "internal error; the server's log has the details")

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
+from keystore.http.limits import MAX_INT, check_grace, clamp_time
 from keystore.models import AuthKey
 from keystore.store import StoreError
 
@@ -48,7 +49,7 @@ def _expiry(text: str) -> float | None:
 def _rate_limit(text: str) -> int | None:
     if not text:
         return None
-    if not text.isdigit():
+    if not text.isdigit() or int(text) > MAX_INT:
         raise StoreError(f"rate limit: {text!r} is not a whole number of messages per minute")
     return int(text)
 
@@ -65,7 +66,7 @@ def expiry_text(key: AuthKey) -> str:
     """The edit form's value for the key's expiry (a date, as the field takes it)."""
     if key.expires is None:
         return ""
-    return datetime.fromtimestamp(key.expires, UTC).date().isoformat()
+    return datetime.fromtimestamp(clamp_time(key.expires), UTC).date().isoformat()
 
 
 def grace_seconds(form: Mapping[str, object]) -> float:
@@ -76,7 +77,7 @@ def grace_seconds(form: Mapping[str, object]) -> float:
     match = _DURATION.match(text.lower())
     if not match:
         raise StoreError(f"grace: {text!r} is not a duration (e.g. 0, 90s, 15m, 24h, 7d)")
-    return float(match.group(1)) * _UNIT[match.group(2)]
+    return check_grace(float(match.group(1)) * _UNIT[match.group(2)])
 
 
 @dataclass(frozen=True, slots=True)

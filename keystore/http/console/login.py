@@ -71,7 +71,11 @@ async def login(request: Request) -> Response:
     if actor.token_id is None:  # an Actor that is no token's cannot hold a session
         return _login_page(request, status=401, error="That admin token was not accepted.")
     site = request.app.state.site
-    session = sessions_of(request).create(actor.token_id)
+    sessions = sessions_of(request)
+    # a login replaces the session this browser held (a second tab's login form): the old
+    # one ends now rather than living on, unseen, until its time is up
+    sessions.end(request.cookies.get(COOKIE) or "")
+    session = sessions.create(actor.token_id)
     response = RedirectResponse("/", status_code=303)
     # the browser may keep it up to a second longer (Max-Age is whole seconds); the
     # session ends on time here whatever the cookie says

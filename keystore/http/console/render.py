@@ -11,6 +11,7 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
+from keystore.http.limits import clamp_time
 from keystore.models import AuthKey
 
 __all__ = ["ROTATION_DUE", "UNUSED", "badges", "error_page", "page", "segment"]
@@ -23,14 +24,14 @@ ROTATION_DUE = 90 * 86400.0  # the "rotation due" badge: not rotated for 90 days
 def when(at: float | None, never: str = "never") -> str:
     if at is None:
         return never
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.fromtimestamp(clamp_time(at), UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def ago(at: float | None) -> str:
     """'3 days ago', 'in 2 hours': how far from now, roughly."""
     if at is None:
         return ""
-    delta = time.time() - at
+    delta = time.time() - clamp_time(at)
     future = delta < 0
     delta = abs(delta)
     for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
