@@ -7,6 +7,7 @@ its own); tests that need another config start their own."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import sqlite3
 import ssl
@@ -478,6 +479,9 @@ def test_unknown_ids_and_endpoints_are_404(server, owner):
         error(api.patch("/keys/aaaaaaaaaaaa", json={"note": "x"}), 404, "not_found")
         error(api.delete("/keys/aaaaaaaaaaaa", params={"confirm": "x"}), 404, "not_found")
         error(httpx.get(server.url + "api/v2/keys"), 404, "not_found")
+        bare = httpx.get(server.url + "api")  # the API's own root too: JSON, not the console's page
+        error(bare, 404, "not_found")
+        assert bare.headers["cache-control"] == "no-store"
         error(api.put("/keys"), 405, "method_not_allowed")
 
 
@@ -513,6 +517,29 @@ def test_a_request_path_forges_no_log_line_and_leaves_no_token_in_the_log(server
     assert not [line for line in lines if "\x1b" in line]
     assert any("/nothing\\r\\n2026-01-01" in line for line in lines)
     assert owner.secret not in server.log.read_text()
+
+
+def test_a_bug_answered_500_keeps_the_connection_and_is_logged_once(server, owner, folder):
+    """uvicorn closes the connection when the app raises after answering, and logs the
+    traceback a second time; a script's next request on its kept-alive connection then
+    failed with a reset, after a 500 errors.py had already answered and logged."""
+    with client(server, owner) as api:
+        key_id = new_key(api, mailbox(api, unique("ws")))["key"]["id"]
+    with sqlite3.connect(folder / "keystore.db") as db:  # a row no version writes: a bug's stand-in
+        db.execute("UPDATE auth_key SET rotated = 'garbage' WHERE id = ?", (key_id,))
+    connection = http.client.HTTPConnection(server.url.split("//")[1].strip("/"), timeout=10)
+    try:
+        connection.request("GET", f"/api/v1/keys/{key_id}", headers=owner.headers)
+        broken = connection.getresponse()
+        assert broken.status == 500 and json.loads(broken.read())["error"]["code"] == "internal"
+        connection.request("GET", "/api/v1/me", headers=owner.headers)  # the same connection
+        after = connection.getresponse()
+        assert after.status == 200 and json.loads(after.read())["actor"] == owner.actor
+    finally:
+        connection.close()
+    log = server.log.read_text()
+    assert log.count(f"internal error at GET /api/v1/keys/{key_id}") == 1
+    assert "Exception in ASGI application" not in log
 
 
 # ------------------------------------------------------------------- SMTP

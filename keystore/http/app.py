@@ -93,7 +93,7 @@ class _Guard:
                     raise HTTPException(413, f"request body over {MAX_BODY} bytes")
             return message
 
-        api_path = scope.get("path", "").startswith(errors.API_PREFIX)
+        api_path = errors.is_api(scope.get("path", ""))
 
         status = 0
 

@@ -35,7 +35,7 @@ from keystore.http.limits import loggable
 from keystore.service import Forbidden
 from keystore.store import Conflict, KeystoreUnavailable, NotFound, StoreError
 
-__all__ = ["API_PREFIX", "ApiError", "Throttled", "Unauthorized", "error_body", "install"]
+__all__ = ["API_PREFIX", "ApiError", "Throttled", "Unauthorized", "error_body", "install", "is_api"]
 
 API_PREFIX = "/api/"
 log = logging.getLogger("keystore.http")
@@ -89,13 +89,18 @@ _HTTP_CODES = {400: "invalid", 401: "unauthorized", 403: "forbidden", 404: "not_
                503: "unavailable"}
 
 
+def is_api(path: str) -> bool:
+    """Whether a request path is the API's (/api itself included: its 404 is JSON too)."""
+    return path == API_PREFIX.rstrip("/") or path.startswith(API_PREFIX)
+
+
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
 def _answer(request: Request, status: int, code: str, message: str,
             headers: Mapping[str, str] | None = None) -> Response:
-    if request.url.path.startswith(API_PREFIX):
+    if is_api(request.url.path):
         return JSONResponse(error_body(code, message), status_code=status, headers=dict(headers or {}))
     page = getattr(request.app.state, "error_page", None)
     if page is not None:

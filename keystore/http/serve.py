@@ -28,6 +28,7 @@ from collections.abc import Generator
 from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keystore.http.app import create_app
 from keystore.http.site import Site, is_loopback
@@ -89,6 +90,34 @@ def _setup_logging() -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(level)
         logger.propagate = False
+
+
+class _Answered:
+    """The app for uvicorn: an exception raised after the whole answer went out ends here.
+
+    Starlette answers a bug with errors.py's 500 (which logs it with its traceback) and then
+    raises it again; uvicorn, seeing an exception after the response started, logs the
+    traceback a second time and closes the connection, so a client's next request on its
+    kept-alive connection fails with a reset. An answer cut short still reaches uvicorn
+    (the client must see it broken)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answered = False
+
+        async def watched(message: Message) -> None:
+            nonlocal answered
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception:
+            if not answered:
+                raise
 
 
 class _Server(uvicorn.Server):
@@ -154,7 +183,7 @@ async def run(store: KeyStore, config: Any, *, listen: str | None) -> int:
     _setup_logging()
     server = _Server(
         uvicorn.Config(
-            app, log_config=None, access_log=False, proxy_headers=False, server_header=False,
+            _Answered(app), log_config=None, access_log=False, proxy_headers=False, server_header=False,
             timeout_graceful_shutdown=5, ssl_context_factory=(lambda *_: context) if context else None,
         ),
         ready_line=f"admin console on {_url('https' if context else 'http', sock)}",
