@@ -171,6 +171,10 @@ def test_a_viewer_sees_no_write_buttons_and_its_posts_are_refused(site: ConsoleS
         reply = viewer.post("/workspaces/acme/suspend", data={"csrf": token})
         assert reply.status_code == 403
         assert viewer.get("/keys/new", params={"mailbox": "carol@acme.example"}).status_code == 403
+        for form in ("edit", "revoke"):  # nor the forms of the writes: they would only be refused
+            reply = viewer.get(f"/keys/{key_id}/{form}")
+            assert reply.status_code == 403, form
+            assert "needs the editor role; this is viewer" in refusal_of(reply.text)
     with site.login("owner") as owner:
         assert key_status(owner, key_id) == "active"
         assert "Suspend" in owner.get("/").text

@@ -96,6 +96,13 @@ async def posted(request: Request) -> tuple[Console, FormData]:
     return console, form
 
 
+def _need_editor(console: Console, what: str) -> None:
+    """The form of a write is refused up front to a viewer, as its POST would be (the
+    service's words), rather than shown to be refused once filled in."""
+    if not console.can_edit:
+        raise Forbidden(f"{what} needs the editor role; this is {console.actor.role}")
+
+
 def _see_other(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303)
 
@@ -366,6 +373,7 @@ async def confirm_revoke(request: Request, key_id: str) -> Response:
     console = await open_console(request)
     try:
         key = await console.service.key(console.actor, key_id)
+        _need_editor(console, "revoking a key")
     except REFUSALS as exc:
         return _refused(console, exc)
     return page(request, "revoke.html", key=key)
@@ -395,6 +403,7 @@ async def edit_key(request: Request, key_id: str) -> Response:
     console = await open_console(request)
     try:
         key = await console.service.key(console.actor, key_id)
+        _need_editor(console, "changing a key")
     except REFUSALS as exc:
         return _refused(console, exc)
     values = {"owner": key.owner or "", "note": key.note or "", "route": key.route or "",
