@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from keystore.http.app import create_app
+from keystore.http.console import session as session_module
 from keystore.http.site import Site
 from keystore.service import AdminService
 from keystore.store import KeyStore
@@ -263,6 +264,19 @@ def test_numbers_and_times_past_what_the_keystore_holds_are_refused_and_break_no
         assert page.status_code == 200 and "9999-12-31 23:59 UTC" in page.text
         assert client.get(f"/keys/{key_id}/edit").status_code == 200
         assert client.get("/mailboxes/alice@acme.example").status_code == 200
+
+
+def test_one_token_logging_in_over_and_over_does_not_push_out_other_tokens_sessions(monkeypatch):
+    """Sessions are capped (the oldest go first past the cap): any token, a viewer's too,
+    could log in that many times and so log every owner out. Each token now only pushes
+    out its own oldest sessions."""
+    monkeypatch.setattr(session_module, "MAX_SESSIONS", 40)  # 10 000 logins otherwise
+    sessions = session_module.SessionStore(ttl=3600)
+    owner = sessions.create("owner-token")
+    viewer = [sessions.create("viewer-token") for _ in range(100)]
+    assert sessions.get(owner.id) is owner
+    assert sessions.get(viewer[-1].id) is viewer[-1]  # the newest of the busy token live on
+    assert sessions.get(viewer[0].id) is None
 
 
 def test_logging_in_again_ends_the_session_it_replaces(site: ConsoleSite):

@@ -22,7 +22,7 @@ COOKIE = "keystore_session"
 # Before login there is no session: the login form's CSRF token is double-submitted, the
 # same random value in this cookie and in the form (OWASP: login CSRF).
 PRELOGIN_COOKIE = "keystore_login"
-MAX_SESSIONS = 10_000  # only successful logins make one; the oldest go first past this
+MAX_SESSIONS = 10_000  # only successful logins make one; past this, see SessionStore.create
 
 
 @dataclass(slots=True)
@@ -56,7 +56,11 @@ class SessionStore:
     def create(self, token_id: str) -> Session:
         self._purge()
         while len(self._sessions) >= MAX_SESSIONS:
-            self._sessions.pop(next(iter(self._sessions)))
+            # full: a token's new login pushes out that token's oldest session (the oldest of
+            # all only for a token holding none), so one token logging in over and over, a
+            # viewer's too, cannot log everyone else out
+            own = next((sid for sid, s in self._sessions.items() if s.token_id == token_id), None)
+            self._sessions.pop(own if own is not None else next(iter(self._sessions)))
         session = Session(id=secrets.token_urlsafe(32), token_id=token_id,
                           csrf=secrets.token_urlsafe(32), expires=time.monotonic() + self.ttl)
         self._sessions[session.id] = session
