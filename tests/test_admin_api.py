@@ -454,6 +454,30 @@ def test_numbers_and_times_past_what_the_keystore_holds_are_400_and_the_key_list
         assert key["rate_limit"] is None
 
 
+def test_text_that_is_not_unicode_is_400_naming_the_field(server, owner):
+    """JSON's \\ud800 escape is a lone surrogate, which no database text can hold: it was a
+    500 from deep in the keystore."""
+    with client(server, owner) as api:
+        address = mailbox(api, unique("ws"))
+        key_id = new_key(api, address)["key"]["id"]
+        raw = {"Content-Type": "application/json"}
+        lone = '"\\ud800"'
+        cases = [
+            (api.post("/keys", content=f'{{"name": "x", "mailbox": "{address}", "note": {lone}}}',
+                      headers=raw), "note:"),
+            (api.post("/keys", content=f'{{"name": "x", "mailbox": "{address}", "allow_from": [{lone}]}}',
+                      headers=raw), "allow_from:"),
+            (api.patch(f"/keys/{key_id}", content=f'{{"owner": {lone}}}', headers=raw), "owner:"),
+            (api.post("/mailboxes", content=f'{{"address": {lone}, "workspace": "w"}}', headers=raw),
+             "address:"),
+            (api.post("/admin-tokens", content=f'{{"name": {lone}, "role": "viewer"}}', headers=raw),
+             "name:"),
+        ]
+        for response, words in cases:
+            assert words in error(response, 400, "invalid"), response.request.content
+        assert [k["id"] for k in ok(api.get("/keys", params={"mailbox": address}))["keys"]] == [key_id]
+
+
 def test_a_stored_time_too_late_to_show_does_not_break_the_api(server, owner, folder):
     """A keystore may hold a time past the year 9999 (the CLI takes any --grace, an older
     server took any): the API shows it as the latest time ISO 8601 has, rather than a 500

@@ -279,6 +279,22 @@ def test_one_token_logging_in_over_and_over_does_not_push_out_other_tokens_sessi
     assert sessions.get(viewer[0].id) is None
 
 
+def test_a_form_field_that_is_not_text_is_400(site: ConsoleSite):
+    """A multipart form may name any charset for its fields; raw_unicode_escape turns
+    `\\ud800` into a lone surrogate, which no database text holds (it was a 500)."""
+    with site.login("owner") as client:
+        token = csrf_of(client.get("/keys/new", params={"mailbox": "alice@acme.example"}).text)
+        fields = {"csrf": token, "mailbox": "alice@acme.example", "name": "surrogate",
+                  "permissions": "email.send", "note": "\\ud800"}
+        body = b"".join(f'--B\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+                        for name, value in fields.items()) + b"--B--\r\n"
+        reply = client.post("/keys/new", content=body, headers={
+            "Content-Type": "multipart/form-data; boundary=B; charset=raw_unicode_escape"})
+        assert reply.status_code == 400
+        assert refusal_of(reply.text) == "note: not text (a lone UTF-16 surrogate)"
+        assert "surrogate" not in client.get("/mailboxes/alice@acme.example").text
+
+
 def test_logging_in_again_ends_the_session_it_replaces(site: ConsoleSite):
     """The login form open in two tabs, both used: the browser keeps the second session's
     cookie, and the first session must not live on unseen in the server until its time is

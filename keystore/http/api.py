@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from keystore.http.auth import bearer, request_actor
 from keystore.http.limits import MAX_INT, check_grace, check_time, clamp_time
@@ -246,6 +246,21 @@ class TokenList(BaseModel):
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _unicode_text(self) -> _In:
+        """JSON's `\\ud800` escape is a lone surrogate: a str no database text can hold (a
+        500 from deep in the keystore). A StoreError, not a ValueError: Pydantic lets it
+        through, and errors.py answers it 400 naming the field."""
+        for name in self.model_fields_set:
+            value = getattr(self, name)
+            for text in value if isinstance(value, list) else [value]:
+                if isinstance(text, str) and not text.isascii():
+                    try:
+                        text.encode()
+                    except UnicodeEncodeError:
+                        raise StoreError(f"{name}: not text (a lone UTF-16 surrogate)") from None
+        return self
 
 
 class WorkspaceUpdate(_In):

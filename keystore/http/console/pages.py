@@ -93,7 +93,20 @@ async def posted(request: Request) -> tuple[Console, FormData]:
     console = await open_console(request)
     form = await request.form()
     csrf.check(console.session.csrf, form.get(csrf.FIELD))
+    for name, value in form.multi_items():
+        # a multipart form names its own charset (raw_unicode_escape makes `\ud800` a lone
+        # surrogate): text no database holds, a 500 from deep in the keystore otherwise
+        if isinstance(value, str) and not _is_text(value):
+            raise StoreError(f"{name if _is_text(name) else 'a field'}: not text (a lone UTF-16 surrogate)")
     return console, form
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _need_editor(console: Console, what: str) -> None:
