@@ -253,6 +253,8 @@ def test_numbers_and_times_past_what_the_keystore_holds_are_refused_and_break_no
                                                "name": "huge", "permissions": "email.send",
                                                "rate_limit": "9" * 40})
         assert reply.status_code == 400 and "rate limit" in refusal_of(reply.text)
+        reply = client.post(f"/keys/{key_id}/edit", data={"csrf": token, "rate_limit": "\N{SUPERSCRIPT TWO}"})
+        assert reply.status_code == 400 and "rate limit" in refusal_of(reply.text)  # a digit int() refuses
         reply = client.post(f"/keys/{key_id}/rotate", data={"csrf": token, "grace": "9" * 400 + "d"})
         assert reply.status_code == 400 and "grace: at most" in refusal_of(reply.text)
         page = client.get(f"/keys/{key_id}")

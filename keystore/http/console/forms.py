@@ -49,7 +49,8 @@ def _expiry(text: str) -> float | None:
 def _rate_limit(text: str) -> int | None:
     if not text:
         return None
-    if not text.isdigit() or int(text) > MAX_INT:
+    # isdecimal, not isdigit: "²" is a digit int() refuses
+    if not text.isdecimal() or int(text) > MAX_INT:
         raise StoreError(f"rate limit: {text!r} is not a whole number of messages per minute")
     return int(text)
 
