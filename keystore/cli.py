@@ -21,7 +21,7 @@ from pathlib import Path
 from keystore.keys import PepperError
 from keystore.models import PERMISSIONS, ROLES, AdminToken, AuthKey, Mailbox
 from keystore.service import Actor, AdminService
-from keystore.store import KeyStore, KeystoreUnavailable, StoreError
+from keystore.store import KeyStore, KeystoreUnavailable, StoreError, control_character
 from relay.config import ConfigError, load_config, parse_duration, resolve_config_path
 
 __all__ = ["main"]
@@ -119,8 +119,16 @@ def _mailbox_json(mailbox: Mailbox) -> dict:
     return data
 
 
+def _printable(text: str) -> str:
+    """Text others typed (key names, notes, suspension reasons: a limited admin token
+    writes them over HTTP) as an owner's terminal should show it: each control character
+    escaped (a note's line break is shown as \\n), so no escape sequence is obeyed."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if control_character(c) else c
+                   for c in text)
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    cells = [list(headers)] + [["-" if c is None else str(c) for c in row] for row in rows]
+    cells = [list(headers)] + [["-" if c is None else _printable(str(c)) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -144,7 +152,7 @@ def _show_key(key: AuthKey) -> None:
                             f"({key.last_failed_reason.replace('_', ' ')})" if key.last_failed else None),
     ]
     for label, value in fields:
-        print(f"{label + ':':24}{'-' if value is None else value}")
+        print(f"{label + ':':24}{'-' if value is None else _printable(str(value))}")
 
 
 def _print_secret(key: AuthKey, secret: str, args: argparse.Namespace, verb: str) -> None:
@@ -240,11 +248,13 @@ async def _key_create(svc: AdminService, me: Actor, args, config) -> int:
 
 
 def _flags(key: AuthKey, now: float) -> str | None:
-    """The console's badges, in words: what a review of keys should look at."""
+    """The console's badges, in words: what a review of keys should look at (keys that
+    could log in: not disabled, revoked or expired, as the reports)."""
     flags = []
-    if key.status == "active" and (key.last_used or key.created) <= now - UNUSED_AFTER:
+    live = key.status == "active" and (key.expires is None or key.expires > now)
+    if live and (key.last_used or key.created) <= now - UNUSED_AFTER:
         flags.append("unused")
-    if key.status == "active" and (key.rotated or key.created) <= now - ROTATION_DUE_AFTER:
+    if live and (key.rotated or key.created) <= now - ROTATION_DUE_AFTER:
         flags.append("rotation-due")
     return ",".join(flags) or None
 
@@ -300,7 +310,7 @@ async def _key_revoke(svc: AdminService, me: Actor, args, config) -> int:
         if pending:
             print(f"These {len(pending)} key(s) will be revoked, for good:")
             for key in pending:
-                print(f"  {key.id}  {key.name}  ({key.scope})")
+                print(f"  {key.id}  {_printable(key.name)}  ({key.scope})")
             print("Type 'revoke' to confirm: ", end="", flush=True)
             if sys.stdin.readline().strip() != "revoke":
                 raise Refused("not confirmed; nothing revoked")
@@ -368,7 +378,7 @@ async def _key_delete(svc: AdminService, me: Actor, args, config) -> int:
     key = await svc.key(me, args.id)
     answer = key.name
     if not args.yes:
-        print(f"Deleting key {key.id} cannot be undone. Type its name ({key.name}) to confirm: ",
+        print(f"Deleting key {key.id} cannot be undone. Type its name ({_printable(key.name)}) to confirm: ",
               end="", flush=True)
         answer = sys.stdin.readline().strip()
     await svc.delete_key(me, key.id, confirm=answer)
@@ -431,12 +441,8 @@ def _token_json(token: AdminToken) -> dict:
 
 
 async def _token_create(svc: AdminService, me: Actor, args, config) -> int:
-    if args.replace:
-        for old in await svc.tokens(me):
-            if old.name == args.name.strip() and old.status == "active":
-                await svc.revoke_token(me, old.id)
     token, secret = await svc.create_token(me, name=args.name, role=args.role,
-                                           workspaces=args.workspace)
+                                           workspaces=args.workspace, replace=args.replace)
     if args.json:
         _print_json({**_token_json(token), "secret": secret})
         return 0

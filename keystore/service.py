@@ -76,8 +76,11 @@ class AdminService:
         if actor.rank < ROLES.index(role):
             raise Forbidden(f"{what} needs the {role} role; this is {actor.role}")
 
-    def _check_route(self, route: str | None) -> None:
-        if route is not None and self.route_names and route not in self.route_names:
+    def _check_route(self, route: object) -> None:
+        """Refuse a route the config does not define; None or blank clears (the store
+        strips, so " bulk " is bulk), and a value that is not text is the store's to refuse."""
+        if isinstance(route, str) and route.strip() and self.route_names \
+                and route.strip() not in self.route_names:
             raise StoreError(f"unknown route {route!r}: no [[upstream]] or [[group]] of that name "
                              f"(have: {', '.join(self.route_names)})")
 
@@ -205,7 +208,7 @@ class AdminService:
     async def update_key(self, actor: Actor, key_id: str, changes: Mapping[str, object]) -> AuthKey:
         await self._editable_key(actor, key_id, "changing a key")
         if "route" in changes:
-            self._check_route(changes["route"])  # type: ignore[arg-type]
+            self._check_route(changes["route"])
         return await self.store.update_key(key_id, changes, actor=actor.name)
 
     async def disable_key(self, actor: Actor, key_id: str) -> AuthKey:
@@ -272,10 +275,12 @@ class AdminService:
 
     async def create_token(
         self, actor: Actor, *, name: str, role: str, workspaces: Iterable[str] = (),
+        replace: bool = False,
     ) -> tuple[AdminToken, str]:
+        """`replace`: revoke the active tokens of that name first, in one transaction."""
         self._require(actor, "owner", "creating an admin token")
         return await self.store.create_token(name=name, role=role, workspaces=workspaces,
-                                             actor=actor.name)
+                                             actor=actor.name, replace=replace)
 
     async def tokens(self, actor: Actor) -> list[AdminToken]:
         self._require(actor, "owner", "listing admin tokens")

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import re
 import sqlite3
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -55,6 +57,14 @@ _KEY_STATUSES = ("active", "disabled", "revoked")
 # the audit trail); a value of None clears the setting.
 KEY_SETTINGS = ("route", "rate_limit", "expires", "owner", "note", "allow_from")
 TOKEN_USE_WRITE_INTERVAL = 60.0  # seconds between writes of one admin token's last use
+# A rate limit past this means nothing (and sqlite's integers end at 2**63): refused, not stored.
+MAX_RATE_LIMIT = 1_000_000
+# 9999-12-31T23:59:59Z: a later expiry has no date to show it in (every listing would fail).
+LATEST_EXPIRY = 253402300799.0
+# Characters at most, of the text a person types about a key (the console's fields agree).
+_TEXT_LIMITS = {"name": 200, "owner": 200, "route": 200, "note": 2000}
+# Bidirectional overrides and isolates: they reorder what a terminal or page shows.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 class StoreError(Exception):
@@ -329,6 +339,7 @@ class KeyStore:
     ) -> Mailbox:
         address = normalize_address(address)
         alias_list = sorted({normalize_address(a) for a in aliases} - {address})
+        route = _check_setting("route", route)  # type: ignore[assignment]
         if not workspace.strip():
             raise StoreError("workspace name must not be empty")
         async with self._transaction() as conn:
@@ -424,17 +435,15 @@ class KeyStore:
         """Create a key; returns the record and the full key string, shown this once."""
         if (mailbox is None) == (workspace is None):
             raise StoreError("a key is scoped to exactly one mailbox or one workspace")
-        if not name.strip():
+        if not isinstance(name, str) or not name.strip():
             raise StoreError("a key needs a descriptive name (e.g. 'CRM sync')")
+        name = _check_setting("name", name)  # type: ignore[assignment]
         perms = _check_permissions(permissions)
-        if rate_limit is not None and rate_limit < 1:
-            raise StoreError("a rate limit is a number of messages per minute, at least 1")
-        if expires is not None and expires <= time.time():
-            raise StoreError("expiry is in the past")
-        try:
-            allowed = networks.canonical_networks(allow_from)
-        except ValueError as exc:
-            raise StoreError(str(exc)) from None
+        owner, note, route = (_check_setting(n, v) for n, v in  # type: ignore[assignment]
+                              (("owner", owner), ("note", note), ("route", route)))
+        rate_limit = _check_setting("rate_limit", rate_limit)  # type: ignore[assignment]
+        expires = _check_setting("expires", expires)  # type: ignore[assignment]
+        allowed = _check_setting("allow_from", allow_from)
         key_id = keys.generate_key_id()
         full, secret = keys.generate_key(key_id)
         async with self._transaction() as conn:
@@ -515,8 +524,8 @@ class KeyStore:
     ) -> list[AuthKey]:
         """Keys matching every filter given. `mailbox`: every key able to log in as it,
         its own and its workspace's (workspace keys have `mailbox` None, scope workspace:W).
-        `unused_for` / `not_rotated_for` (seconds): active keys not used (or not rotated)
-        for that long, counting from their creation when never; `workspaces`: only keys
+        `unused_for` / `not_rotated_for` (seconds): active, unexpired keys not used (or not
+        rotated) for that long, counting from their creation when never; `workspaces`: only keys
         of these (a limited token's view)."""
         clauses, params = [], []
         now = time.time()
@@ -525,14 +534,17 @@ class KeyStore:
             clauses.append(f"w.name IN ({','.join('?' * len(names))})" if names else "0")
             params.extend(names)
         if owner is not None:
-            clauses.append("lower(k.owner) = lower(?)")
+            clauses.append("lower(trim(k.owner)) = lower(?)")  # trim: keys of older releases
             params.append(owner.strip())
+        # the reports: keys that could log in (not disabled, revoked or expired) yet look idle
         if unused_for is not None:
-            clauses.append("k.status = 'active' AND coalesce(k.last_used, k.created) <= ?")
-            params.append(now - unused_for)
+            clauses.append("k.status = 'active' AND coalesce(k.expires > ?, 1) "
+                           "AND coalesce(k.last_used, k.created) <= ?")
+            params.extend([now, now - unused_for])
         if not_rotated_for is not None:
-            clauses.append("k.status = 'active' AND coalesce(k.rotated, k.created) <= ?")
-            params.append(now - not_rotated_for)
+            clauses.append("k.status = 'active' AND coalesce(k.expires > ?, 1) "
+                           "AND coalesce(k.rotated, k.created) <= ?")
+            params.extend([now, now - not_rotated_for])
         if mailbox is not None:
             clauses.append(
                 "(m.address = ? OR (k.mailbox_id IS NULL AND k.workspace_id = "
@@ -569,20 +581,7 @@ class KeyStore:
             raise StoreError(f"a key's {unknown[0]} cannot be changed (can: {', '.join(KEY_SETTINGS)})")
         if not changes:
             raise StoreError("nothing to change (give at least one of: " + ", ".join(KEY_SETTINGS) + ")")
-        values: dict[str, object] = {}
-        for name, value in changes.items():
-            if name == "rate_limit" and value is not None and (not isinstance(value, int) or value < 1):
-                raise StoreError("a rate limit is a number of messages per minute, at least 1")
-            if name == "expires" and value is not None and float(value) <= time.time():
-                raise StoreError("expiry is in the past")
-            if name in ("owner", "note", "route") and value is not None:
-                value = str(value).strip() or None
-            if name == "allow_from" and value is not None:
-                try:
-                    value = networks.canonical_networks(value)  # type: ignore[arg-type]
-                except ValueError as exc:
-                    raise StoreError(str(exc)) from None
-            values[name] = value
+        values = {name: _check_setting(name, value) for name, value in changes.items()}
         async with self._transaction() as conn:
             record = await self._key(conn, key_id)
             if record.status == "revoked":
@@ -611,7 +610,7 @@ class KeyStore:
         clauses = ["k.status != 'revoked'"]
         params: list[object] = []
         if owner is not None:
-            clauses.append("lower(k.owner) = lower(?)")
+            clauses.append("lower(trim(k.owner)) = lower(?)")
             params.append(owner.strip())
             what = f"owner {owner.strip()!r}"
         else:
@@ -778,8 +777,11 @@ class KeyStore:
 
     async def create_token(
         self, *, name: str, role: str, workspaces: Iterable[str] = (), actor: str,
+        replace: bool = False,
     ) -> tuple[AdminToken, str]:
-        """A new admin token; returns the record and the full token, shown this once."""
+        """A new admin token; returns the record and the full token, shown this once.
+        `replace`: revoke the active tokens of the same name in the same transaction (two
+        at once, such as two `make run` starting, leave one active token and both succeed)."""
         if not name.strip():
             raise StoreError("an admin token needs a name saying who or what uses it")
         if role not in ROLES:
@@ -793,6 +795,14 @@ class KeyStore:
         async with self._transaction() as conn:
             for workspace in names:
                 await self._workspace_id(conn, workspace, create=False)
+            if replace:
+                for (old_id,) in await conn.execute_fetchall(
+                        "SELECT id FROM admin_token WHERE name = ? AND status = 'active' "
+                        "ORDER BY created, id", (name.strip(),)):
+                    await conn.execute("UPDATE admin_token SET status = 'revoked', revoked_at = ? "
+                                       "WHERE id = ?", (time.time(), old_id))
+                    await self._audit(conn, actor, "token.revoke",
+                                      detail=f"{old_id} name={name.strip()!r}")
             await conn.execute(
                 "INSERT INTO admin_token (id, name, role, workspaces, secret_hash, created, created_by) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -947,6 +957,58 @@ def _secret_valid(row: tuple, presented: bytes, now: float) -> bool:
     previous_ok = hmac.compare_digest(presented, row[4] or _DUMMY_HASH)
     in_grace = row[5] is not None and now < row[5]
     return current_ok or (previous_ok and in_grace)
+
+
+def control_character(char: str) -> bool:
+    """Whether a terminal or a page would obey `char` rather than show it: C0/C1 controls
+    (escape sequences start with one) and the bidirectional overrides."""
+    return unicodedata.category(char) == "Cc" or char in _BIDI_CONTROLS
+
+
+def _check_setting(name: str, value: object) -> object:
+    """A key setting (KEY_SETTINGS, or the name at creation) as stored, or StoreError.
+
+    The HTTP API, the console and the CLI all hand their values here, so the type is
+    checked too: True is an int to Python, a text is an iterable of one-letter "networks",
+    and float('inf') or a year past 9999 would make every later listing fail. Text
+    typed about a key is stripped (an owner " dana " is the owner dana, found by
+    `key revoke --owner dana`) and may not carry control characters (a limited admin token
+    writes what an owner reads in a root shell); a note may have lines and tabs."""
+    if value is None:
+        return None
+    if name == "rate_limit":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise StoreError("a rate limit is a number of messages per minute, at least 1")
+        if value > MAX_RATE_LIMIT:
+            raise StoreError(f"a rate limit is at most {MAX_RATE_LIMIT} messages per minute")
+        return value
+    if name == "expires":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise StoreError("expiry is not a time")
+        if value <= time.time():
+            raise StoreError("expiry is in the past")
+        if value > LATEST_EXPIRY:
+            raise StoreError("expiry is after 9999-12-31")
+        return float(value)
+    if name == "allow_from":
+        if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+            raise StoreError("allow-from is a list of networks (CIDR), not one text")
+        values = list(value)
+        if not all(isinstance(v, str) for v in values):
+            raise StoreError("allow-from is a list of networks (CIDR), not one text")
+        try:
+            return networks.canonical_networks(values)
+        except ValueError as exc:
+            raise StoreError(str(exc)) from None
+    if not isinstance(value, str):
+        raise StoreError(f"{name} must be text")
+    text = value.replace("\r\n", "\n").strip()
+    allowed = "\n\t" if name == "note" else ""
+    if any(control_character(c) and c not in allowed for c in text):
+        raise StoreError(f"{name} must not contain control characters")
+    if len(text) > _TEXT_LIMITS[name]:
+        raise StoreError(f"{name} is at most {_TEXT_LIMITS[name]} characters")
+    return text or None
 
 
 def _check_permissions(permissions: Iterable[str]) -> tuple[str, ...]:

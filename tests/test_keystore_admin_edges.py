@@ -1,0 +1,190 @@
+"""Edge cases of issue 11's key operations found in review: values a careless admin or a
+limited admin token can send (through the CLI, or the service the HTTP API is thin over),
+owners typed with stray spaces, text meant for someone else's terminal, the reports'
+idea of a key that needs looking at, and `admin-token create --replace` run twice at once.
+Real CLI subprocesses and real sqlite files, as in test_keystore_admin_ops.py."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import pytest
+
+from keystore.service import Actor, AdminService
+from keystore.store import KeyStore, StoreError
+from tests.test_keystore_admin_ops import ROUTED, age, setup
+from tests.test_keystore_cli import CLI
+
+
+async def open_service(cli: CLI) -> tuple[KeyStore, AdminService]:
+    store = await KeyStore.open(cli.folder / "keystore.db", cli.folder / "pepper")
+    return store, AdminService(store)
+
+
+EDITOR = Actor(name="token:provisioning (aaaaaaaaaaaa)", role="editor", workspaces=frozenset({"acme"}))
+
+
+# ------------------------------------------------------------- owners and revocation
+
+
+def test_an_owner_typed_with_spaces_is_still_found_and_revoked(tmp_path):
+    """A contractor leaves: `key revoke --owner dana` must not miss the key someone created
+    with `--owner " Dana "` (it would stay active, unnoticed)."""
+    cli = CLI(tmp_path)
+    setup(cli)
+    spaced = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM", "--owner", " Dana ")["id"]
+    assert cli.json("key", "show", spaced)["owner"] == "Dana"
+    assert [k["id"] for k in cli.json("key", "list", "--owner", "dana")] == [spaced]
+    revoked = cli.json("key", "revoke", "--owner", "dana", "--yes")
+    assert [k["id"] for k in revoked] == [spaced]
+    blank = cli.create_key("--mailbox", "alice@acme.test", "--name", "Blank", "--owner", "  ")
+    assert cli.json("key", "show", blank["id"])["owner"] is None
+
+
+# ------------------------------------------------------- values update_key is handed
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"rate_limit": True}, "a rate limit is a number of messages per minute, at least 1"),
+    ({"rate_limit": 10**20}, "a rate limit is at most 1000000 messages per minute"),
+    ({"rate_limit": 2.5}, "a rate limit is a number of messages per minute, at least 1"),
+    ({"expires": math.inf}, "expiry is not a time"),
+    ({"expires": math.nan}, "expiry is not a time"),
+    ({"expires": "2099-01-01"}, "expiry is not a time"),
+    ({"expires": True}, "expiry is not a time"),
+    ({"expires": 1e300}, "expiry is after 9999-12-31"),
+    ({"expires": 253402300800.0}, "expiry is after 9999-12-31"),  # 10000-01-01: no date shows it
+    ({"allow_from": "10.0.0.0/8"}, "allow-from is a list of networks (CIDR), not one text"),
+    ({"allow_from": ""}, "allow-from is a list of networks (CIDR), not one text"),
+    ({"owner": 5}, "owner must be text"),
+    ({"note": "\x1b]0;owned\x07"}, "note must not contain control characters"),
+    ({"owner": "dana\r\nstatus: revoked"}, "owner must not contain control characters"),
+    ({"route": "main\x00"}, "route must not contain control characters"),
+    ({"owner": "x" * 201}, "owner is at most 200 characters"),
+    ({"note": "x" * 2001}, "note is at most 2000 characters"),
+])
+async def test_update_key_refuses_values_that_are_not_settings(tmp_path, changes, message):
+    """Nothing of these may reach the database: a float('inf') expiry or a 21-digit rate
+    limit used to escape as OverflowError (a 500, a CLI traceback) and a year-10000 expiry
+    was stored, after which no listing of the workspace could be shown."""
+    cli = CLI(tmp_path)
+    setup(cli)
+    key = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM", "--rate-limit", "5")["id"]
+    store, service = await open_service(cli)
+    try:
+        with pytest.raises(StoreError) as refused:
+            await service.update_key(EDITOR, key, changes)
+        assert str(refused.value) == message
+        with pytest.raises(StoreError) as refused:
+            await service.create_key(EDITOR, mailbox="alice@acme.test", name="Other", **changes)
+        assert str(refused.value) == message
+        after = await service.key(EDITOR, key)
+        assert (after.rate_limit, after.expires, after.allow_from, after.owner, after.note) == (
+            5, None, (), None, None)
+    finally:
+        await store.close()
+    assert [e["action"] for e in cli.json("audit", "--key", key)] == ["key.create"]
+    assert len(cli.json("key", "list")) == 1
+
+
+async def test_a_note_keeps_its_lines_and_values_of_the_right_kind_are_taken(tmp_path):
+    cli = CLI(tmp_path)
+    setup(cli)
+    key = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM")["id"]
+    store, service = await open_service(cli)
+    try:
+        updated = await service.update_key(EDITOR, key, {
+            "note": " runs nightly\r\n\tfrom the billing box ", "expires": int(time.time()) + 3600,
+            "rate_limit": 1_000_000, "allow_from": ["192.0.2.0/24"], "owner": " Dana "})
+    finally:
+        await store.close()
+    assert updated.note == "runs nightly\n\tfrom the billing box"
+    assert (updated.rate_limit, updated.allow_from, updated.owner) == (1_000_000, ("192.0.2.0/24",), "Dana")
+    shown = cli.ok("key", "show", key)
+    assert "note:                   runs nightly\\n\\tfrom the billing box\n" in shown
+
+
+def test_the_cli_refuses_out_of_range_values_in_one_line(tmp_path):
+    cli = CLI(tmp_path)
+    setup(cli)
+    key = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM")["id"]
+    assert cli.refused("key", "update", key, "--rate-limit", "99999999999999999999") == (
+        "keystore: a rate limit is at most 1000000 messages per minute")
+    assert cli.refused("key", "update", key, "--ttl", "4000000d") == "keystore: expiry is after 9999-12-31"
+    assert cli.refused("key", "create", "--mailbox", "alice@acme.test", "--name", "X",
+                       "--ttl", "4000000d") == "keystore: expiry is after 9999-12-31"
+    assert cli.json("key", "show", key)["expires"] is None
+    cli.ok("key", "list")
+
+
+def test_a_route_is_judged_as_it_will_be_stored(tmp_path):
+    """The store strips a route and takes a blank one as none: the check against the
+    config's routes judges that value, not the one typed (" bulk " is bulk; "" clears)."""
+    cli = CLI(tmp_path, ROUTED)
+    setup(cli)
+    key = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM", "--route", "main")["id"]
+    assert cli.json("key", "update", key, "--route", " bulk ")["route"] == "bulk"
+    assert cli.json("key", "update", key, "--route", "")["route"] is None
+    assert cli.refused("key", "update", key, "--route", " nope ").startswith(
+        "keystore: unknown route ' nope '")
+    cli.ok("mailbox", "add", "dave@acme.test", "--workspace", "acme", "--route", " bulk ")
+    assert cli.json("mailbox", "list")[-1]["route"] == "bulk"
+
+
+# ------------------------------------------------------ text for someone's terminal
+
+
+def test_no_control_character_reaches_the_operators_terminal(tmp_path):
+    """A limited editor token (over HTTP) writes names, notes and reasons that an owner
+    later reads in a root shell: escape sequences in them must not reach the terminal."""
+    cli = CLI(tmp_path)
+    setup(cli)
+    assert cli.refused("key", "create", "--mailbox", "alice@acme.test", "--name", "CRM\x1b[2J") == (
+        "keystore: name must not contain control characters")
+    cli.ok("mailbox", "suspend", "bob@acme.test", "--reason", "abuse\x1b[2J\x1b]0;owned\x07")
+    for command in (("mailbox", "list"), ("audit",)):
+        out = cli.ok(*command)
+        assert "\x1b" not in out and "\x07" not in out
+        assert "abuse\\x1b[2J\\x1b]0;owned\\x07" in out
+
+
+# ---------------------------------------------------------------------- reports
+
+
+def test_expired_keys_are_neither_unused_nor_due_for_rotation(tmp_path):
+    """An expired key cannot log in and no longer counts against the key limit: the
+    review reports (and the FLAGS column) leave it out, as they leave disabled keys."""
+    cli = CLI(tmp_path)
+    setup(cli)
+    old = cli.create_key("--mailbox", "alice@acme.test", "--name", "Old", "--ttl", "1h")["id"]
+    live = cli.create_key("--mailbox", "alice@acme.test", "--name", "Live")["id"]
+    age(cli, old, created=200, expires=1)
+    age(cli, live, created=200)
+    assert [k["id"] for k in cli.json("key", "list", "--unused-for", "30d")] == [live]
+    assert [k["id"] for k in cli.json("key", "list", "--not-rotated-for", "90d")] == [live]
+    flags = {line.split()[0]: line.split()[-1] for line in cli.ok("key", "list").splitlines()[1:]}
+    assert flags == {old: "-", live: "unused,rotation-due"}
+
+
+# ----------------------------------------------------------------- admin tokens
+
+
+async def test_two_replacing_token_creations_at_once_leave_one_active_token(tmp_path):
+    """`admin-token create --replace` (what `make run` does at each start) run twice at
+    once: both succeed, and one token of that name is active, not two."""
+    cli = CLI(tmp_path)
+    cli.ok("init")
+    cli.ok("admin-token", "create", "--name", "make run", "--role", "owner")
+    stores = [await KeyStore.open(tmp_path / "keystore.db", tmp_path / "pepper") for _ in range(2)]
+    me = Actor.shell("ops")
+    try:
+        made = await asyncio.gather(*(
+            AdminService(store).create_token(me, name="make run", role="owner", replace=True)
+            for store in stores))
+    finally:
+        for store in stores:
+            await store.close()
+    active = [t for t in cli.json("admin-token", "list") if t["status"] == "active"]
+    assert [t["id"] for t in active] in ([made[0][0].id], [made[1][0].id])
