@@ -128,7 +128,7 @@ class AuditEvent:
     key_id: str | None
     mailbox: str | None
     detail: str | None
-    workspace: str | None = None  # None: an entry older than the admin console (schema 4)
+    workspace: str | None = None  # None: owners only (see schema.py's migration 4)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -86,13 +86,25 @@ MIGRATIONS: list[str] = [
     """,
     # 4: the admin console (issue 11): a key's last failed use (the right secret refused,
     # e.g. from outside its allow-from); the workspace of each audit entry, so a token
-    # limited to some workspaces sees their trail only (NULL for older entries: owners
-    # only); admin tokens with roles, hashed like keys
+    # limited to some workspaces sees their trail only; admin tokens with roles, hashed
+    # like keys. Older entries get the workspace only where it is certain (NULL: owners
+    # only): their key's (a key never changes workspace, and its id is never reused), else
+    # their mailbox's when that address was never removed (a removed address may have been
+    # added again elsewhere). The append-only trigger steps aside for this one UPDATE.
     """
     ALTER TABLE auth_key ADD COLUMN last_failed REAL;
     ALTER TABLE auth_key ADD COLUMN last_failed_ip TEXT;
     ALTER TABLE auth_key ADD COLUMN last_failed_reason TEXT;
     ALTER TABLE audit ADD COLUMN workspace TEXT;
+    DROP TRIGGER audit_append_only_update;
+    UPDATE audit SET workspace = coalesce(
+        (SELECT w.name FROM auth_key k JOIN workspace w ON w.id = k.workspace_id
+         WHERE k.id = audit.key_id),
+        (SELECT w.name FROM mailbox m JOIN workspace w ON w.id = m.workspace_id
+         WHERE m.address = audit.mailbox AND audit.mailbox NOT IN
+             (SELECT mailbox FROM audit WHERE action = 'mailbox.remove' AND mailbox IS NOT NULL)));
+    CREATE TRIGGER audit_append_only_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     CREATE INDEX audit_workspace ON audit(workspace, id);
     CREATE INDEX audit_key ON audit(key_id);
     CREATE TABLE admin_token (

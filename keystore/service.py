@@ -149,7 +149,8 @@ class AdminService:
         since: float | None = None, limit: int | None = None,
     ) -> list[AuditEvent]:
         """The trail, oldest first. A token limited to some workspaces sees their entries
-        only (admin-token entries and entries older than schema 4 have none)."""
+        only (admin-token and workspace entries from before schema 4 have none, and so do
+        older entries whose key and mailbox are gone: see schema.py's migration 4)."""
         return await self.store.audit_events(
             key_id=key_id, mailbox=mailbox, since=since, limit=limit,
             workspaces=None if actor.workspaces is None else sorted(actor.workspaces),

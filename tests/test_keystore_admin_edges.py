@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sqlite3
 import time
 
 import pytest
 
+from keystore import keys
+from keystore.schema import MIGRATIONS, run_migrations
 from keystore.service import Actor, AdminService
 from keystore.store import KeyStore, StoreError
 from tests.test_keystore_admin_ops import ROUTED, age, setup
@@ -188,3 +191,52 @@ async def test_two_replacing_token_creations_at_once_leave_one_active_token(tmp_
             await store.close()
     active = [t for t in cli.json("admin-token", "list") if t["status"] == "active"]
     assert [t["id"] for t in active] in ([made[0][0].id], [made[1][0].id])
+
+
+# ------------------------------------------------------ the previous release's trail
+
+
+async def test_an_upgraded_keystore_shows_a_limited_token_its_workspaces_past(tmp_path):
+    """A keystore of the previous release (schema 3) has a trail without workspaces. After
+    the upgrade an acme token sees acme's past where it is certain to be acme's (its key,
+    or a mailbox never removed), and nothing of globex's, nor the entries of an address
+    that was removed and added again in another workspace."""
+    cli = CLI(tmp_path)
+    keys.create_pepper(tmp_path / "pepper")
+    with sqlite3.connect(tmp_path / "keystore.db") as db:
+        run_migrations(db, MIGRATIONS[:3], what="keystore")
+        db.executescript("""
+            INSERT INTO workspace (id, name, key_limit, created) VALUES (1, 'acme', 100, 0),
+                (2, 'globex', 100, 0);
+            INSERT INTO mailbox (id, address, workspace_id, created) VALUES
+                (1, 'alice@acme.test', 1, 0), (2, 'carol@globex.test', 2, 0),
+                (3, 'moved@acme.test', 2, 0);
+            INSERT INTO auth_key (id, name, workspace_id, mailbox_id, permissions, status, created,
+                secret_hash) VALUES ('aaaaaaaaaaaa', 'CRM', 1, 1, 'email.send', 'active', 0, x'00'),
+                ('bbbbbbbbbbbb', 'ESP', 2, 2, 'email.send', 'active', 0, x'00'),
+                ('cccccccccccc', 'Shared', 1, NULL, 'email.send', 'active', 0, x'00');
+            INSERT INTO audit (at, actor, action, key_id, mailbox, detail) VALUES
+                (1, 'old', 'mailbox.add', NULL, 'alice@acme.test', 'workspace=acme'),
+                (2, 'old', 'key.create', 'aaaaaaaaaaaa', 'alice@acme.test', NULL),
+                (3, 'old', 'key.create', 'cccccccccccc', NULL, NULL),
+                (4, 'old', 'key.delete', 'dddddddddddd', 'alice@acme.test', NULL),
+                (5, 'old', 'mailbox.add', NULL, 'carol@globex.test', 'workspace=globex'),
+                (6, 'old', 'key.create', 'bbbbbbbbbbbb', 'carol@globex.test', NULL),
+                (7, 'old', 'mailbox.add', NULL, 'moved@acme.test', 'workspace=acme'),
+                (8, 'old', 'mailbox.remove', NULL, 'moved@acme.test', NULL),
+                (9, 'old', 'mailbox.add', NULL, 'moved@acme.test', 'workspace=globex'),
+                (10, 'old', 'workspace.limit', NULL, NULL, 'acme key_limit=5');
+        """)
+    db.close()
+    store, service = await open_service(cli)  # migrates to the newest schema
+    try:
+        acme = Actor(name="viewer", role="viewer", workspaces=frozenset({"acme"}))
+        globex = Actor(name="viewer", role="viewer", workspaces=frozenset({"globex"}))
+        assert [e.at for e in await service.audit(acme)] == [1, 2, 3, 4]
+        assert [e.at for e in await service.audit(globex)] == [5, 6]
+        assert len(await service.audit(Actor.shell("root"))) == 10
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "keystore.db") as db, pytest.raises(sqlite3.IntegrityError):
+        db.execute("UPDATE audit SET actor = 'someone else'")  # still append-only
+    db.close()
