@@ -534,8 +534,7 @@ class KeyStore:
             clauses.append(f"w.name IN ({','.join('?' * len(names))})" if names else "0")
             params.extend(names)
         if owner is not None:
-            clauses.append("lower(trim(k.owner)) = lower(?)")  # trim: keys of older releases
-            params.append(owner.strip())
+            clauses.append("k.owner IS NOT NULL")  # and _same_owner, below
         # the reports: keys that could log in (not disabled, revoked or expired) yet look idle
         if unused_for is not None:
             clauses.append("k.status = 'active' AND coalesce(k.expires > ?, 1) "
@@ -570,7 +569,7 @@ class KeyStore:
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         await self.flush_uses()
         rows = await self._rows(_KEY_SQL + where + " ORDER BY k.created, k.id", params)
-        return [_auth_key(r) for r in rows]
+        return [_auth_key(r) for r in rows if owner is None or _same_owner(r[2], owner)]
 
     async def update_key(self, key_id: str, changes: Mapping[str, object], *, actor: str) -> AuthKey:
         """Change a key's settings (KEY_SETTINGS; None clears one). Open sessions follow at
@@ -610,8 +609,7 @@ class KeyStore:
         clauses = ["k.status != 'revoked'"]
         params: list[object] = []
         if owner is not None:
-            clauses.append("lower(trim(k.owner)) = lower(?)")
-            params.append(owner.strip())
+            clauses.append("k.owner IS NOT NULL")  # and _same_owner, below
             what = f"owner {owner.strip()!r}"
         else:
             clauses.append("m.address = ?")
@@ -622,7 +620,9 @@ class KeyStore:
             clauses.append(f"w.name IN ({','.join('?' * len(names))})" if names else "0")
             params.extend(names)
         async with self._transaction() as conn:
-            rows = await conn.execute_fetchall(_KEY_SQL + " WHERE " + " AND ".join(clauses), params)
+            rows = [r for r in await conn.execute_fetchall(_KEY_SQL + " WHERE " + " AND ".join(clauses),
+                                                           params)
+                    if owner is None or _same_owner(r[2], owner)]
             if not rows:
                 if mailbox is not None:
                     await self._mailbox_id(conn, mailbox)  # NotFound for an unknown mailbox
@@ -957,6 +957,13 @@ def _secret_valid(row: tuple, presented: bytes, now: float) -> bool:
     previous_ok = hmac.compare_digest(presented, row[4] or _DUMMY_HASH)
     in_grace = row[5] is not None and now < row[5]
     return current_ok or (previous_ok and in_grace)
+
+
+def _same_owner(stored: str, wanted: str) -> bool:
+    """Owners are names people type: " Dana ", "dana" and "DANA" are one owner, and so are
+    "Åsa" and "åsa" (sqlite's lower() folds ASCII only, so this is done here). Stripped
+    for keys of older releases, which stored the owner as typed."""
+    return stored.strip().casefold() == wanted.strip().casefold()
 
 
 def control_character(char: str) -> bool:

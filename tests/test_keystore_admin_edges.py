@@ -32,9 +32,10 @@ EDITOR = Actor(name="token:provisioning (aaaaaaaaaaaa)", role="editor", workspac
 # ------------------------------------------------------------- owners and revocation
 
 
-def test_an_owner_typed_with_spaces_is_still_found_and_revoked(tmp_path):
+def test_an_owner_typed_with_spaces_or_other_case_is_still_found_and_revoked(tmp_path):
     """A contractor leaves: `key revoke --owner dana` must not miss the key someone created
-    with `--owner " Dana "` (it would stay active, unnoticed)."""
+    with `--owner " Dana "`, nor `--owner åsa` the key of "Åsa" (it would stay active,
+    unnoticed)."""
     cli = CLI(tmp_path)
     setup(cli)
     spaced = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM", "--owner", " Dana ")["id"]
@@ -42,6 +43,9 @@ def test_an_owner_typed_with_spaces_is_still_found_and_revoked(tmp_path):
     assert [k["id"] for k in cli.json("key", "list", "--owner", "dana")] == [spaced]
     revoked = cli.json("key", "revoke", "--owner", "dana", "--yes")
     assert [k["id"] for k in revoked] == [spaced]
+    accented = cli.create_key("--mailbox", "alice@acme.test", "--name", "ESP", "--owner", "Åsa Öberg")["id"]
+    assert [k["id"] for k in cli.json("key", "list", "--owner", "åsa öberg")] == [accented]
+    assert [k["id"] for k in cli.json("key", "revoke", "--owner", "ÅSA ÖBERG", "--yes")] == [accented]
     blank = cli.create_key("--mailbox", "alice@acme.test", "--name", "Blank", "--owner", "  ")
     assert cli.json("key", "show", blank["id"])["owner"] is None
 
