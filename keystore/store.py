@@ -585,6 +585,15 @@ class KeyStore:
             record = await self._key(conn, key_id)
             if record.status == "revoked":
                 raise Conflict(f"key {key_id} is revoked; a revoked key cannot be changed")
+            now = time.time()
+            if "expires" in values and record.status == "active" and record.expires is not None \
+                    and record.expires <= now:
+                # an expired key does not count against the workspace's key limit: bringing
+                # one back is a new active key, as `enable` is (else expired keys would let
+                # an editor hold more active keys than the owner allowed)
+                (ws_id,), = await conn.execute_fetchall(
+                    "SELECT workspace_id FROM auth_key WHERE id = ?", (key_id,))
+                await self._check_key_limit(conn, ws_id)
             await conn.execute(
                 "UPDATE auth_key SET " + ", ".join(f"{name} = ?" for name in values) + " WHERE id = ?",
                 (*values.values(), key_id),

@@ -140,6 +140,26 @@ def test_a_route_is_judged_as_it_will_be_stored(tmp_path):
     assert cli.json("mailbox", "list")[-1]["route"] == "bulk"
 
 
+def test_bringing_back_an_expired_key_counts_against_the_key_limit(tmp_path):
+    """Expired keys do not count against a workspace's limit, so a new key may take the
+    place of one; moving the expired key's expiry (or clearing it) is then one active key
+    too many, refused as `key enable` would be."""
+    cli = CLI(tmp_path)
+    setup(cli)
+    cli.ok("workspace", "set-limit", "acme", "1")
+    old = cli.create_key("--mailbox", "alice@acme.test", "--name", "Old", "--ttl", "1h")["id"]
+    age(cli, old, expires=1)
+    cli.create_key("--mailbox", "alice@acme.test", "--name", "New")
+    limit = ("keystore: workspace acme already has 1 active keys (limit 1); "
+             "revoke unused keys or raise the limit")
+    assert cli.refused("key", "update", old, "--clear", "expires") == limit
+    assert cli.refused("key", "update", old, "--ttl", "30d") == limit
+    assert cli.json("key", "show", old)["expires"] is not None
+    cli.ok("key", "update", old, "--note", "expired, kept for the record")  # other settings change
+    cli.ok("workspace", "set-limit", "acme", "2")
+    assert cli.json("key", "update", old, "--clear", "expires")["expires"] is None
+
+
 # ------------------------------------------------------ text for someone's terminal
 
 
