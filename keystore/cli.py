@@ -296,16 +296,17 @@ async def _key_status(svc: AdminService, me: Actor, args, config) -> int:
 
 
 async def _key_revoke(svc: AdminService, me: Actor, args, config) -> int:
-    chosen = [name for name in ("id", "owner", "mailbox") if getattr(args, name)]
+    # `is not None`: `--owner ""` is a choice, refused by the service in its own words
+    chosen = [name for name in ("id", "owner", "mailbox") if getattr(args, name) is not None]
     if len(chosen) != 1:
         raise UsageError("key revoke: give one of: a key ID, --owner WHO, --mailbox ADDRESS")
-    if args.id:
+    if args.id is not None:
         key = await svc.revoke_key(me, args.id)
         print(f"key {key.id} ({key.name!r}) is now {key.status}")
         return 0
     if not args.yes:
         pending = [k for k in await svc.keys(me, owner=args.owner) if k.status != "revoked"] \
-            if args.owner else [k for k in await svc.keys(me, mailbox=args.mailbox)
+            if args.owner is not None else [k for k in await svc.keys(me, mailbox=args.mailbox)
                                 if k.status != "revoked" and k.mailbox is not None]
         if pending:
             print(f"These {len(pending)} key(s) will be revoked, for good:")

@@ -46,6 +46,10 @@ def test_an_owner_typed_with_spaces_or_other_case_is_still_found_and_revoked(tmp
     accented = cli.create_key("--mailbox", "alice@acme.test", "--name", "ESP", "--owner", "Åsa Öberg")["id"]
     assert [k["id"] for k in cli.json("key", "list", "--owner", "åsa öberg")] == [accented]
     assert [k["id"] for k in cli.json("key", "revoke", "--owner", "ÅSA ÖBERG", "--yes")] == [accented]
+    for blank_owner in (" ", ""):  # refused in the service's words, nothing listed or asked
+        out = cli.run("key", "revoke", "--owner", blank_owner)
+        assert (out.returncode, out.stdout, out.stderr) == (
+            1, "", "keystore: an owner to revoke the keys of must not be empty\n")
     blank = cli.create_key("--mailbox", "alice@acme.test", "--name", "Blank", "--owner", "  ")
     assert cli.json("key", "show", blank["id"])["owner"] is None
 
