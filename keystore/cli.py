@@ -19,7 +19,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from keystore.keys import PepperError
-from keystore.models import PERMISSIONS, ROLES, AdminToken, AuthKey, Mailbox
+from keystore.models import PERMISSIONS, ROLES, AdminToken, AuthKey, Mailbox, review_flags
 from keystore.service import Actor, AdminService
 from keystore.store import KeyStore, KeystoreUnavailable, StoreError, control_character
 from relay.config import ConfigError, load_config, parse_duration, resolve_config_path
@@ -27,9 +27,6 @@ from relay.config import ConfigError, load_config, parse_duration, resolve_confi
 __all__ = ["main"]
 
 EXIT_REFUSED, EXIT_USAGE = 1, 2
-# `key list`'s FLAGS (the console's badges): no use for 30 days, no rotation for 90
-UNUSED_AFTER = 30 * 86400.0
-ROTATION_DUE_AFTER = 90 * 86400.0
 
 
 class Refused(Exception):
@@ -248,15 +245,8 @@ async def _key_create(svc: AdminService, me: Actor, args, config) -> int:
 
 
 def _flags(key: AuthKey, now: float) -> str | None:
-    """The console's badges, in words: what a review of keys should look at (keys that
-    could log in: not disabled, revoked or expired, as the reports)."""
-    flags = []
-    live = key.status == "active" and (key.expires is None or key.expires > now)
-    if live and (key.last_used or key.created) <= now - UNUSED_AFTER:
-        flags.append("unused")
-    if live and (key.rotated or key.created) <= now - ROTATION_DUE_AFTER:
-        flags.append("rotation-due")
-    return ",".join(flags) or None
+    """The console's badges, in words (models.review_flags)."""
+    return ",".join(review_flags(key, now)) or None
 
 
 async def _key_list(svc: AdminService, me: Actor, args, config) -> int:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "PERMISSIONS",
+    "ROTATION_DUE_AFTER",
+    "UNUSED_AFTER",
     "ROLES",
     "AdminToken",
     "AuditEvent",
@@ -16,9 +18,13 @@ __all__ = [
     "Reason",
     "Workspace",
     "canonical_address",
+    "review_flags",
 ]
 
 PERMISSIONS = ("email.send", "email.receive", "mailbox.read", "mailbox.settings.update")
+# A key review's thresholds (`key list` FLAGS, the console's badges; the reports take any)
+UNUSED_AFTER = 30 * 86400.0  # no use for 30 days (counting from creation when never used)
+ROTATION_DUE_AFTER = 90 * 86400.0  # the secret is 90 days old
 # Admin token roles, weakest first: a viewer reads; an editor manages keys and mailboxes of
 # its workspaces; an owner does everything, tokens included (keystore/service.py decides).
 ROLES = ("viewer", "editor", "owner")
@@ -145,3 +151,16 @@ class AdminToken:
     last_used: float | None
     last_ip: str | None
     revoked_at: float | None
+
+
+def review_flags(key: AuthKey, now: float) -> tuple[str, ...]:
+    """What a review of keys should look at: "unused", "rotation-due". Only keys that could
+    log in (active, not expired), as the `--unused-for` / `--not-rotated-for` reports."""
+    if key.status != "active" or (key.expires is not None and key.expires <= now):
+        return ()
+    flags = []
+    if (key.last_used or key.created) <= now - UNUSED_AFTER:
+        flags.append("unused")
+    if (key.rotated or key.created) <= now - ROTATION_DUE_AFTER:
+        flags.append("rotation-due")
+    return tuple(flags)

@@ -393,6 +393,8 @@ def test_bad_input_is_400_with_a_message_naming_the_problem(server, owner):
             (api.post("/keys", json={"name": "x", "mailbox": address, "colour": "red"}),
              "colour: unknown field"),
             (api.post("/keys", json={"name": "x", "mailbox": address, "rate_limit": "lots"}), "rate_limit:"),
+            (api.post("/keys", json={"name": "x", "mailbox": address, "rate_limit": True}), "rate_limit:"),
+            (api.patch(f"/keys/{key_id}", json={"rate_limit": "5"}), "rate_limit:"),
             (api.post("/keys", json={"name": "x", "mailbox": address, "expires": "soon"}), "expires:"),
             (api.post("/keys", json={"name": "x", "mailbox": address, "expires": "2001-01-01T00:00:00Z"}),
              "expiry is in the past"),

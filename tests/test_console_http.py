@@ -399,6 +399,11 @@ def test_key_lists_badge_unused_and_rotation_due_keys_and_report_them(site: Cons
         token = csrf_of(page)
         assert client.post(f"/keys/{ancient}/disable", data={"csrf": token}).status_code == 303
         assert badges_of(client.get("/mailboxes/alice@acme.example").text, ancient) == []
+        # nor is an expired one (it cannot log in), as the reports leave it out
+        with sqlite3.connect(site.folder / "keystore.db") as db:
+            db.execute("UPDATE auth_key SET expires = ? WHERE id = ?", (time.time() - 60, idle))
+        assert badges_of(client.get("/mailboxes/alice@acme.example").text, idle) == []
+        assert idle not in client.get("/keys", params={"report": "unused"}).text
 
 
 def test_search_by_name_owner_workspace_and_note(site: ConsoleSite):

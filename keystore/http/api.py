@@ -73,6 +73,8 @@ def iso(ts: float | None) -> str | None:
 When = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time",
                                       "example": "2026-05-01T12:00:00Z"})]
 Count = Annotated[int, Field(le=MAX_INT)]  # what SQLite's INTEGER holds (limits.py)
+# a JSON number only: lax mode would take `true` as 1 and "5" as 5 for a rate limit
+StrictCount = Annotated[int, Field(le=MAX_INT, strict=True)]
 
 # --------------------------------------------------------------- responses
 
@@ -287,7 +289,7 @@ class KeyIn(_In):
     permissions: list[str] = ["email.send"]
     expires: datetime | None = Field(None, description="ISO 8601; no zone: UTC")
     route: str | None = None
-    rate_limit: Count | None = None
+    rate_limit: StrictCount | None = None
     allow_from: list[str] = Field([], description="client networks (CIDR) it may log in from")
 
 
@@ -295,7 +297,7 @@ class KeyUpdate(_In):
     """Only the fields given change; null clears a setting."""
 
     route: str | None = None
-    rate_limit: Count | None = None
+    rate_limit: StrictCount | None = None
     expires: datetime | None = None
     owner: str | None = None
     note: str | None = None

@@ -12,13 +12,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from keystore.http.limits import clamp_time
-from keystore.models import AuthKey
+from keystore.models import ROTATION_DUE_AFTER, UNUSED_AFTER, AuthKey, review_flags
 
 __all__ = ["ROTATION_DUE", "UNUSED", "badges", "error_page", "page", "segment"]
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-UNUSED = 30 * 86400.0  # the "unused" badge: no use for 30 days (from creation if never used)
-ROTATION_DUE = 90 * 86400.0  # the "rotation due" badge: not rotated for 90 days
+UNUSED = UNUSED_AFTER  # the "unused" badge: no use for 30 days (from creation if never used)
+ROTATION_DUE = ROTATION_DUE_AFTER  # the "rotation due" badge: not rotated for 90 days
 
 
 def when(at: float | None, never: str = "never") -> str:
@@ -45,17 +45,10 @@ def ago(at: float | None) -> str:
 
 
 def badges(key: AuthKey, now: float | None = None) -> list[str]:
-    """The key list's warnings, by the same rules as `key list --unused-for 30d` and
-    `--not-rotated-for 90d` (active keys only; counting from creation when never)."""
+    """The key list's warnings, by the rules of `key list`'s FLAGS and the reports
+    (models.review_flags)."""
     now = time.time() if now is None else now
-    if key.status != "active":
-        return []
-    found = []
-    if (key.last_used or key.created) <= now - UNUSED:
-        found.append("unused")
-    if (key.rotated or key.created) <= now - ROTATION_DUE:
-        found.append("rotation due")
-    return found
+    return [flag.replace("-", " ") for flag in review_flags(key, now)]
 
 
 def segment(value: str) -> str:
