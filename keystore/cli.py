@@ -299,10 +299,11 @@ async def _key_revoke(svc: AdminService, me: Actor, args, config) -> int:
             if args.owner is not None else [k for k in await svc.keys(me, mailbox=args.mailbox)
                                 if k.status != "revoked" and k.mailbox is not None]
         if pending:
-            print(f"These {len(pending)} key(s) will be revoked, for good:")
+            # the question goes to stderr: stdout stays the answer's (--json included)
+            print(f"These {len(pending)} key(s) will be revoked, for good:", file=sys.stderr)
             for key in pending:
-                print(f"  {key.id}  {_printable(key.name)}  ({key.scope})")
-            print("Type 'revoke' to confirm: ", end="", flush=True)
+                print(f"  {key.id}  {_printable(key.name)}  ({key.scope})", file=sys.stderr)
+            print("Type 'revoke' to confirm: ", end="", flush=True, file=sys.stderr)
             if sys.stdin.readline().strip() != "revoke":
                 raise Refused("not confirmed; nothing revoked")
     revoked = await svc.revoke_keys(me, owner=args.owner, mailbox=args.mailbox)
@@ -329,6 +330,9 @@ async def _key_update(svc: AdminService, me: Actor, args, config) -> int:
                 raise UsageError(f"key update: --{name.replace('_', '-')} and --clear "
                                  f"{name.replace('_', '-')} together")
             changes[name] = value
+    if not changes:
+        raise UsageError("key update: nothing to change (give --route, --rate-limit, --expires or "
+                         "--ttl, --owner, --note, --allow-from, or --clear SETTING)")
     key = await svc.update_key(me, args.id, changes)
     if args.json:
         _print_json(_key_json(key))
@@ -345,7 +349,7 @@ def _setting(value: object) -> str:
         return " ".join(value)
     if isinstance(value, float):
         return _when(value)
-    return str(value)
+    return _printable(str(value))
 
 
 async def _key_rotate(svc: AdminService, me: Actor, args, config) -> int:
@@ -370,7 +374,7 @@ async def _key_delete(svc: AdminService, me: Actor, args, config) -> int:
     answer = key.name
     if not args.yes:
         print(f"Deleting key {key.id} cannot be undone. Type its name ({_printable(key.name)}) to confirm: ",
-              end="", flush=True)
+              end="", flush=True, file=sys.stderr)
         answer = sys.stdin.readline().strip()
     await svc.delete_key(me, key.id, confirm=answer)
     print(f"key {key.id} ({key.name!r}) deleted")

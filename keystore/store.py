@@ -51,6 +51,9 @@ __all__ = ["Conflict", "KeyStore", "KeystoreUnavailable", "NotFound", "StoreErro
 
 _ADDRESS_RE = re.compile(r"^[^\s@<>()\[\],;:\"\\]+@[A-Za-z0-9.-]+\.?[A-Za-z0-9-]*$")
 _DUMMY_HASH = bytes(32)
+# A new workspace's name: it appears in URLs (/api/v1/workspaces/NAME, the console), table
+# output and audit details, so nothing that a path, a terminal or a log line reads apart
+_WORKSPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 USE_FLUSH_DELAY = 1.0  # seconds a key's last use may take to reach the database
 _KEY_STATUSES = ("active", "disabled", "revoked")
 # What `update_key` may change (a key's name stays as created: it is how people find it in
@@ -319,6 +322,9 @@ class KeyStore:
             return rows[0][0]
         if not create:
             raise NotFound(f"unknown workspace: {name}")
+        if not _WORKSPACE_RE.match(name):
+            raise StoreError(f"invalid workspace name {name!r}: use letters, digits, '.', '_' and '-' "
+                             "(at most 64, starting with a letter or digit)")
         cursor = await conn.execute(
             "INSERT INTO workspace (name, key_limit, created) VALUES (?, ?, ?)",
             (name, self._default_key_limit, time.time()),

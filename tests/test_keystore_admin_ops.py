@@ -80,7 +80,7 @@ def test_key_update_refusals(tmp_path):
     assert cli.refused("key", "update", key, "--expires", "2001-01-01") == "keystore: expiry is in the past"
     assert cli.refused("key", "update", key, "--allow-from", "10.0.0.1/8").startswith(
         "keystore: allow-from '10.0.0.1/8' is not a network in CIDR notation")
-    assert cli.refused("key", "update", key).startswith("keystore: nothing to change")
+    assert "key update: nothing to change" in cli.usage("key", "update", key)
     assert cli.refused("key", "update", "aaaaaaaaaaaa", "--note", "x") == (
         "keystore: unknown key: aaaaaaaaaaaa")
     assert "together" in cli.usage("key", "update", key, "--note", "x", "--clear", "note")
@@ -121,13 +121,14 @@ def test_revoke_every_key_of_an_owner(tmp_path):
 
     # asked first: anything but 'revoke' changes nothing
     out = cli.run("key", "revoke", "--owner", "dana", stdin="yes\n")
-    assert out.returncode == 1 and out.stderr == "keystore: not confirmed; nothing revoked\n"
-    assert f"  {a}  CRM  (mailbox:alice@acme.test)" in out.stdout
-    assert "These 3 key(s) will be revoked, for good:" in out.stdout
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.endswith("Type 'revoke' to confirm: keystore: not confirmed; nothing revoked\n")
+    assert f"\n  {a}  CRM  (mailbox:alice@acme.test)\n" in out.stderr
+    assert out.stderr.startswith("These 3 key(s) will be revoked, for good:\n")
     assert {k["id"] for k in cli.json("key", "list", "--status", "revoked")} == {gone}
 
-    out = cli.ok("key", "revoke", "--owner", "dana", stdin="revoke\n")
-    assert out.endswith("3 key(s) revoked\n")
+    out = cli.run("key", "revoke", "--owner", "dana", stdin="revoke\n")
+    assert out.returncode == 0 and out.stdout.endswith("3 key(s) revoked\n")
     statuses = {k["id"]: k["status"] for k in cli.json("key", "list")}
     assert statuses == {a: "revoked", b: "revoked", c: "revoked", other: "active", gone: "revoked"}
     revocations = [e for e in cli.json("audit") if e["action"] == "key.revoke" and e["key_id"] != gone]
@@ -252,3 +253,16 @@ def test_replace_revokes_the_active_tokens_of_that_name(tmp_path):
     statuses = {t["id"]: t["status"] for t in cli.json("admin-token", "list")}
     assert statuses == {first["id"]: "revoked", second["id"]: "active"}
 
+
+
+def test_a_new_workspace_name_is_one_a_url_a_table_and_a_log_line_can_hold(tmp_path):
+    """`a/b` could never be named over HTTP (two path segments), `..` is normalised away by
+    clients, a newline forges a table row: refused when the workspace would be created."""
+    cli = CLI(tmp_path)
+    cli.ok("init")
+    for name in ("a/b", "..", "x\ny", "<b>", "sales team", ".x", "w" * 65):
+        assert cli.refused("mailbox", "add", "m@example.com", f"--workspace={name}").startswith(
+            f"keystore: invalid workspace name {name!r}: use letters, digits"), name
+    assert cli.json("workspace", "list") == []
+    cli.ok("mailbox", "add", "m@example.com", "--workspace", "Sales_2.eu-west")
+    assert [w["name"] for w in cli.json("workspace", "list")] == ["Sales_2.eu-west"]

@@ -518,9 +518,11 @@ def test_delete(seeded):
 
     result = cli.run("key", "delete", billing, stdin="Billing-ish\n")
     assert result.returncode == 1
-    assert "Type its name (Billing) to confirm" in result.stdout
-    assert result.stderr.strip() == "keystore: confirmation did not match the key's name; nothing deleted"
-    assert "nothing deleted" in cli.refused("key", "delete", billing, stdin="")
+    assert result.stdout == ""  # the question is asked on stderr
+    assert result.stderr == (f"Deleting key {billing} cannot be undone. Type its name (Billing) to confirm: "
+                             "keystore: confirmation did not match the key's name; nothing deleted\n")
+    result = cli.run("key", "delete", billing, stdin="")
+    assert result.returncode == 1 and result.stderr.endswith("nothing deleted\n")
     assert cli.json("key", "show", billing)["name"] == "Billing"
 
     result = cli.run("key", "delete", billing, stdin="Billing\n")
