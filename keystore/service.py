@@ -238,8 +238,6 @@ class AdminService:
         )
 
     async def rotate_key(self, actor: Actor, key_id: str, *, grace: float = 0) -> tuple[AuthKey, str]:
-        if grace < 0:
-            raise StoreError("a grace period is a duration, 0 or more")
         await self._editable_key(actor, key_id, "rotating a key")
         return await self.store.rotate_key(key_id, grace=grace, actor=actor.name)
 

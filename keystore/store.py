@@ -64,6 +64,7 @@ TOKEN_USE_WRITE_INTERVAL = 60.0  # seconds between writes of one admin token's l
 MAX_RATE_LIMIT = 1_000_000
 # 9999-12-31T23:59:59Z: a later expiry has no date to show it in (every listing would fail).
 LATEST_EXPIRY = 253402300799.0
+MAX_GRACE = 3650 * 86400.0  # a rotation grace of ten years is no rotation at all
 # Characters at most, of the text a person types about a key (the console's fields agree).
 _TEXT_LIMITS = {"name": 200, "owner": 200, "route": 200, "note": 2000}
 # Bidirectional overrides and isolates: they reorder what a terminal or page shows.
@@ -683,7 +684,15 @@ class KeyStore:
             return await self._key(conn, key_id)
 
     async def rotate_key(self, key_id: str, *, grace: float = 0, actor: str) -> tuple[AuthKey, str]:
-        """Give the key a new secret; the old one stays valid for `grace` seconds."""
+        """Give the key a new secret; the old one stays valid for `grace` seconds. The grace
+        is checked before anything is written: an infinite one kept the old secret forever,
+        and one past what a date can hold made the caller fail after the commit, with the
+        new secret never shown."""
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not math.isfinite(grace) \
+                or grace < 0:
+            raise StoreError("a grace period is a duration, 0 or more")
+        if grace > MAX_GRACE:
+            raise StoreError(f"a grace period is at most {MAX_GRACE / 86400:.0f} days")
         async with self._transaction() as conn:
             record = await self._key(conn, key_id)
             if record.status == "revoked":

@@ -273,3 +273,26 @@ async def test_an_upgraded_keystore_shows_a_limited_token_its_workspaces_past(tm
     with sqlite3.connect(tmp_path / "keystore.db") as db, pytest.raises(sqlite3.IntegrityError):
         db.execute("UPDATE audit SET actor = 'someone else'")  # still append-only
     db.close()
+
+
+async def test_a_rotation_grace_past_what_a_date_holds_is_refused_before_anything_changes(tmp_path):
+    """It used to commit the rotation, then crash printing the grace's end: the new secret
+    was never shown and the old one (its grace ~1e24 s) worked for ever."""
+    cli = CLI(tmp_path)
+    setup(cli)
+    key = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM")
+    for grace in ("99999999999999999999d", "3651d"):
+        refused = cli.refused("key", "rotate", key["id"], "--grace", grace)
+        assert refused.startswith("keystore: a grace period is at most 3650 days"), refused
+    assert "invalid duration" in cli.usage("key", "rotate", key["id"], "--grace=-5s")
+    assert (await cli.login("alice@acme.test", key["secret"])).key_id == key["id"]
+    assert [e["action"] for e in cli.json("audit", "--key", key["id"])] == ["key.create"]
+    store, service = await open_service(cli)
+    try:
+        for grace in (math.inf, math.nan, -1.0, True):
+            with pytest.raises(StoreError, match="a grace period is a duration, 0 or more"):
+                await service.rotate_key(EDITOR, key["id"], grace=grace)
+    finally:
+        await store.close()
+    rotated = cli.json("key", "rotate", key["id"], "--grace", "3650d")
+    assert rotated["previous_valid_until"] is not None
