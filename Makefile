@@ -14,8 +14,10 @@ $(BIN)/relay: pyproject.toml
 
 install: $(BIN)/relay
 
+# One worker per core (at most 4), one test file per worker at a time: files share no
+# ports, folders or databases, and a file's tests keep their order (their fixtures are per file)
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check relay keystore tests bench
