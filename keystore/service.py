@@ -21,8 +21,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from keystore.interface import AdminStore
 from keystore.models import ROLES, AdminToken, AuditEvent, AuthKey, Mailbox, Workspace
-from keystore.store import KeyStore, NotFound, StoreError
+from keystore.store import NotFound, StoreError
 
 __all__ = ["Actor", "AdminService", "Forbidden"]
 
@@ -65,7 +66,7 @@ class Actor:
 class AdminService:
     """Every admin operation, checked against the actor, then done by the keystore."""
 
-    def __init__(self, store: KeyStore, *, route_names: Sequence[str] = ()) -> None:
+    def __init__(self, store: AdminStore, *, route_names: Sequence[str] = ()) -> None:
         self.store = store
         self.route_names = tuple(route_names)
 

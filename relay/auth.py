@@ -36,8 +36,9 @@ import time
 from dataclasses import dataclass
 
 from keystore import keys
+from keystore.interface import AuthStore
 from keystore.models import Identity, Reason
-from keystore.store import KeyStore, KeystoreUnavailable
+from keystore.store import KeystoreUnavailable
 from keystore.throttle import FAILURE_FLOOR, Attempt, FailureLimiter, client_network
 from relay import maillog, replies
 from relay.metrics import Metrics
@@ -68,7 +69,7 @@ class LoginResult:
 
 
 class Authenticator:
-    def __init__(self, store: KeyStore, limiter: FailureLimiter, *, recheck_interval: float,
+    def __init__(self, store: AuthStore, limiter: FailureLimiter, *, recheck_interval: float,
                  metrics: Metrics | None = None) -> None:
         self._store = store
         self._limiter = limiter

@@ -1,0 +1,45 @@
+"""keystore/interface.py declares what a keystore backend must do; the sqlite KeyStore
+must have every method with the very signature declared (names, kinds, defaults,
+annotations), so the Protocols and the backend cannot drift apart. A PostgreSQL backend
+(issue 12) joins the parametrisation."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from keystore.interface import AdminStore, AuthStore
+from keystore.store import KeyStore
+
+BACKENDS = [KeyStore]
+
+
+def declared(protocol: type) -> dict[str, inspect.Signature]:
+    return {name: inspect.signature(member) for name, member in vars(protocol).items()
+            if inspect.iscoroutinefunction(member)}
+
+
+def test_the_protocols_split_the_auth_path_from_the_admin_operations():
+    auth, admin = declared(AuthStore), declared(AdminStore)
+    assert {"authenticate", "recheck", "routes_in_use", "close"} <= set(auth)
+    assert not set(auth) & set(admin)
+    assert {"create_key", "update_key", "revoke_keys", "create_token", "verify_token",
+            "audit_events"} <= set(admin)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("protocol", [AuthStore, AdminStore])
+def test_backend_implements_every_method_with_the_declared_signature(backend, protocol):
+    for name, signature in declared(protocol).items():
+        member = getattr(backend, name, None)
+        assert inspect.iscoroutinefunction(member), f"{backend.__name__}.{name} is missing or not async"
+        assert inspect.signature(member) == signature, (
+            f"{backend.__name__}.{name}{inspect.signature(member)} != {protocol.__name__}.{name}{signature}")
+
+
+def test_the_signature_check_sees_a_difference():
+    class Drifted:
+        async def recheck(self, identity, fresh=False): ...
+
+    assert inspect.signature(Drifted.recheck) != declared(AuthStore)["recheck"]
