@@ -9,7 +9,7 @@ depends on as little as it can:
   asks of the data: workspaces, mailboxes, keys, admin tokens, the audit log.
 
 `keystore/store.py`'s sqlite `KeyStore` is the first implementation;
-tests/test_keystore_interface.py checks that it has every method with the very signature
+tests/test_storage_interfaces.py checks that it has every method with the very signature
 declared here, so neither side drifts. The rules stay in one place: data rules (a revoked
 key stays revoked, limits, suspension) in the backend, roles in the service.
 """

@@ -1,7 +1,7 @@
-"""keystore/interface.py declares what a keystore backend must do; the sqlite KeyStore
-must have every method with the very signature declared (names, kinds, defaults,
-annotations), so the Protocols and the backend cannot drift apart. A PostgreSQL backend
-(issue 12) joins the parametrisation."""
+"""keystore/interface.py declares what a keystore backend must do, relay/queue/store.py
+what a spool backend must do; the sqlite implementations must have every method with the
+very signature declared (names, kinds, defaults, annotations), so the Protocols and the
+backends cannot drift apart. The PostgreSQL backends (issue 12) join the lists."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import pytest
 
 from keystore.interface import AdminStore, AuthStore
 from keystore.store import KeyStore
+from relay.queue.sqlite import SqliteQueueStore
+from relay.queue.store import QueueStore
 
 BACKENDS = [KeyStore]
+QUEUE_BACKENDS = [SqliteQueueStore]
 
 
 def declared(protocol: type) -> dict[str, inspect.Signature]:
@@ -36,6 +39,17 @@ def test_backend_implements_every_method_with_the_declared_signature(backend, pr
         assert inspect.iscoroutinefunction(member), f"{backend.__name__}.{name} is missing or not async"
         assert inspect.signature(member) == signature, (
             f"{backend.__name__}.{name}{inspect.signature(member)} != {protocol.__name__}.{name}{signature}")
+
+
+@pytest.mark.parametrize("backend", QUEUE_BACKENDS)
+def test_queue_backend_implements_every_method_with_the_declared_signature(backend):
+    methods = declared(QueueStore)
+    assert {"put", "claim", "record", "schedule", "retry", "hold", "delete"} <= set(methods)
+    for name, signature in methods.items():
+        member = getattr(backend, name, None)
+        assert inspect.iscoroutinefunction(member), f"{backend.__name__}.{name} is missing or not async"
+        assert inspect.signature(member) == signature, (
+            f"{backend.__name__}.{name}{inspect.signature(member)} != QueueStore.{name}{signature}")
 
 
 def test_the_signature_check_sees_a_difference():
