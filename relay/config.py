@@ -16,6 +16,7 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from ipaddress import ip_network
 from pathlib import Path
 
 from keystore.http.site import is_loopback
@@ -96,6 +97,11 @@ class ServerConfig:
     # sessions not in a transaction get 421 4.3.2 at once. Keep it under the unit's
     # TimeoutStopSec minus the few seconds deliveries get to record what they did.
     shutdown_grace: Duration = Duration(20)
+    # Listeners behind a TCP load balancer (entries of `submission`, as written there):
+    # each connection starts with a PROXY protocol v2 header, accepted only from a
+    # `proxy_from` network, and its source address is the client's (relay/smtpd/proxy.py).
+    proxy_listeners: tuple[str, ...] = ()
+    proxy_from: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -310,6 +316,24 @@ def parse_config(path: str | os.PathLike[str]) -> Config:
     return loader.build(Config, raw, "", extra={"source": source.resolve()})
 
 
+def _check_proxy(server: ServerConfig, source: Path, add: typing.Callable[[str], None]) -> None:
+    """proxy_listeners name STARTTLS listeners (a header before implicit TLS is not read),
+    and need the networks of the load balancers they accept it from."""
+    for listener in server.proxy_listeners:
+        if listener in server.submissions and listener not in server.submission:
+            add(f"{source}: [server] proxy_listeners: {listener!r} is a submissions (implicit TLS) "
+                "listener; the PROXY protocol is read on submission (STARTTLS) listeners only")
+        elif listener not in server.submission:
+            add(f"{source}: [server] proxy_listeners: {listener!r} is not one of [server] submission")
+    if server.proxy_listeners and not server.proxy_from:
+        add(f"{source}: [server] proxy_from: required with proxy_listeners (the load balancers' networks)")
+    for network in server.proxy_from:
+        try:
+            ip_network(network, strict=True)
+        except ValueError:
+            add(f"{source}: [server] proxy_from: {network!r} is not a network in CIDR notation")
+
+
 def cross_check(config: Config, source: Path | None = None) -> list[str]:
     """Every problem across sections (values, names, references), in file order; each names
     `source` (default: config.source) and the key. Empty when the config is usable."""
@@ -324,6 +348,7 @@ def cross_check(config: Config, source: Path | None = None) -> list[str]:
     for name in ("max_message_size", "max_header_size", "max_data_memory"):
         if getattr(config.server, name) < 1:
             add(f"{source}: [server] {name}: at least 1 (there is no \"off\")")
+    _check_proxy(config.server, source, add)
     _check_auth(config.auth, source, add)
     _check_operations(config, source, add)
     for name in ("max_connections", "max_connections_per_address", "idle_timeout", "pre_auth_timeout"):

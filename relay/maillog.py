@@ -81,6 +81,7 @@ __all__ = [
     "disconnected",
     "enter",
     "format_value",
+    "proxy_refused",
     "queued",
     "redact",
     "refused",
@@ -285,6 +286,15 @@ def refused(peer: object, port: int | None, listener: str, reply: str) -> None:
     if log.isEnabledFor(logging.INFO):
         _emit(logging.INFO, "refused", {"client": client_address(peer), "port": port, "listener": listener,
                                         "reason": _REFUSALS.get(reply, "other")})
+
+
+def proxy_refused(peer: object, port: int | None, reason: str) -> None:
+    """A connection to a listener behind a load balancer closed before any greeting:
+    reason=not_a_proxy (its TCP peer is not in [server] proxy_from) or proxy_header (no
+    valid PROXY v2 header came)."""
+    if log.isEnabledFor(logging.INFO):
+        _emit(logging.INFO, "refused", {"client": client_address(peer), "port": port,
+                                        "listener": "submission", "reason": reason})
 
 
 def disconnected(session: SessionLog) -> None:

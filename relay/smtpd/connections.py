@@ -104,12 +104,14 @@ class ConnectionRegistry:
         """Connections holding a slot: sessions and handshakes in progress."""
         return self._count
 
-    def refusal(self, peer: object) -> str | None:
-        """The 421 for a new connection from `peer`, or None if it may have a slot."""
-        if self._count >= self.limit:
+    def refusal(self, peer: object, *, total: bool = True, per_address: bool = True) -> str | None:
+        """The 421 for a new connection from `peer`, or None if it may have a slot.
+        A proxied listener checks `total` at accept and `per_address` for the real client
+        once the PROXY header is read (relay/smtpd/proxy.py)."""
+        if total and self._count >= self.limit:
             self.metrics.connection_refused("max_connections")
             return replies.TOO_MANY_CONNECTIONS
-        if self._by_key.get(address_key(peer), 0) >= self.per_address:
+        if per_address and self._by_key.get(address_key(peer), 0) >= self.per_address:
             self.metrics.connection_refused("per_address")
             return replies.TOO_MANY_FROM_ADDRESS
         return None
@@ -121,13 +123,25 @@ class ConnectionRegistry:
         self._by_key[key] = self._by_key.get(key, 0) + 1
         return Slot(key, self)
 
+    def move(self, slot: Slot, peer: object) -> None:
+        """Count `slot` for `peer` from now on: a proxied connection's slot is taken under
+        the load balancer's address, then counted for the client the header names."""
+        if slot.released:
+            return
+        self._drop_key(slot.key)
+        slot.key = address_key(peer)
+        self._by_key[slot.key] = self._by_key.get(slot.key, 0) + 1
+
     def _give_back(self, slot: Slot) -> None:
         self._count -= 1
-        left = self._by_key[slot.key] - 1
+        self._drop_key(slot.key)
+
+    def _drop_key(self, key: str) -> None:
+        left = self._by_key[key] - 1
         if left:
-            self._by_key[slot.key] = left
+            self._by_key[key] = left
         else:
-            del self._by_key[slot.key]
+            del self._by_key[key]
 
 
 class _Refusal(asyncio.Protocol):

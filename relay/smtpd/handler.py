@@ -14,6 +14,7 @@ import logging
 import time
 from base64 import b64decode
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
 from keystore.models import Identity
@@ -122,6 +123,11 @@ class RelayHandler:
         return AuthResult(success=False, handled=True)
 
     # ------------------------------------------------------------- MAIL/RCPT
+
+    async def handle_PROXY(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                           proxy_data: ProxyData) -> bool:
+        """Only on a listener behind a load balancer (relay/smtpd/proxy.py)."""
+        return server.accept_proxy(proxy_data)
 
     async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:

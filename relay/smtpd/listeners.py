@@ -19,6 +19,7 @@ from relay.config import Config, split_hostport
 from relay.smtpd.connections import ImplicitTLSAcceptor
 from relay.smtpd.data import DataLimits, MemoryBudget
 from relay.smtpd.handler import RelayHandler
+from relay.smtpd.proxy import ProxyPolicy
 from relay.smtpd.server import ConnectionRegistry, RelaySMTP
 
 __all__ = ["Listener", "Sessions", "open_listeners"]
@@ -62,10 +63,11 @@ class Sessions:
             in_memory=min(cfg.max_data_memory, _IN_MEMORY_MESSAGE), spool_dir=config.queue.path.parent,
         )
         self._memory.limit = cfg.max_data_memory
+        self._proxy = ProxyPolicy.from_config(cfg.proxy_from)
         self._registry.limit = cfg.max_connections
         self._registry.per_address = cfg.max_connections_per_address
 
-    def session(self, implicit: bool) -> RelaySMTP:
+    def session(self, implicit: bool, proxied: bool = False) -> RelaySMTP:
         cfg = self._server
         return RelaySMTP(
             self._handler,
@@ -80,12 +82,18 @@ class Sessions:
             command_call_limit=_CALL_LIMITS,
             timeout=cfg.idle_timeout,
             pre_auth_timeout=cfg.pre_auth_timeout,
+            proxy=self._proxy if proxied else None,
             loop=asyncio.get_running_loop(),
         )
 
     def starttls(self) -> RelaySMTP:
         """A connection on a STARTTLS (587) listener."""
         return self.session(False)
+
+    def proxied_starttls(self) -> RelaySMTP:
+        """A connection on a STARTTLS listener behind a load balancer (`[server]
+        proxy_listeners`): a PROXY v2 header first, from a `proxy_from` address."""
+        return self.session(False, proxied=True)
 
     def implicit_tls(self) -> ImplicitTLSAcceptor:
         """A connection on an implicit-TLS (465) listener: TLS first, then the session."""
@@ -98,8 +106,13 @@ async def open_listeners(config: Config, sessions: Sessions) -> list[Listener]:
     opened: list[Listener] = []
     try:
         for kind, addresses in (("submission", cfg.submission), ("submissions", cfg.submissions)):
-            accept = sessions.implicit_tls if kind == "submissions" else sessions.starttls
             for address in addresses:
+                if kind == "submissions":
+                    accept = sessions.implicit_tls
+                elif address in cfg.proxy_listeners:
+                    accept = sessions.proxied_starttls
+                else:
+                    accept = sessions.starttls
                 host, port = split_hostport(address)
                 server = await loop.create_server(accept, host, port)
                 bound = server.sockets[0].getsockname()

@@ -7,6 +7,8 @@
 * before AUTH succeeds a session has a shorter idle timeout (`[server] pre_auth_timeout`)
   and a budget of PRE_AUTH_COMMANDS commands (NOOP/RSET/EHLO loops end with 421 4.7.0);
   a STARTTLS handshake has HANDSHAKE_TIMEOUT;
+* on a listener behind a load balancer, the PROXY v2 header's source is the client
+  (`accept_proxy`, relay/smtpd/proxy.py), kept across STARTTLS;
 * `MAIL FROM:<>` gets our policy reply instead of aiosmtpd's syntax error;
 * DATA is read by relay/smtpd/data.py (in chunks, to memory or disk), and the handler's
   `handle_DATA` finds the message as `envelope.body`, a `MessageBody`.
@@ -22,12 +24,14 @@ from base64 import b64decode, b64encode
 from collections.abc import Awaitable, Callable
 from typing import AnyStr
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
 from relay import internals, maillog, replies
 from relay.metrics import data_refusal_reason, handshake_failure
 from relay.smtpd.connections import HANDSHAKE_TIMEOUT, ConnectionRegistry, Slot, local_port
 from relay.smtpd.data import DataLimits, MemoryBudget, read_data
+from relay.smtpd.proxy import ProxyPolicy
 
 __all__ = ["AuthLineTooLong", "ConnectionRegistry", "RelaySMTP"]
 
@@ -51,9 +55,15 @@ class AuthLineTooLong(Exception):
 class RelaySMTP(SMTP):
     def __init__(
         self, handler, *, registry: ConnectionRegistry, data_limits: DataLimits, memory: MemoryBudget,
-        pre_auth_timeout: float, **kwargs,
+        pre_auth_timeout: float, proxy: ProxyPolicy | None = None, **kwargs,
     ) -> None:
+        if proxy is not None:  # aiosmtpd reads the PROXY header before the greeting
+            kwargs["proxy_protocol_timeout"] = HANDSHAKE_TIMEOUT
         super().__init__(handler, data_size_limit=data_limits.message, **kwargs)
+        self._proxy = proxy
+        self._proxied = False  # a valid PROXY header named the client
+        self._client: tuple[str, int] | None = None  # ... this one
+        self._port: int | None = None
         self._registry = registry
         self._data_limits = data_limits
         self._memory = memory
@@ -78,7 +88,14 @@ class RelaySMTP(SMTP):
         first = internals.first_connection_made(self)
         if first and self._slot is None:
             peer = transport.get_extra_info("peername")
-            refusal = self._registry.refusal(peer)
+            if self._proxy is not None and not self._proxy.allows(peer):
+                self._refused = True  # not a load balancer: no greeting at all
+                self._registry.metrics.connection_refused("not_a_proxy")
+                maillog.proxy_refused(peer, local_port(transport), "not_a_proxy")
+                transport.close()
+                return
+            # behind a load balancer the per-address cap counts the client, after the header
+            refusal = self._registry.refusal(peer, per_address=self._proxy is None)
             if refusal is not None:
                 self._refused = True
                 maillog.refused(peer, local_port(transport), "submission", refusal)
@@ -93,6 +110,9 @@ class RelaySMTP(SMTP):
             self._registry.metrics.tls_handshake("submissions" if first else "submission", "ok",
                                                  ssl_object.version())
         super().connection_made(transport)
+        if self._client is not None:  # STARTTLS: aiosmtpd's new session has the balancer's address
+            assert self.session is not None
+            self.session.peer = self._client
         self._log_start(transport, first)
 
     def _log_start(self, transport: asyncio.BaseTransport, first: bool) -> None:
@@ -100,6 +120,8 @@ class RelaySMTP(SMTP):
         the `tls` line once TLS is up (at once on 465, after STARTTLS on 587)."""
         ssl_object = transport.get_extra_info("ssl_object")
         if first:
+            self._port = local_port(transport)
+        if first and self._proxy is None:
             self.log_session = maillog.SessionLog(
                 maillog.client_address(transport.get_extra_info("peername")), local_port(transport),
                 "submission" if ssl_object is None else "submissions")
@@ -116,6 +138,9 @@ class RelaySMTP(SMTP):
         self._registry.live.discard(self)
         if self.log_session is not None:
             maillog.disconnected(self.log_session)
+        elif self._proxy is not None and not self._proxied:  # missing, malformed or not v2
+            self._registry.metrics.connection_refused("proxy_header")
+            maillog.proxy_refused(self.session.peer, self._port, "proxy_header")
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
@@ -126,6 +151,27 @@ class RelaySMTP(SMTP):
         # transport open: a client whose FIN came before the greeting (a port probe) then
         # held its slot until the idle timer. Nothing more can happen here: close.
         return False
+
+    def accept_proxy(self, data: ProxyData) -> bool:
+        """The PROXY header read on a proxied listener (the handler's handle_PROXY): with a
+        v2 PROXY command its source address becomes the session's client (log, AUTH
+        throttle, allow-from, last-used address, Received:), counted by the per-address
+        cap from now on. False closes the connection without a greeting."""
+        client = ProxyPolicy.client(data)
+        if client is None or self.session is None or self.transport is None or self._slot is None:
+            return False
+        refusal = self._registry.refusal(client, total=False)
+        if refusal is not None:
+            self._proxied = True  # logged here, not as a bad header
+            maillog.refused(client, self._port, "submission", refusal)
+            self.transport.write(f"{refusal}\r\n".encode())  # type: ignore[attr-defined]
+            return False
+        self._registry.move(self._slot, client)
+        self.session.peer = self._client = client
+        self._proxied = True
+        self.log_session = maillog.SessionLog(maillog.client_address(client), self._port, "submission")
+        maillog.connected(self.log_session)
+        return True
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """aiosmtpd restarts its idle timer with this (at connect and every command): the
