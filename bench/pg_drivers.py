@@ -10,9 +10,11 @@ builds those four tables with 10,000 mailboxes and keys, and times that statemen
 * sqlite through aiosqlite (today's keystore read path), for scale;
 
 one at a time (latency: median and p99) and with 32 in flight over a pool of 8 (logins per
-second), as a busy relay would. Same run, same machine, same data.
+second), as a busy relay would. Same run, same machine, same data; the drivers take turns
+for `--rounds` rounds (the order turns too), and each figure is the median of its rounds,
+so a noisy moment does not decide.
 
-    .venv/bin/python bench/pg_drivers.py [--calls 5000]
+    .venv/bin/python bench/pg_drivers.py [--calls 5000] [--rounds 3]
 
 Needs `pip install asyncpg "psycopg[binary]" psycopg-pool` (not dependencies of the relay
 until issue 12 picks one) and PostgreSQL (`apt-get install postgresql`).
@@ -145,6 +147,7 @@ async def bench_psycopg(dsn: str, calls: int) -> dict:
 async def bench_sqlite(folder: Path, calls: int) -> dict:
     path = folder / "auth.db"
     workspaces, mailboxes, aliases, keys = rows()
+    path.unlink(missing_ok=True)  # a fresh file each round
     with sqlite3.connect(path) as db:
         db.executescript(SCHEMA.replace("double precision", "REAL").replace("bytea", "BLOB"))
         db.executemany("INSERT INTO workspace VALUES (?, ?, ?)", workspaces)
@@ -165,6 +168,7 @@ async def bench_sqlite(folder: Path, calls: int) -> dict:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with running_postgres() as server, tempfile.TemporaryDirectory() as folder:
         dsn = server.create_database("bench")
@@ -180,10 +184,19 @@ async def main() -> None:
         await conn.execute("ANALYZE")
         await conn.close()
         version = server.psql("SHOW server_version")
-        results = [await bench_asyncpg(dsn, args.calls), await bench_psycopg(dsn, args.calls),
-                   await bench_sqlite(Path(folder), args.calls)]
+        runs = [lambda: bench_asyncpg(dsn, args.calls), lambda: bench_psycopg(dsn, args.calls),
+                lambda: bench_sqlite(Path(folder), args.calls)]
+        rounds: list[list[dict]] = [[] for _ in runs]
+        for turn in range(args.rounds):
+            order = list(range(len(runs)))
+            order = order[turn % len(order):] + order[:turn % len(order)]
+            for index in order:
+                rounds[index].append(await runs[index]())
+        results = [{"name": found[0]["name"],
+                    **{k: statistics.median(r[k] for r in found) for k in ("median", "p99", "rate")}}
+                   for found in rounds]
     print(f"AUTH-path read, {MAILBOXES} mailboxes and keys, {args.calls} logins; PostgreSQL {version} on "
-          f"loopback; pool of {POOL}, {IN_FLIGHT} in flight for the rate")
+          f"loopback; pool of {POOL}, {IN_FLIGHT} in flight for the rate; medians of {args.rounds} rounds")
     print(f"{'driver':48} {'median µs':>10} {'p99 µs':>8} {'logins/s':>9}")
     for r in results:
         print(f"{r['name']:48} {r['median']:10.0f} {r['p99']:8.0f} {r['rate']:9.0f}")
