@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import re
+import socket
 import tomllib
 import types
 import typing
@@ -131,14 +132,38 @@ class AuthConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class KeystoreConfig:
-    path: Path
+    """Where the keystore lives: a sqlite file (`path`, the default) or, for several
+    relays, a PostgreSQL database (`url`, postgresql://...). Exactly one of them. The pepper
+    is always a local file, the same on every node (keys hashed with one are unusable with
+    another)."""
+
+    path: Path | None = None
+    url: str | None = None
     pepper_file: Path
     default_key_limit: int = 100
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """This relay among several sharing one PostgreSQL keystore and queue (issue 12).
+
+    `node` names it in metrics, logs, `relay status` and the queue's claims (default: the
+    host's name); two relays running at once must not share one. A delivery's claim on a
+    shared queue message lasts `lease`, renewed while the delivery runs; a node that dies
+    leaves its messages to the others once their leases end."""
+
+    node: str = field(default_factory=lambda: socket.gethostname())
+    lease: Duration = Duration(60)
+
+
+@dataclass(frozen=True, kw_only=True)
 class QueueConfig:
+    """The spool. `path` is a sqlite file; with `url` (postgresql://..., shared by several
+    relays) the messages live in PostgreSQL and `path`'s folder holds only this node's own
+    files (the state `relay status` reads, large messages while they arrive)."""
+
     path: Path
+    url: str | None = None
     retry_schedule: tuple[Duration, ...] = (
         Duration(60), Duration(300), Duration(900), Duration(3600), Duration(10800),
     )
@@ -262,6 +287,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     provider_health: HealthConfig = field(default_factory=HealthConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def state_path(self) -> Path | None:
@@ -349,6 +375,7 @@ def cross_check(config: Config, source: Path | None = None) -> list[str]:
         if getattr(config.server, name) < 1:
             add(f"{source}: [server] {name}: at least 1 (there is no \"off\")")
     _check_proxy(config.server, source, add)
+    _check_storage(config, source, add)
     _check_auth(config.auth, source, add)
     _check_operations(config, source, add)
     for name in ("max_connections", "max_connections_per_address", "idle_timeout", "pre_auth_timeout"):
@@ -377,6 +404,24 @@ def cross_check(config: Config, source: Path | None = None) -> list[str]:
     if config.routing and config.routing.default not in names:
         add(f"{source}: [routing] default: no [[upstream]] or [[group]] named {config.routing.default!r}")
     return problems
+
+
+_NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def _check_storage(config: Config, source: Path, add: typing.Callable[[str], None]) -> None:
+    """[keystore] path or url, [queue] url, [cluster]."""
+    ks = config.keystore
+    if (ks.path is None) == (ks.url is None):
+        add(f"{source}: [keystore]: set path (a sqlite file) or url (postgresql://...), one of them")
+    for where, url in (("[keystore] url", ks.url), ("[queue] url", config.queue and config.queue.url)):
+        if url is not None and not url.startswith(("postgresql://", "postgres://")):
+            add(f"{source}: {where}: expected a postgresql:// URL")
+    if not _NODE_RE.match(config.cluster.node):
+        add(f"{source}: [cluster] node: {config.cluster.node!r}: letters, digits, '.', '_' and '-', "
+            "at most 63, starting with a letter or digit")
+    if config.cluster.lease < 5:
+        add(f"{source}: [cluster] lease: at least 5s (it is renewed every lease/3 during a delivery)")
 
 
 def _check_auth(auth: AuthConfig, source: Path, add: typing.Callable[[str], None]) -> None:

@@ -4,12 +4,14 @@ fresh sqlite keystore and spool in tmp_path for every test."""
 from __future__ import annotations
 
 import contextlib
+import uuid
 
 import pytest
 
 from keystore.store import KeyStore
 from relay.app import Relay, loop_factory
 from relay.config import load_config
+from tests.support.postgres import find_bin, running_postgres
 from tests.support.relayrun import Harness, write_config
 from tests.support.sink import Sink
 
@@ -52,3 +54,20 @@ def relay_with(tmp_path, sink):
 async def h(tmp_path, sink):
     async with running_relay(tmp_path, sink) as harness:
         yield harness
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL per test worker (tests/support/postgres.py); tests keep apart by
+    taking a database each (`pg_url`). Skipped only where the package is missing: .ci/run
+    installs it, so CI always runs these."""
+    if find_bin() is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres_server) -> str:
+    """The URL of a fresh, empty database for this test."""
+    return postgres_server.create_database(f"t_{uuid.uuid4().hex[:16]}")
