@@ -118,6 +118,19 @@ class Authenticator:
         await asyncio.sleep(started + max(delay, FAILURE_FLOOR) - time.monotonic())
         return LoginResult(None, replies.REASON_REPLIES.get(verdict.value, replies.AUTH_INVALID))
 
+    def key_changed(self, what: str) -> None:
+        """A key, mailbox or workspace changed (a PostgreSQL keystore's notification, pushed
+        to every relay: keystore/pgnotify.py): drop the rechecks cached about it, so the next
+        command of every open session it touches reads the keystore again. 'key:ID' drops
+        that key's sessions; anything else (a mailbox, a workspace, '*' after a gap in
+        listening) drops them all: such changes are rare, and a recheck is one read."""
+        kind, _, name = what.partition(":")
+        if kind == "key" and name:
+            for slot in [slot for slot in self._checked if slot[0] == name]:
+                del self._checked[slot]
+        else:
+            self._checked.clear()
+
     def exchange_failed(self, username: str, client_ip: str) -> None:
         """A malformed AUTH exchange (an overlong line) counts like a wrong secret for the
         username it named, if any, and its address."""
