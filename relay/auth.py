@@ -76,6 +76,7 @@ class Authenticator:
         self._recheck_interval = recheck_interval
         self._metrics = metrics or Metrics()
         self._checked: dict[tuple[str, str, bytes, str], tuple[float, Identity | Reason]] = {}
+        self._changes = 0  # key changes announced so far (key_changed)
 
     def set_limits(self, *, max_failures: int, address_ceiling: int, window: float,
                    recheck_interval: float) -> None:
@@ -124,6 +125,7 @@ class Authenticator:
         command of every open session it touches reads the keystore again. 'key:ID' drops
         that key's sessions; anything else (a mailbox, a workspace, '*' after a gap in
         listening) drops them all: such changes are rare, and a recheck is one read."""
+        self._changes += 1
         kind, _, name = what.partition(":")
         if kind == "key" and name:
             for slot in [slot for slot in self._checked if slot[0] == name]:
@@ -151,13 +153,15 @@ class Authenticator:
         if not fresh and cached is not None and now - cached[0] < self._recheck_interval:
             verdict = cached[1]
         else:
+            changes = self._changes
             try:
                 verdict = await self._store.recheck(identity)
             except KeystoreUnavailable:
                 return replies.KEYSTORE_DOWN_AT_MAIL
             if len(self._checked) > 100_000:
                 self._checked.clear()
-            self._checked[slot] = (now, verdict)
+            if changes == self._changes:  # a change announced meanwhile may postdate this read
+                self._checked[slot] = (now, verdict)
         if isinstance(verdict, Identity):
             return verdict
         return replies.REASON_REPLIES.get(verdict.value, replies.AUTH_INVALID)

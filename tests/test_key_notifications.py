@@ -62,3 +62,38 @@ async def test_a_key_change_ends_the_cached_recheck_of_that_key_only(tmp_path):
         assert "revoked" in await auth.recheck(second)
     finally:
         await store.close()
+
+
+async def test_a_change_announced_during_a_recheck_is_not_cached_away(tmp_path):
+    """The notification can overtake a recheck already reading the old state: that read's
+    verdict must not be kept for the whole interval."""
+    import asyncio
+
+    from keystore.store import KeyStore
+    from relay.auth import Authenticator, FailureLimiter
+
+    store = await KeyStore.open(tmp_path / "k.db", tmp_path / "pepper", create=True)
+    try:
+        await store.add_mailbox("a@acme.test", workspace="acme", actor="t")
+        (key, secret) = await store.create_key(mailbox="a@acme.test", name="one", actor="t")
+        auth = Authenticator(store, FailureLimiter(5, 60.0), recheck_interval=3600)
+        identity = (await auth.login("a@acme.test", secret, "192.0.2.1")).identity
+        reading = asyncio.Event()
+        real_recheck = store.recheck
+
+        async def slow_recheck(who):
+            verdict = await real_recheck(who)  # reads the key as still active
+            reading.set()
+            await asyncio.sleep(0.05)  # the revoke and its notification land here
+            return verdict
+
+        store.recheck = slow_recheck
+        pending = asyncio.ensure_future(auth.recheck(identity, fresh=True))
+        await reading.wait()
+        await store.revoke_key(key.id, actor="t")
+        auth.key_changed(f"key:{key.id}")
+        assert await pending == identity  # that read was taken before the revoke
+        store.recheck = real_recheck
+        assert "revoked" in await auth.recheck(identity)
+    finally:
+        await store.close()
