@@ -84,7 +84,7 @@ class Relay:
         self.listeners: list[Listener] = []
         # one Metrics for the relay's life: a reload re-points nothing in it but the
         # certificate's expiry (_apply); provider names come with each attempt
-        self.metrics = Metrics(key_id_labels=config.metrics.key_id_labels)
+        self.metrics = Metrics(key_id_labels=config.metrics.key_id_labels, node=config.cluster.node)
         self.metrics_endpoint: MetricsEndpoint | None = None  # /metrics, /healthz, /readyz
         self.registry = ConnectionRegistry(
             config.server.max_connections, config.server.max_connections_per_address, metrics=self.metrics,

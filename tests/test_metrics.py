@@ -56,10 +56,18 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 async def scrape(h) -> Samples:
+    """The page's samples by name and labels; every one must carry this relay's node label
+    (taken off here, so lookups name only the labels that vary)."""
     status, content_type, text = await fetch(h, "/metrics")
     assert status == 200 and content_type.startswith("text/plain")
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    node = h.relay.config.cluster.node
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            assert labels.pop("node", None) == node, f"{sample.name} lacks node={node!r}"
+            samples[(sample.name, tuple(sorted(labels.items())))] = sample.value
+    return samples
 
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:
@@ -326,3 +334,15 @@ def test_the_relay_command_exits_2_when_the_metrics_port_is_in_use(tmp_path):
 
 async def test_without_a_listen_address_nothing_is_served(h):
     assert h.relay.metrics_endpoint is None
+
+
+async def test_every_series_names_its_node_and_a_filtered_scrape_too(tmp_path, sink):
+    """Several relays behind one load balancer: each one's series carry its [cluster] node."""
+    cluster = '\n[cluster]\nnode = "relay-b"\n'
+    async with running_relay(tmp_path, sink, upstream_extra=metrics_table() + cluster) as h:
+        samples = await scrape(h)  # asserts node="relay-b" on every sample
+        assert value(samples, "keyrelay_connections_total") is not None
+        status, _, text = await fetch(h, "/metrics?name[]=keyrelay_connections_total")
+        assert status == 200
+        (family,) = list(text_string_to_metric_families(text))
+        assert [s.labels for s in family.samples] == [{"node": "relay-b"}]

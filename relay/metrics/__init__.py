@@ -28,6 +28,7 @@ from typing import Any
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.metrics_core import Metric
 
 from relay import replies
 from relay.metrics.collectors import DepthSource, ProviderHealthCollector, QueueCollector, Snapshot
@@ -91,12 +92,37 @@ def handshake_failure(error: BaseException | None) -> str:
     return "dropped"
 
 
-class Metrics:
-    """Every metric of one relay, on `self.registry`. See the README's Metrics section."""
+class NodeLabelled:
+    """The registry as it is scraped: every sample carries `node="NAME"` ([cluster] node),
+    so the series of several relays behind one load balancer stay apart wherever they are
+    collected (a federation, a remote-write, one job scraping all nodes), whatever
+    `instance` label the scraper adds. Metric objects stay unlabelled: call sites and
+    label-child caching do not change."""
 
-    def __init__(self, *, key_id_labels: bool = False) -> None:
+    def __init__(self, registry: Any, node: str) -> None:
+        self._registry = registry
+        self.node = node
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [sample._replace(labels={**sample.labels, "node": self.node})
+                                for sample in family.samples]
+            yield labelled
+
+    def restricted_registry(self, names: Iterable[str]) -> NodeLabelled:
+        """`/metrics?name[]=...` (prometheus-client's WSGI app asks the registry for this)."""
+        return NodeLabelled(self._registry.restricted_registry(names), self.node)
+
+
+class Metrics:
+    """Every metric of one relay, on `self.registry`; `self.exposed` is what /metrics
+    serves (with the node label). See the README's Metrics section."""
+
+    def __init__(self, *, key_id_labels: bool = False, node: str = "") -> None:
         self.key_id_labels = key_id_labels
         self.registry = CollectorRegistry()
+        self.exposed: Any = NodeLabelled(self.registry, node) if node else self.registry
         registry = self.registry
         key = ("key",) if key_id_labels else ()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}

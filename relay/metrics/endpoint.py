@@ -121,7 +121,7 @@ class MetricsEndpoint:
     def __init__(self, listen: str, metrics: Metrics, readiness: Readiness, *, where: str) -> None:
         host, port = split_hostport(listen)
         self._readiness = readiness
-        self._metrics_app = make_wsgi_app(metrics.registry)
+        self._metrics_app = make_wsgi_app(metrics.exposed)
         try:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
             server_class = _Server6 if family == socket.AF_INET6 else _Server
