@@ -16,6 +16,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from keystore.pgnotify import KeyChanges
 from keystore.store import KeyStore, KeystoreUnavailable
 from relay import replies
 from relay.auth import Authenticator, FailureLimiter
@@ -75,6 +76,8 @@ _RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("[queue] path", lambda c: c.queue.path if c.queue else None),
     ("[metrics] listen / key_id_labels", lambda c: (c.metrics.listen, c.metrics.key_id_labels)),
     ("[log] format", lambda c: c.log.format),
+    ("[queue] url", lambda c: c.queue.url if c.queue else None),
+    ("[cluster]", lambda c: c.cluster),
 )
 
 
@@ -95,6 +98,7 @@ class Relay:
         self.queue_depth: int | None = None  # last count, for STATUS= and the state file
         self._handler: RelayHandler | None = None
         self._authenticator: Authenticator | None = None
+        self.key_changes: KeyChanges | None = None  # a PostgreSQL keystore's notifications
         self._sessions: Sessions | None = None
         self._reloading = asyncio.Lock()
         # provider health outlives reloads (every Router gets it; _apply has it follow the config)
@@ -142,8 +146,20 @@ class Relay:
         for listener in self.listeners:
             mode = "STARTTLS" if listener.kind == "submission" else "implicit TLS"
             log.info("listening (%s) on %s port %d", mode, listener.host, listener.port)
+        await self._follow_key_changes(cfg)
         self.state = StateWriter.for_relay(self)
         self.state.start()
+
+    async def _follow_key_changes(self, config: Config) -> None:
+        """A PostgreSQL keystore is shared: listen for the changes other nodes (and every
+        `keystore` CLI or console) make, so an open session here follows a revocation at
+        its next command (keystore/pgnotify.py); the periodic recheck stays the safety net."""
+        if config.keystore.url is None or self._authenticator is None:
+            return
+        authenticator = self._authenticator
+        changes = self.key_changes = KeyChanges(config.keystore.url, authenticator.key_changed)
+        await changes.start()
+        self.metrics.watch_key_changes(lambda: changes.listening)
 
     async def _check_routes(self, config: Config) -> None:
         assert self.store is not None
@@ -244,6 +260,8 @@ class Relay:
             session.close_now(replies.SHUTTING_DOWN)
         for listener in self.listeners:
             await listener.server.wait_closed()
+        if self.key_changes is not None:
+            await self.key_changes.stop()
         if self.queue is not None:
             await self.queue.stop()
         await asyncio.gather(*(courier.close() for courier in self.couriers.values()))

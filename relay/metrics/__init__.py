@@ -267,6 +267,15 @@ class Metrics:
         """Queue depth and oldest message, read from the spool at each scrape."""
         self.queue.source = store
 
+    def watch_key_changes(self, listening: Callable[[], bool]) -> None:
+        """Only with a PostgreSQL keystore (a sqlite one has no notifications to miss)."""
+        gauge = Gauge(
+            "keyrelay_keystore_notifications_listening",
+            "1 while this node hears the PostgreSQL keystore's key changes at once (LISTEN); 0 while "
+            "it follows them only through the periodic recheck ([auth] recheck_interval)",
+            registry=self.registry)
+        gauge.set_function(lambda: 1.0 if listening() else 0.0)
+
     def watch_provider_health(self, snapshot: Callable[[], Snapshot] | None) -> None:
         """`snapshot()` (e.g. ProviderHealth.snapshot) is called on the relay's event loop at
         each scrape; call again to re-point it (a reload that builds a new one), or with
