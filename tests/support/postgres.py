@@ -73,8 +73,12 @@ def _as(user: str | None, command: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_postgres(timeout: float = 60.0) -> Iterator[Postgres]:
-    """Start a throwaway server; stop it (fast shutdown) and remove its folder after."""
+def running_postgres(timeout: float = 60.0, *, durable: bool = False,
+                     options: str = "") -> Iterator[Postgres]:
+    """Start a throwaway server; stop it (fast shutdown) and remove its folder after.
+    Tests run it without fsync (nothing there must survive a power cut); a benchmark of
+    commit latency asks for `durable` (fsync and synchronous commit on, as in production).
+    `options`: more `-c name=value` settings (pg_stat_statements for a bench)."""
     bin_dir = find_bin()
     if bin_dir is None:
         raise FileNotFoundError("PostgreSQL is not installed (Debian: apt-get install postgresql)")
@@ -91,10 +95,11 @@ def running_postgres(timeout: float = 60.0) -> Iterator[Postgres]:
         subprocess.run(_as(run_as, [str(bin_dir / "initdb"), "-D", str(data), "-U", user,
                                     "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"]),
                        capture_output=True, text=True, timeout=timeout, check=True)
-        options = (f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={folder} "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        settings = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={folder} "
+        if not durable:
+            settings += "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
         subprocess.run(_as(run_as, [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log),
-                                    "-o", options, "-w", "-t", str(int(timeout)), "start"]),
+                                    "-o", settings + options, "-w", "-t", str(int(timeout)), "start"]),
                        capture_output=True, text=True, timeout=timeout + 10, check=True)
         server = Postgres(bin=bin_dir, folder=folder, port=port, user=user)  # pg_ctl -w: accepting
         yield server
