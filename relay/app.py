@@ -127,7 +127,7 @@ class Relay:
             log.warning("%s: [queue] workers is no longer used: each [[upstream]] max_connections "
                         "sets how many deliveries run at once on it", cfg.source)
         self.queue = await Queue.open(
-            cfg.queue.path, parts.router, hostname=cfg.server.hostname,
+            cfg.queue, cfg.cluster, parts.router, hostname=cfg.server.hostname,
             retry_schedule=cfg.queue.retry_schedule, max_lifetime=cfg.queue.max_queue_lifetime,
             metrics=self.metrics,
         )

@@ -11,11 +11,12 @@ import pytest
 
 from keystore.interface import AdminStore, AuthStore
 from keystore.store import KeyStore
+from relay.queue.postgres import PostgresQueueStore
 from relay.queue.sqlite import SqliteQueueStore
 from relay.queue.store import QueueStore
 
 BACKENDS = [KeyStore]
-QUEUE_BACKENDS = [SqliteQueueStore]
+QUEUE_BACKENDS = [SqliteQueueStore, PostgresQueueStore]
 
 
 def declared(protocol: type) -> dict[str, inspect.Signature]:

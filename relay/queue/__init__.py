@@ -3,7 +3,11 @@
     put()      store a message durably and schedule it, in one step (the session's 250)
     start()    release what a dead relay left claimed; schedule everything waiting
     stop()     let running deliveries record what they did; start nothing new
-    store      the storage (relay/queue/sqlite.py), whose admin operations `relay queue` uses
+    store      the storage (relay/queue/sqlite.py, or relay/queue/postgres.py shared by
+               several relays), whose admin operations `relay queue` uses
+
+On a shared queue a claim is a lease: the queue renews its leases every lease/3 while it
+runs, so that only a node that died leaves its deliveries to the others.
 
 A delivery claims its message in the spool, reads it, runs one attempt through the
 route's couriers (relay/queue/attempt.py) and writes everything the attempt learnt in
@@ -25,16 +29,20 @@ import socket
 import time
 from collections.abc import Awaitable
 from dataclasses import replace
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay.delivery.courier import Outcome
 from relay.delivery.routing import Router
 from relay.metrics import Metrics
 from relay.queue.attempt import attempt, partial_record
 from relay.queue.model import AttemptRecord, Delivery, Fate, FileBody, NotDue, QueueItem, new_queue_id
+from relay.queue.postgres import PostgresQueueStore
 from relay.queue.schedule import Scheduler, retry_delay
 from relay.queue.sqlite import SqliteQueueStore
 from relay.queue.store import QueueStore, SpoolBusy, SpoolError, SpoolFull
+
+if TYPE_CHECKING:
+    from relay.config import ClusterConfig, QueueConfig
 
 __all__ = ["FileBody", "Queue", "QueueItem", "SpoolBusy", "SpoolError", "SpoolFull", "new_queue_id"]
 
@@ -48,6 +56,7 @@ class Queue:
     def __init__(
         self, store: QueueStore, router: Router, *, hostname: str,
         retry_schedule: tuple[float, ...], max_lifetime: float, metrics: Metrics | None = None,
+        node: str | None = None, lease: float = 60.0,
     ) -> None:
         self.store = store
         self._metrics = metrics  # delivery attempts and latency (relay/queue/attempt.py)
@@ -55,22 +64,32 @@ class Queue:
         self._hostname = hostname
         self._retry = retry_schedule or (300.0,)
         self._max_lifetime = max_lifetime
-        self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._owner = f"{node or socket.gethostname()}:{os.getpid()}"
+        self._lease = float(lease)
         self._scheduler = Scheduler(self._deliver, router.concurrency)
         self._tasks: list[asyncio.Task[None]] = []
         self._version: int | None = None
+        self._stale = False  # a schedule read failed: read it again at the next look
         self._unrecorded = 0  # outcomes the spool has refused to store so far (a full disk)
 
     @classmethod
-    async def open(cls, path: Path, router: Router, **options) -> Queue:
-        """The relay's queue on the sqlite spool at `path` (SpoolBusy if another relay has it)."""
-        return cls(await SqliteQueueStore.open(path, relay=True), router, **options)
+    async def open(cls, config: QueueConfig, cluster: ClusterConfig, router: Router, **options) -> Queue:
+        """The relay's queue: PostgreSQL with [queue] url, else the sqlite spool at [queue]
+        path (SpoolBusy if another relay has it, or one with the same node name runs)."""
+        store: QueueStore
+        if config.url:
+            store = await PostgresQueueStore.open(config.url, relay=True, node=cluster.node,
+                                                  lease=cluster.lease)
+        else:
+            store = await SqliteQueueStore.open(config.path, relay=True)
+        return cls(store, router, node=cluster.node, lease=cluster.lease, **options)
 
     async def start(self) -> None:
         await self.store.recover()
         await self._reschedule()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._scheduler.run()), loop.create_task(self._follow())]
+        self._tasks = [loop.create_task(self._scheduler.run()), loop.create_task(self._follow()),
+                       loop.create_task(self._renew())]
 
     async def put(self, item: QueueItem) -> None:
         """Make `item` durable (fsync'd) and schedule its delivery; the caller answers 250
@@ -121,10 +140,22 @@ class Queue:
             await asyncio.sleep(_FOLLOW_INTERVAL)
             try:
                 changed, _ = await self.store.changed_elsewhere(self._version)
-                if changed:
+                if changed or self._stale:
+                    self._stale = True
                     await self._reschedule()
+                    self._stale = False
             except Exception:
                 log.exception("cannot read the queue's schedule; trying again shortly")
+
+    async def _renew(self) -> None:
+        """Keep our claims' leases (a shared queue): every lease/3, so two failed renewals
+        in a row still leave a third before another node may take a delivery over."""
+        while True:
+            await asyncio.sleep(self._lease / 3)
+            try:
+                await self.store.renew(self._owner)
+            except Exception:
+                log.exception("cannot renew this node's claims in the queue; trying again shortly")
 
     # ------------------------------------------------------------ delivery
 

@@ -230,6 +230,7 @@ class MessageInfo:
     in_flight: bool
     size: int
     recipients: list[RecipientInfo]
+    node: str | None = None  # the node delivering it now (in flight), for a shared queue
 
     @property
     def pending(self) -> list[str]:

@@ -294,6 +294,9 @@ class SqliteQueueStore:
     async def record(self, record: AttemptRecord) -> Fate:
         return await self._write_one(lambda conn: _record(conn, record))
 
+    async def renew(self, owner: str) -> None:
+        """Nothing to do: one relay per sqlite spool, its claims need no lease."""
+
     async def recover(self) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM message WHERE delete_requested = 1")
@@ -572,7 +575,8 @@ def _messages(conn: sqlite3.Connection, message_id: str | None, running: bool) -
     return [
         MessageInfo(id=r[0], created=r[1], mail_from=r[2], key_id=r[3], mailbox=r[4], route=r[5],
                     attempts=r[6], next_attempt=r[7], last_error=r[8], held=bool(r[9]),
-                    in_flight=running and r[10] is not None, size=r[11], recipients=recipients[r[0]])
+                    in_flight=running and r[10] is not None, size=r[11], recipients=recipients[r[0]],
+                    node=r[10].rpartition(":")[0] if running and r[10] is not None else None)
         for r in rows
     ]
 

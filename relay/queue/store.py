@@ -1,6 +1,6 @@
-"""What the queue needs from its storage, as a Protocol: today one sqlite file
-(relay/queue/sqlite.py); a PostgreSQL backend for several relays implements the same
-methods, and nothing above this line changes.
+"""What the queue needs from its storage, as a Protocol: one sqlite file
+(relay/queue/sqlite.py), or PostgreSQL shared by several relays (relay/queue/postgres.py),
+which implements the same methods; nothing above this line changes.
 
 Every method is one transaction. `put()` returns only once the message is durable (the
 relay answers 250 after it); `record()` writes all an attempt learnt at once.
@@ -46,6 +46,11 @@ class QueueStore(Protocol):
 
     async def record(self, record: AttemptRecord) -> Fate:
         """Store an attempt's outcomes, bounce and schedule, and release the claim."""
+
+    async def renew(self, owner: str) -> None:
+        """Extend the lease of every claim `owner` holds (the running relay, every lease/3),
+        so that only a node that died leaves its messages to the others; no-op where one
+        relay owns the storage (sqlite)."""
 
     async def recover(self) -> None:
         """At start: release claims left by a relay that died; finish deletes it was asked for."""
