@@ -53,6 +53,8 @@ from relay.config import (
     split_hostport,
 )
 from relay.delivery.routing import make_couriers
+from relay.queue.pgschema import COMPONENT as QUEUE_COMPONENT
+from relay.queue.pgschema import MIGRATIONS as QUEUE_MIGRATIONS
 from relay.queue.schema import check_tables as check_spool_tables
 from relay.queue.schema import migrate as migrate_spool
 from relay.signing import DkimSigner
@@ -136,6 +138,7 @@ async def check(config: Config) -> Report:
     _check_required(config, report)
     await asyncio.to_thread(_check_files, config, report)
     await _check_keystore(config, report)
+    await _check_shared_queue(config, report)
     report.listeners = listeners(config)
     await asyncio.to_thread(_check_listen_hosts, report)
     return report
@@ -392,6 +395,45 @@ def _check_spool(path: Path, report: Report) -> None:
             copy.close()
     except sqlite3.Error as exc:
         report.problem(f"{where}: the relay cannot use it as its spool: {exc}")
+
+
+async def _check_shared_queue(config: Config, report: Report) -> None:
+    """With [queue] url: the database answers, and its queue tables are ones this program
+    can use (none yet is fine: the relay creates them). Read-only; the URL is shown with
+    its password left out."""
+    url = config.queue.url if config.queue is not None else None
+    if not url:
+        return
+    import psycopg  # only configs with a url need the driver loaded
+
+    from keystore import pg
+
+    where = f"[queue] url: {pg.redact(url)}"
+    try:  # one connection, no pool: a pool retries in the background and logs each failure
+        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=5, autocommit=True)
+    except psycopg.Error as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        report.problem(f"{where}: cannot connect: {first}")
+        return
+    try:
+        cur = await conn.execute("SELECT to_regclass('keyrelay_schema') IS NOT NULL")
+        version = 0
+        if (await cur.fetchone())[0]:
+            cur = await conn.execute("SELECT version FROM keyrelay_schema WHERE component = %s",
+                                     (QUEUE_COMPONENT,))
+            row = await cur.fetchone()
+            version = 0 if row is None else int(row[0])
+    except psycopg.Error as exc:
+        report.problem(f"{where}: cannot read the queue's schema version: {exc}")
+        return
+    finally:
+        await conn.close()
+    current = len(QUEUE_MIGRATIONS)
+    if version > current:
+        report.problem(f"{where}: queue schema version {version} is newer than this program ({current})")
+    elif version < current:
+        report.warning(f"{where}: queue schema version {version}; the relay brings it to {current} "
+                       "when it starts")
 
 
 # ------------------------------------------------------------ keystore

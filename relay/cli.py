@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "queue":
             if config.queue is None:
                 raise ConfigError(f"{config.source}: [queue]: required for `relay queue`")
-            return run_queue_command(config.queue.path, args)
+            return run_queue_command(config.queue.path, args, url=config.queue.url)
         from relay.app import run
 
         run(config)  # Relay.start checks the secret files first

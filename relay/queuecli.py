@@ -2,6 +2,8 @@
 
 Every command is one call on the queue's storage API (relay/queue/store.py), the same
 operations the relay itself uses; the running relay sees a change within half a second.
+With `[queue] url` the queue is the cluster's (PostgreSQL): any node's command sees and
+steers every node's messages, and `list` names the node delivering a message.
 A message the relay is delivering at that moment is changed when its attempt ends, and
 the command says so: nothing is delivered after an operator was told it would not be.
 """
@@ -20,8 +22,9 @@ from pathlib import Path
 
 from relay.delivery.replytext import clean
 from relay.queue.model import Change, MessageHeld, MessageInfo, UnknownMessage, format_age
+from relay.queue.postgres import PostgresQueueStore
 from relay.queue.sqlite import SpoolUnusable, SqliteQueueStore
-from relay.queue.store import SpoolError
+from relay.queue.store import QueueStore, SpoolError
 
 __all__ = ["QueueRefused", "add_queue_parser", "run_queue_command"]
 
@@ -48,20 +51,27 @@ def add_queue_parser(commands: argparse._SubParsersAction) -> None:
         actions.add_parser(name, help=text).add_argument("id")
 
 
-def run_queue_command(spool_path: Path, args: argparse.Namespace) -> int:
+def run_queue_command(spool_path: Path, args: argparse.Namespace, *, url: str | None = None) -> int:
+    """`url`: the shared queue in PostgreSQL ([queue] url) instead of the sqlite spool."""
     try:
-        return asyncio.run(_run(spool_path, args))
+        return asyncio.run(_run(spool_path, args, url))
     except (UnknownMessage, MessageHeld) as exc:
         raise QueueRefused(str(exc)) from None
     except SpoolUnusable:
         raise  # names the file already; the CLI exits 2 on it
     except SpoolError as exc:
         text = str(exc)
+        if url is not None:  # PostgresQueueStore's errors name the (redacted) URL already
+            raise QueueRefused(text) from None
         raise QueueRefused(text if text.startswith(str(spool_path)) else f"{spool_path}: {text}") from None
 
 
-async def _run(spool_path: Path, args: argparse.Namespace) -> int:
-    store = await SqliteQueueStore.open(spool_path, relay=False)
+async def _run(spool_path: Path, args: argparse.Namespace, url: str | None) -> int:
+    store: QueueStore
+    if url is not None:
+        store = await PostgresQueueStore.open(url, relay=False)
+    else:
+        store = await SqliteQueueStore.open(spool_path, relay=False)
     try:
         return await _COMMANDS[args.queue_command](store, args)
     finally:
@@ -84,10 +94,11 @@ def _row(info: MessageInfo, now: float) -> dict:
     return {"id": info.id, "created": _when(info.created), "age": format_age(now - info.created),
             "sender": info.mail_from, "key_id": info.key_id, "mailbox": info.mailbox, "route": info.route,
             "attempts": info.attempts, "next_attempt": next_attempt, "last_error": info.last_error,
-            "held": info.held, "in_flight": info.in_flight, "size": info.size, "recipients": info.pending}
+            "held": info.held, "in_flight": info.in_flight, "node": info.node, "size": info.size,
+            "recipients": info.pending}
 
 
-async def _list(store: SqliteQueueStore, args: argparse.Namespace) -> int:
+async def _list(store: QueueStore, args: argparse.Namespace) -> int:
     now = time.time()
     rows = [_row(info, now) for info in await store.messages()]
     if args.json:
@@ -96,14 +107,14 @@ async def _list(store: SqliteQueueStore, args: argparse.Namespace) -> int:
     if not rows:
         print("the queue is empty")
         return 0
-    print(f"{'ID':24} {'AGE':>5} {'SENDER':28} {'RCPTS':>5} {'NEXT ATTEMPT':21} LAST ERROR")
+    print(f"{'ID':24} {'AGE':>5} {'SENDER':28} {'RCPTS':>5} {'NEXT ATTEMPT':21} {'NODE':16} LAST ERROR")
     for r in rows:
         print(f"{r['id']:24} {r['age']:>5} {r['sender'] or '<>':28.28} {len(r['recipients']):>5} "
-              f"{r['next_attempt']:21} {r['last_error'] or '-'}")
+              f"{r['next_attempt']:21} {r['node'] or '-':16.16} {r['last_error'] or '-'}")
     return 0
 
 
-async def _show(store: SqliteQueueStore, args: argparse.Namespace) -> int:
+async def _show(store: QueueStore, args: argparse.Namespace) -> int:
     (info,) = await store.messages(args.id)
     row = _row(info, time.time())
     row["recipients"] = [asdict(r) for r in info.recipients]
@@ -115,7 +126,7 @@ async def _show(store: SqliteQueueStore, args: argparse.Namespace) -> int:
         print(json.dumps(row, indent=2))
         return 0
     for key in ("id", "created", "age", "sender", "mailbox", "key_id", "route", "attempts",
-                "next_attempt", "last_error", "size"):
+                "next_attempt", "node", "last_error", "size"):
         print(f"{key + ':':14}{row[key] if row[key] not in (None, '') else '-'}")
     print("recipients:")
     for rcpt in row["recipients"]:
@@ -126,7 +137,7 @@ async def _show(store: SqliteQueueStore, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _retry(store: SqliteQueueStore, args: argparse.Namespace) -> int:
+async def _retry(store: QueueStore, args: argparse.Namespace) -> int:
     if args.all:
         print(f"{await store.retry_all()} message(s) will be attempted now")
         return 0
@@ -136,21 +147,21 @@ async def _retry(store: SqliteQueueStore, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _delete(store: SqliteQueueStore, args: argparse.Namespace) -> int:
+async def _delete(store: QueueStore, args: argparse.Namespace) -> int:
     change = await store.delete(args.id)
     print(f"{args.id}: " + ("in flight; removed after the current attempt" if change is Change.IN_FLIGHT
                             else "deleted, not delivered"))
     return 0
 
 
-async def _hold(store: SqliteQueueStore, args: argparse.Namespace) -> int:
+async def _hold(store: QueueStore, args: argparse.Namespace) -> int:
     change = await store.hold(args.id)
     print(f"{args.id}: " + ("in flight; on hold after the current attempt" if change is Change.IN_FLIGHT
                             else "on hold"))
     return 0
 
 
-async def _release(store: SqliteQueueStore, args: argparse.Namespace) -> int:
+async def _release(store: QueueStore, args: argparse.Namespace) -> int:
     await store.release(args.id)
     print(f"{args.id}: released; will be attempted now")
     return 0

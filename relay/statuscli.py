@@ -2,7 +2,8 @@
 
 Three sources, each read without disturbing the relay:
   * the spool, opened read-only (queue depth, held messages, the oldest message): works
-    whether or not a relay runs;
+    whether or not a relay runs; with `[queue] url` the whole cluster's queue in
+    PostgreSQL, and the nodes sharing it (running or not, when each last renewed);
   * the [tls] certificate file (its expiry): works without a relay too;
   * the state file the running relay writes (relay/statefile.py): provider health,
     deliveries in the last 5/15/60 minutes, open sessions. If no relay runs (no state
@@ -15,6 +16,7 @@ cannot be read.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -24,6 +26,8 @@ from typing import Any
 
 from relay.config import ConfigError, load_config, resolve_config_path
 from relay.delivery.health import format_seconds
+from relay.queue.model import QueueDepth
+from relay.queue.postgres import NodeInfo, PostgresQueueStore
 from relay.queue.sqlite import read_depth
 from relay.queue.store import SpoolError
 from relay.statefile import WINDOWS, certificate_info, read_state
@@ -68,7 +72,7 @@ def status_report(config_arg: str | None) -> dict[str, Any]:
     return {
         "now": now,
         "relay": relay,
-        "queue": queue_summary(config.queue.path, now),
+        "queue": queue_summary(config.queue.path, now, url=config.queue.url, lease=config.cluster.lease),
         "certificate": certificate_info(config.tls.cert if config.tls else None),
         "sessions": doc.get("sessions") if doc else None,
         "providers": doc.get("providers") if doc else None,
@@ -76,18 +80,36 @@ def status_report(config_arg: str | None) -> dict[str, Any]:
     }
 
 
-def queue_summary(path: Path, now: float) -> dict[str, Any]:
-    """Counts from the spool, read-only (nothing is migrated or claimed)."""
+def queue_summary(path: Path, now: float, *, url: str | None = None, lease: float = 60.0) -> dict[str, Any]:
+    """Counts from the spool, read-only (nothing is migrated or claimed); with `url`, the
+    cluster's queue in PostgreSQL and its nodes."""
+    nodes: list[NodeInfo] | None = None
     try:
-        depth = read_depth(path)
+        if url is None:
+            depth = read_depth(path)
+        else:
+            depth, nodes = asyncio.run(_cluster_depth(url, lease))
     except SpoolError as exc:
         raise StatusError(str(exc)) from None
     oldest = depth.oldest_created
-    return {
+    summary: dict[str, Any] = {
         "path": str(path), "messages": depth.messages, "held": depth.held,
         "oldest_id": depth.oldest_id, "oldest_created": oldest,
         "oldest_age": max(now - oldest, 0.0) if oldest is not None else None,
     }
+    if url is not None and nodes is not None:
+        summary["url"] = PostgresQueueStore.redacted(url)
+        summary["nodes"] = [{"node": n.node, "running": n.running, "started": n.started,
+                             "last_seen": n.last_seen, "stopped": n.stopped} for n in nodes]
+    return summary
+
+
+async def _cluster_depth(url: str, lease: float) -> tuple[QueueDepth, list[NodeInfo]]:
+    store = await PostgresQueueStore.open(url, relay=False, lease=lease)
+    try:
+        return await store.depth(), await store.nodes()
+    finally:
+        await store.close()
 
 
 # ---------------------------------------------------------------- text
@@ -117,7 +139,11 @@ def render(report: dict[str, Any], now: float) -> str:
     text = f"{queue['messages']} message(s), {queue['held']} held"
     if queue["oldest_age"] is not None:
         text += f", oldest {format_seconds(queue['oldest_age'])} ({queue['oldest_id']})"
+    if "url" in queue:
+        text += f" in {queue['url']} (the whole cluster)"
     lines.append(f"queue:        {text}")
+    if queue.get("nodes") is not None:
+        lines += ["", "nodes:", _nodes(queue["nodes"], now)]
     cert = report["certificate"]
     if cert is None:
         lines.append("certificate:  none ([tls] not configured)")
@@ -132,6 +158,16 @@ def render(report: dict[str, Any], now: float) -> str:
     if report["deliveries"] is not None:
         lines += ["", "deliveries (recipients sent/deferred/failed):", _deliveries(report["deliveries"])]
     return "\n".join(lines)
+
+
+def _nodes(nodes: list[dict[str, Any]], now: float) -> str:
+    if not nodes:
+        return "  (no relay has used this queue yet)"
+    rows = [("NODE", "STATE", "STARTED", "LAST SEEN")]
+    for n in nodes:
+        state = "running" if n["running"] else ("stopped" if n["stopped"] is not None else "NOT RENEWING")
+        rows.append((n["node"], state, _when(n["started"]), _ago(n["last_seen"], now)))
+    return _table(rows)
 
 
 def _providers(providers: list[dict[str, Any]], now: float) -> str:

@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import signal
 import time
 from collections.abc import AsyncIterator
 
+import aiosmtplib
 import pytest
 
 from relay.queue import SpoolBusy
 from relay.queue.model import AttemptRecord, Change, Delivery, Fate, NotDue, QueueItem, new_queue_id
 from relay.queue.postgres import PostgresQueueStore
 from relay.queue.sqlite import SqliteQueueStore
+from tests.conftest import running_relay
+from tests.support.procs import free_port, prepare_relay_folder, start_relay_process
+from tests.support.relayrun import client_tls
+from tests.support.sink import Sink
 from tests.support.waiting import wait_until
+from tests.test_check_config import Folder
+from tests.test_queue_cli import q
+from tests.test_queue_integrity import queue_rows, wait_rows
+from tests.test_status_cli import status_cli
 
 BODY = b"From: alice@example.com\r\nSubject: shared\r\n\r\nhello\r\n"
 
@@ -192,3 +203,179 @@ async def test_an_admin_change_from_another_process_tells_every_node(pg_url):
             await admin.close()
         assert (await a.changed_elsewhere(version))[0] is True
         assert await a.schedule(a.owner) == []
+
+
+# ------------------------------------------------------------ real relays
+
+
+def cluster_parts(pg_url: str, node: str, lease: str = "5s") -> dict:
+    """running_relay() options: the queue in `pg_url`, this relay named `node`."""
+    return {"queue": f'url = "{pg_url}"',
+            "edit": lambda text: text + f'\n[cluster]\nnode = "{node}"\nlease = "{lease}"\n'}
+
+
+@contextlib.asynccontextmanager
+async def two_relays(tmp_path, sink, pg_url: str, **parts) -> AsyncIterator[tuple]:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with (running_relay(tmp_path / "a", sink, **cluster_parts(pg_url, "node-a"), **parts) as a,
+                running_relay(tmp_path / "b", sink, **cluster_parts(pg_url, "node-b"), **parts) as b):
+        for h in (a, b):
+            await h.mailbox("alice@example.com")
+        yield a, b
+
+
+async def send_from(h, subject: str, rcpt: str = "bob@example.net") -> None:
+    client = await h.login("alice@example.com", await h.key("alice@example.com", name=subject))
+    await client.sendmail("alice@example.com", [rcpt],
+                          f"From: alice@example.com\r\nSubject: {subject}\r\n\r\nhi\r\n".encode())
+    await client.quit()
+
+
+def subjects(sink) -> list[str]:
+    return sorted(m.text.split("Subject: ")[1].split("\r\n")[0] for m in sink.messages)
+
+
+async def test_two_relays_on_one_queue_deliver_each_message_once(tmp_path, sink, pg_url):
+    async with two_relays(tmp_path, sink, pg_url) as (a, b):
+        for n in range(6):
+            await send_from((a, b)[n % 2], f"message {n}")
+        await sink.wait_for(6)
+        async def drained() -> bool:
+            return await a.relay.queue.store.count() == 0
+
+        await wait_until(drained, what="the shared queue to drain")
+        await asyncio.sleep(0.6)  # a follow period of each node: nothing is delivered again
+        assert subjects(sink) == [f"message {n}" for n in range(6)]
+
+
+async def test_queue_list_on_either_node_sees_the_cluster_and_a_hold_anywhere_holds(tmp_path, sink, pg_url):
+    sink.handler.data_reply = "451 4.3.0 try again later"  # mail waits in the queue
+    async with two_relays(tmp_path, sink, pg_url, retry='["0.3s"]') as (a, b):
+        await send_from(a, "from a")
+        await send_from(b, "from b", rcpt="carol@example.net")
+        for h in (a, b):  # either node's `relay queue list` shows both nodes' mail
+            rows = await wait_rows(h, lambda rows: len(rows) == 2 and all(r["attempts"] >= 1 for r in rows))
+            assert sorted(r["recipients"][0] for r in rows) == ["bob@example.net", "carol@example.net"]
+        # b accepted carol's and retries it every 0.3 s; a's operator holds it
+        target = next(r for r in rows if r["recipients"] == ["carol@example.net"])
+        done = await q(a, "hold", target["id"])
+        assert done.returncode == 0, done.stderr
+        await wait_rows(b, lambda rows: any(r["id"] == target["id"] and r["held"] and not r["in_flight"]
+                                            for r in rows))
+        sink.handler.data_reply = None  # the provider is back
+        await sink.wait_for(1, timeout=5)
+        await asyncio.sleep(1.0)  # three retry periods: the held one stays
+        assert len(sink.messages) == 1
+        rows = await queue_rows(b)
+        assert [r["id"] for r in rows] == [target["id"]] and rows[0]["held"]
+        assert (await q(b, "release", target["id"])).returncode == 0
+        await sink.wait_for(2, timeout=5)
+        await asyncio.sleep(0.6)
+        assert len(sink.messages) == 2
+
+
+async def test_relay_status_lists_the_cluster_queue_and_its_nodes(tmp_path, sink, pg_url):
+    sink.handler.data_reply = "451 4.3.0 try again later"
+    async with two_relays(tmp_path, sink, pg_url, retry='["1h"]') as (a, b):
+        await send_from(b, "waiting")
+        await wait_rows(a, lambda rows: len(rows) == 1 and rows[0]["attempts"] == 1)
+        result = await asyncio.to_thread(status_cli, a.config_path, "--json")
+        assert result.returncode == 0, result.stderr
+        queue = json.loads(result.stdout)["queue"]
+        assert queue["messages"] == 1 and queue["url"] == pg_url
+        assert [(n["node"], n["running"]) for n in queue["nodes"]] == [("node-a", True), ("node-b", True)]
+        text = await asyncio.to_thread(status_cli, a.config_path)
+        assert "1 message(s), 0 held" in text.stdout and "node-b" in text.stdout
+
+
+async def cluster_folder(folder, sink_port: int, pg_url: str, node: str) -> tuple:
+    """A relay folder for `relay serve` as its own process on the shared queue: (config,
+    port, alice's key)."""
+    folder.mkdir()
+    port = free_port()
+    config, secret = await prepare_relay_folder(folder, sink_port, port, '["0.3s"]')
+    text = config.read_text().replace('path = "spool.db"', f'path = "spool.db"\nurl = "{pg_url}"')
+    config.write_text(text + f'\n[cluster]\nnode = "{node}"\nlease = "5s"\n')
+    return config, port, secret
+
+
+async def test_a_relay_killed_mid_delivery_leaves_its_message_to_the_other_once(tmp_path, pg_url):
+    held = asyncio.Event()  # never set: the first attempt waits for its 250 until its relay dies
+
+    async def hold_the_first_reply() -> None:
+        if sink.handler.attempts == 1:
+            await held.wait()
+
+    async with Sink() as sink:
+        sink.handler.before_data_reply = hold_the_first_reply
+        config_a, port_a, secret = await cluster_folder(tmp_path / "a", sink.port, pg_url, "node-a")
+        config_b, port_b, _ = await cluster_folder(tmp_path / "b", sink.port, pg_url, "node-b")
+        relay_a = await start_relay_process(config_a, port_a)
+        relay_b = await start_relay_process(config_b, port_b)
+        try:
+            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port_a, start_tls=True,
+                                     tls_context=client_tls(tmp_path / "a"), timeout=5)
+            await client.connect()
+            await client.login("alice@example.com", secret)
+            await client.sendmail("alice@example.com", ["bob@example.net"],
+                                  b"From: alice@example.com\r\nMessage-ID: <once@example.com>\r\n"
+                                  b"Subject: once\r\n\r\nbody\r\n")
+            await client.quit()
+            await wait_until(lambda: sink.handler.attempts == 1, what="node a in DATA")
+            relay_a.send_signal(signal.SIGKILL)  # mid-delivery: the provider has the data, no 250 yet
+            await relay_a.wait()
+            killed_at = time.monotonic()
+            (message,) = await sink.wait_for(1, timeout=15)  # node b, once a's 5 s lease ended
+            assert time.monotonic() - killed_at < 10
+            assert "Message-ID: <once@example.com>" in message.text
+            admin = await PostgresQueueStore.open(pg_url, relay=False)
+            try:
+                async def drained() -> bool:
+                    return await admin.count() == 0
+
+                await wait_until(drained, what="node b to record the delivery")
+            finally:
+                await admin.close()
+            await asyncio.sleep(1.0)  # two follow periods of node b: nothing more arrives
+            assert [m.text.count("<once@example.com>") for m in sink.messages] == [1]
+            assert sink.handler.attempts == 2
+        finally:
+            relay_b.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(relay_b.wait(), 10) == 0
+            if relay_a.returncode is None:
+                relay_a.kill()
+                await relay_a.wait()
+
+
+# ------------------------------------------------------------ check-config
+
+
+def with_queue_url(folder: Folder, url: str) -> None:
+    folder.edit('path = "spool.db"', f'path = "spool.db"\nurl = "{url}"')
+
+
+def test_check_config_names_an_unreachable_queue_database_without_its_password(tmp_path, postgres_server):
+    folder = Folder(tmp_path)
+    with_queue_url(folder, f"postgresql://relay:hunter2@127.0.0.1:{postgres_server.port}/no_such_db")
+    problem = folder.only_problem()
+    where = f"postgresql://relay:***@127.0.0.1:{postgres_server.port}/no_such_db"
+    assert problem.startswith(f"[queue] url: {where}: cannot connect: ")
+    assert "hunter2" not in folder.check().stderr
+
+
+async def test_check_config_reads_the_shared_queues_schema_version(tmp_path, pg_url, postgres_server):
+    folder = Folder(tmp_path)
+    with_queue_url(folder, pg_url)
+    fresh = await asyncio.to_thread(folder.check)
+    assert fresh.returncode == 0 and fresh.warnings == [f"{folder.source}: [queue] url: {pg_url}: "
+                                                        "queue schema version 0; the relay brings it to 1 "
+                                                        "when it starts"]
+    async with pg_store(pg_url, "n1"):
+        pass
+    current = await asyncio.to_thread(folder.check)
+    assert current.returncode == 0 and current.warnings == []
+    postgres_server.psql("UPDATE keyrelay_schema SET version = 7 WHERE component = 'queue'",
+                         pg_url.rsplit("/", 1)[1])
+    assert await asyncio.to_thread(folder.only_problem) == (
+        f"[queue] url: {pg_url}: queue schema version 7 is newer than this program (1)")

@@ -103,6 +103,11 @@ class PostgresQueueStore:
     def where(self) -> str:
         return f"[queue] url {redact(self.url)}"
 
+    @staticmethod
+    def redacted(url: str) -> str:
+        """The URL for output: any password as ***."""
+        return redact(url)
+
     @classmethod
     async def open(cls, url: str, *, relay: bool, node: str = "", lease: float = 60.0) -> PostgresQueueStore:
         """`relay=True`: the running relay `node` (migrates, takes the node's lock, joins
