@@ -17,16 +17,31 @@ IPv4 address, or an IPv6 /64). Three counters:
 Every count is reserved before the check is made and given back when the login succeeds,
 so any number of concurrent attempts make at most the budget's worth of checks. The
 relay's [auth] settings size it for both users.
+
+Several relays (issue 12) share their counted failures through a `ledger`
+(keystore/clusterlimits.py; keystore/pglimits.py keeps it in PostgreSQL): `reserve` reads
+the cluster's counts for its counters in one round trip and goes by the larger of the
+cluster's and this node's own, and every failure is added to it (in the background: the
+refusal is padded anyway, and `flush` lets the caller wait for it within that padding).
+So a username's budget is the cluster's, not each node's. Reservations (checks in flight)
+stay per node: N nodes may have up to N budgets' worth of checks in flight at one
+instant, never more failures counted than one budget. A ledger that cannot be asked is
+left out (logged once) and the node's own counts hold until it answers again. The admin
+API's token logins use no ledger: each `keystore serve` counts its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
+import logging
 import math
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 
+from keystore.clusterlimits import FailureLedger, LimitsUnavailable, SlotCount
 from keystore.models import canonical_address
 
 __all__ = ["FAILURE_CEILING_DELAY", "FAILURE_FLOOR", "Attempt", "FailureLimiter", "client_network"]
@@ -39,6 +54,13 @@ FAILURE_FLOOR = 0.01
 # The slowest a refusal is answered: past half a username's budget, and always for an
 # address over its ceiling.
 FAILURE_CEILING_DELAY = 2.0
+# After the ledger failed to answer, logins go by this node's counts alone for this long
+# before it is asked again: a database that hangs must not add its timeout to every login.
+LEDGER_RETRY_AFTER = 5.0
+
+log = logging.getLogger("keystore.throttle")
+
+Slot = tuple[str, str, str]  # (kind, client network, name): one counter
 
 def client_network(host: str) -> str:
     """What "one client" means for every per-client limit (relay/clientaddr.py says why):
@@ -56,19 +78,41 @@ def client_network(host: str) -> str:
     return str(address)
 
 
+def slot_digest(slot: Slot) -> bytes:
+    """A counter's name in the shared ledger: fixed-size, and no username in clear."""
+    return hashlib.blake2b("\x00".join(slot).encode("utf-8", "backslashreplace"), digest_size=16,
+                           person=b"keyrelay-authfl").digest()
+
+
 class _Window:
-    """Failure times within the window, plus reservations whose outcome is not known yet."""
+    """Failure times within the window, plus reservations whose outcome is not known yet;
+    `shared` is the cluster's count as last read from the ledger (this node's included),
+    `shared_newest` when its newest failure was (time.monotonic() terms)."""
 
-    __slots__ = ("pending", "slot", "times")
+    __slots__ = ("pending", "shared", "shared_newest", "slot", "times")
 
-    def __init__(self, slot: tuple[str, str, str], size: int) -> None:
+    def __init__(self, slot: Slot, size: int) -> None:
         self.slot = slot
         self.times: deque[float] = deque(maxlen=size)
         self.pending = 0
+        self.shared = 0
+        self.shared_newest = 0.0
 
     @property
     def failures(self) -> int:
-        return len(self.times)
+        return max(len(self.times), self.shared)
+
+    def add(self, now: float) -> None:
+        self.times.append(now)
+        if self.shared:  # the cluster's count read before this failure: one more now
+            self.shared += 1
+            self.shared_newest = now
+
+    def newest(self) -> float | None:
+        local = self.times[-1] if self.times else None
+        if not self.shared:
+            return local
+        return self.shared_newest if local is None else max(local, self.shared_newest)
 
 
 class Attempt:
@@ -104,9 +148,10 @@ class Attempt:
         if self._settled:
             return 0.0
         now = time.monotonic()
-        self._user.times.append(now)
-        self._net.times.append(now)
+        self._user.add(now)
+        self._net.add(now)
         self._settle()
+        self._limiter.share([self._user.slot, self._net.slot])
         return self._limiter.delay_for(self._user, self._net)
 
     def unusable(self) -> float:
@@ -114,8 +159,10 @@ class Attempt:
         if self._settled:
             return 0.0
         if self._key is not None:
-            self._key.times.append(time.monotonic())
+            self._key.add(time.monotonic())
         self._settle()
+        if self._key is not None:
+            self._limiter.share([self._key.slot])
         return FAILURE_FLOOR
 
 
@@ -135,7 +182,7 @@ class FailureLimiter:
 
     def __init__(
         self, max_failures: int, window: float, *, max_failures_per_address: int | None = None,
-        max_entries: int = 100_000,
+        max_entries: int = 100_000, ledger: FailureLedger | None = None,
     ) -> None:
         if max_failures < 1:
             raise ValueError("max_failures must be at least 1")
@@ -145,12 +192,16 @@ class FailureLimiter:
         self._max_entries = max_entries
         self._windows: OrderedDict[tuple[str, str, str], _Window] = OrderedDict()
         self._settled: asyncio.Event | None = None
+        self._ledger = ledger
+        self._ledger_answers = True  # False from a failed read or write until one works (logged once)
+        self._ledger_retry_at = 0.0
+        self._writes: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         """Counters held (each a few hundred bytes): for tests and a bench."""
         return len(self._windows)
 
-    def _get(self, slot: tuple[str, str, str], horizon: float) -> _Window | None:
+    def _get(self, slot: Slot, horizon: float) -> _Window | None:
         window = self._windows.get(slot)
         if window is None:
             return None
@@ -163,7 +214,7 @@ class FailureLimiter:
         self._windows.move_to_end(slot)
         return window
 
-    def _make(self, slot: tuple[str, str, str], size: int) -> _Window:
+    def _make(self, slot: Slot, size: int) -> _Window:
         window = self._windows[slot] = _Window(slot, size)
         while len(self._windows) > self._max_entries:
             self._windows.popitem(last=False)
@@ -171,8 +222,10 @@ class FailureLimiter:
 
     async def reserve(self, client_ip: str, username: str, key_id: str | None = None) -> Attempt | None:
         """A reservation for one keystore check, or None: refuse without asking."""
+        slots = self._slots(client_ip, username, key_id)
         while True:
-            decision = self._decide(client_ip, username, key_id)
+            shared = await self._shared_counts(slots)
+            decision = self._decide(slots, shared)
             if decision is not _WAIT:
                 return decision  # type: ignore[return-value]
             if self._settled is None:
@@ -189,16 +242,78 @@ class FailureLimiter:
             self._settled.set()
             self._settled = None
 
-    def _decide(self, client_ip: str, username: str, key_id: str | None) -> Attempt | object | None:
-        """Synchronous, so nothing slips in between the decision and the reservation."""
-        horizon = time.monotonic() - self.window
+    @staticmethod
+    def _slots(client_ip: str, username: str, key_id: str | None) -> tuple[Slot, Slot, Slot | None]:
         net = client_network(client_ip)
-        user_slot = ("user", net, canonical_address(username)[:320])
-        net_slot = ("net", net, "")
-        key_slot = ("key", net, key_id) if key_id else None
-        user = self._get(user_slot, horizon)
-        address = self._get(net_slot, horizon)
-        key = self._get(key_slot, horizon) if key_slot else None
+        return (("user", net, canonical_address(username)[:320]), ("net", net, ""),
+                ("key", net, key_id) if key_id else None)
+
+    def _caps(self, slots: tuple[Slot, Slot, Slot | None]) -> list[tuple[Slot, int]]:
+        """Each counter with the most failures the decision ever compares it with."""
+        user_slot, net_slot, key_slot = slots
+        caps = [(user_slot, self.max_failures), (net_slot, self.address_ceiling)]
+        return caps + ([(key_slot, self.max_failures)] if key_slot else [])
+
+    async def _shared_counts(self, slots: tuple[Slot, Slot, Slot | None]) -> dict[Slot, SlotCount] | None:
+        """The cluster's counts for these counters (one round trip), or None: no ledger,
+        or it cannot be asked now (then this node's own counts decide)."""
+        if self._ledger is None or time.monotonic() < self._ledger_retry_at:
+            return None
+        caps = self._caps(slots)
+        by_digest = {slot_digest(slot): slot for slot, _ in caps}
+        try:
+            counts = await self._ledger.counts([(slot_digest(s), cap) for s, cap in caps], self.window)
+        except LimitsUnavailable as exc:
+            self._ledger_retry_at = time.monotonic() + LEDGER_RETRY_AFTER
+            self._ledger_failed(exc)
+            return None
+        self._ledger_answered()
+        return {by_digest[digest]: count for digest, count in counts.items() if digest in by_digest}
+
+    def _ledger_failed(self, exc: LimitsUnavailable) -> None:
+        if self._ledger_answers:
+            self._ledger_answers = False
+            log.warning("AUTH throttle: the cluster's failure counts cannot be used (%s); this node "
+                        "counts its own failures alone until they can", exc)
+
+    def _ledger_answered(self) -> None:
+        if not self._ledger_answers:
+            self._ledger_answers = True
+            log.warning("AUTH throttle: the cluster's failure counts are back in use")
+
+    def share(self, slots: Sequence[Slot]) -> None:
+        """Add one failure for each of `slots` to the ledger, in the background."""
+        if self._ledger is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._add(slots))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _add(self, slots: Sequence[Slot]) -> None:
+        assert self._ledger is not None
+        try:
+            await self._ledger.add([slot_digest(slot) for slot in slots], self.window)
+        except LimitsUnavailable as exc:
+            self._ledger_failed(exc)
+        else:
+            self._ledger_answered()
+
+    async def flush(self, timeout: float) -> None:
+        """Wait up to `timeout` s for failures still being added to the ledger: a refusal
+        answered after this is counted on every node."""
+        if self._writes and timeout > 0:
+            await asyncio.wait(set(self._writes), timeout=timeout)
+
+    def _decide(self, slots: tuple[Slot, Slot, Slot | None],
+                shared: dict[Slot, SlotCount] | None) -> Attempt | object | None:
+        """Synchronous, so nothing slips in between the decision and the reservation.
+        `shared`: the cluster's counts just read (None: this node's counts alone)."""
+        now = time.monotonic()
+        horizon = now - self.window
+        user_slot, net_slot, key_slot = slots
+        user = self._with_shared(user_slot, self.max_failures, horizon, now, shared)
+        address = self._with_shared(net_slot, self.address_ceiling, horizon, now, shared)
+        key = self._with_shared(key_slot, self.max_failures, horizon, now, shared) if key_slot else None
         if user is not None and user.failures >= self.max_failures:
             return None
         if key is not None and key.failures >= self.max_failures:
@@ -219,18 +334,30 @@ class FailureLimiter:
             key = self._make(key_slot, self.max_failures)
         return Attempt(self, user, address, key)
 
+    def _with_shared(self, slot: Slot, size: int, horizon: float, now: float,
+                     shared: dict[Slot, SlotCount] | None) -> _Window | None:
+        """The counter for `slot` (None: nothing counted), holding the cluster's count."""
+        window = self._get(slot, horizon)
+        count, age = shared.get(slot, (0, 0.0)) if shared is not None else (0, 0.0)
+        if window is None and count:
+            window = self._make(slot, size)
+        if window is not None:
+            window.shared, window.shared_newest = count, now - age
+        return window
+
     def retry_after(self, client_ip: str, username: str) -> int:
         """Whole seconds after which `username` from `client_ip`, refused now, is surely
         checked again: when its newest counted failure leaves the window (an empty counter
         is never refused, whatever the address's). For a Retry-After header."""
         window = self._windows.get(("user", client_network(client_ip), canonical_address(username)[:320]))
-        if window is None or not window.times:
+        newest = None if window is None else window.newest()
+        if newest is None:
             return 1
-        return max(1, math.ceil(window.times[-1] + self.window - time.monotonic()))
+        return max(1, math.ceil(newest + self.window - time.monotonic()))
 
     def record_failure(self, client_ip: str, username: str) -> None:
         """A failure no keystore check was made for (a malformed AUTH exchange)."""
-        attempt = self._decide(client_ip, username, None)
+        attempt = self._decide(self._slots(client_ip, username, None), None)
         if isinstance(attempt, Attempt):
             attempt.failed()
 

@@ -27,6 +27,10 @@ or an IPv6 /64 (one subscriber's prefix; its hosts pick any address in it at wil
 Every count is reserved before the keystore is asked, and given back when the login
 succeeds: any number of concurrent AUTHs make at most the budget's worth of checks. An
 AUTH abandoned mid-check (the client went away) counts as failed.
+
+With a PostgreSQL keystore the counted failures are the cluster's (the throttle's ledger,
+keystore/pglimits.py): a username that used up its budget at one relay gets `421 4.7.0`
+at every other. If the database cannot be asked, each relay goes by its own counts.
 """
 
 from __future__ import annotations
@@ -116,7 +120,11 @@ class Authenticator:
         self._metrics.auth_outcome(verdict.value, None if verdict is Reason.BAD_CREDENTIALS or parsed is None
                                    else parsed.key_id)
         delay = attempt.failed() if verdict is Reason.BAD_CREDENTIALS else attempt.unusable()
-        await asyncio.sleep(started + max(delay, FAILURE_FLOOR) - time.monotonic())
+        answer_at = started + max(delay, FAILURE_FLOOR)
+        # within the padding: the failure reaches the cluster's ledger before the client
+        # hears of it, so its next try at another node is counted with it
+        await self._limiter.flush(answer_at - time.monotonic())
+        await asyncio.sleep(answer_at - time.monotonic())
         return LoginResult(None, replies.REASON_REPLIES.get(verdict.value, replies.AUTH_INVALID))
 
     def key_changed(self, what: str) -> None:

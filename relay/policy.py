@@ -179,13 +179,15 @@ def missing_headers(info: HeaderInfo, *, hostname: str, queue_id: str, when: flo
 
 
 class RateLimiter:
-    """Token bucket per key: `per_minute` messages, refilled continuously."""
+    """Token bucket per key: `per_minute` messages, refilled continuously. This relay's
+    own (keystore/clusterlimits.py's SendRates); several relays on one PostgreSQL share
+    keystore/pglimits.py's instead. Async like that one, though nothing here waits."""
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def allow(self, key_id: str, per_minute: int | None = None) -> bool:
+    async def allow(self, key_id: str, per_minute: int | None = None) -> bool:
         rate = per_minute if per_minute is not None else self.per_minute
         if rate <= 0:
             return True

@@ -46,6 +46,7 @@ SENDER_NOT_OWNED = "553 5.7.1 Sender address is not the authenticated mailbox or
 NULL_SENDER = "553 5.7.1 A null sender is not allowed on submission"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients for one message"
 RATE_LIMITED = "451 4.7.1 Sending rate limit for this auth key exceeded, try again later"
+RATE_UNAVAILABLE = "451 4.3.0 Sending rate limit cannot be checked now, try again later"
 KEYSTORE_DOWN_AT_MAIL = "451 4.7.0 Temporary authentication failure, try again later"
 
 # --- DATA

@@ -17,6 +17,7 @@ from base64 import b64decode
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
+from keystore.clusterlimits import LimitsUnavailable, SendRates
 from keystore.models import Identity
 from relay import maillog, policy, replies
 from relay.auth import Authenticator, split_plain
@@ -39,14 +40,15 @@ _HEADER_ON_LOOP = 16 * 1024
 class RelayHandler:
     def __init__(
         self, config: Config, authenticator: Authenticator, queue: Queue, signer: DkimSigner,
-        metrics: Metrics | None = None,
+        metrics: Metrics | None = None, rates: SendRates | None = None,
     ) -> None:
         self._server_cfg = config.server
         self._authenticator = authenticator
         self._queue = queue
         self._signer = signer
         self._metrics = metrics or Metrics()
-        self._rates = policy.RateLimiter(config.server.rate_per_minute)
+        # `rates`: the cluster's (keystore/pglimits.py) when the relay has one, else its own
+        self._rates: SendRates = rates or policy.RateLimiter(config.server.rate_per_minute)
         # set at shutdown: a session finishing its message may not start another (a
         # pipelining client would otherwise slip one in before it is told)
         self.stopping = False
@@ -148,7 +150,14 @@ class RelayHandler:
             maillog.rejected(session.peer, current.key_id, replies.SENDER_NOT_OWNED)
             self._metrics.message_refused("sender_not_owned", current.key_id)
             return replies.SENDER_NOT_OWNED
-        if not self._rates.allow(current.key_id, current.rate_limit):
+        try:
+            allowed = await self._rates.allow(current.key_id, current.rate_limit)
+        except LimitsUnavailable as exc:  # never let it through unlimited; the client retries
+            log.warning("send rate of key %s cannot be checked: %s", current.key_id, exc)
+            maillog.rejected(session.peer, current.key_id, replies.RATE_UNAVAILABLE)
+            self._metrics.message_refused("rate_unavailable", current.key_id)
+            return replies.RATE_UNAVAILABLE
+        if not allowed:
             maillog.rejected(session.peer, current.key_id, replies.RATE_LIMITED)
             self._metrics.message_refused("rate_limited", current.key_id)
             return replies.RATE_LIMITED
