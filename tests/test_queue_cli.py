@@ -1,4 +1,5 @@
-"""`relay queue` against a running relay: list, show, hold, retry, release, delete."""
+"""`relay queue` against a running relay: list, show, hold, retry, release, delete, on
+either queue backend (the sqlite spool, or the shared queue in PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 import json
 import subprocess
 import sys
+
+import pytest
 
 MESSAGE = "From: alice@example.com\r\nSubject: {subject}\r\n\r\nbody\r\n"
 
@@ -19,8 +22,18 @@ async def q(h, *args: str) -> subprocess.CompletedProcess:
     return await asyncio.to_thread(queue, h, *args)
 
 
-async def test_queue_commands_steer_a_running_relay(relay_with):
-    async with relay_with(retry='["1h"]') as h:
+@pytest.fixture(name="backend", params=["sqlite", "postgresql"])
+def backend_fixture(request) -> dict:
+    """running_relay() options for the queue backend under test: none for the sqlite
+    spool; [queue] url on a fresh PostgreSQL database and a [cluster] node otherwise."""
+    if request.param == "sqlite":
+        return {}
+    url = request.getfixturevalue("pg_url")
+    return {"queue": f'url = "{url}"', "edit": lambda text: text + '\n[cluster]\nnode = "n1"\nlease = "5s"\n'}
+
+
+async def test_queue_commands_steer_a_running_relay(relay_with, backend):
+    async with relay_with(retry='["1h"]', **backend) as h:
         port = h.sink.port
         await h.sink.stop()  # the provider is down: mail waits in the queue
         await h.mailbox("alice@example.com")
@@ -66,8 +79,9 @@ async def test_queue_commands_steer_a_running_relay(relay_with):
         assert empty.stdout.strip() == "the queue is empty"
 
 
-async def test_unknown_message_id_is_refused(h):
-    for action in ("show", "retry", "delete", "hold", "release"):
-        result = await q(h, action, "nosuchid")
-        assert result.returncode == 1
-        assert result.stderr.strip() == "relay: no message nosuchid in the queue"
+async def test_unknown_message_id_is_refused(relay_with, backend):
+    async with relay_with(**backend) as h:
+        for action in ("show", "retry", "delete", "hold", "release"):
+            result = await q(h, action, "nosuchid")
+            assert result.returncode == 1
+            assert result.stderr.strip() == "relay: no message nosuchid in the queue"

@@ -21,7 +21,7 @@ from tests.support.servers import RawServer
 from tests.support.sink import Sink
 from tests.support.waiting import wait_until
 from tests.test_delivery import MESSAGE, provider_tls, send, wait_spool_empty
-from tests.test_queue_cli import q
+from tests.test_queue_cli import backend_fixture, q  # noqa: F401 - the `backend` fixture
 
 
 async def queue_rows(h) -> list[dict]:
@@ -45,8 +45,8 @@ async def wait_rows(h, check, timeout: float = 5.0) -> list[dict]:
 # ----------------------------------------------------------- what a provider says
 
 
-async def test_non_utf8_refusal_gives_a_readable_bounce_and_one_copy_to_the_other(relay_with):
-    async with relay_with(retry='["0.2s"]') as h:
+async def test_non_utf8_refusal_gives_a_readable_bounce_and_one_copy_to_the_other(relay_with, backend):
+    async with relay_with(retry='["0.2s"]', **backend) as h:
         h.sink.handler.rcpt_replies["nobody@example.net"] = b"550 5.1.1 unknown user caf\xe9\x1b[31m"
         await send(h, rcpts=("bob@example.net", "nobody@example.net"))
         await wait_spool_empty(h)  # decided for good: nothing is left to retry
@@ -62,8 +62,8 @@ async def test_non_utf8_refusal_gives_a_readable_bounce_and_one_copy_to_the_othe
         assert len(h.sink.messages) == 2
 
 
-async def test_non_utf8_deferral_is_recorded_then_each_recipient_gets_one_copy(relay_with):
-    async with relay_with(retry='["0.2s"]') as h:
+async def test_non_utf8_deferral_is_recorded_then_each_recipient_gets_one_copy(relay_with, backend):
+    async with relay_with(retry='["0.2s"]', **backend) as h:
         h.sink.handler.rcpt_replies["carol@example.net"] = b"451 4.2.0 mailbox busy caf\xe9"
         await send(h, rcpts=("bob@example.net", "carol@example.net"))
         rows = await wait_rows(h, lambda rows: rows and rows[0]["attempts"] >= 2)
@@ -212,8 +212,8 @@ async def test_full_spool_answers_452_and_keeps_the_session(tmp_path, sink):
 
 
 @pytest.mark.parametrize("action", ["delete", "hold"])
-async def test_delete_or_hold_during_delivery_says_so_and_is_not_retried(relay_with, action):
-    async with relay_with(retry='["0.2s"]') as h:
+async def test_delete_or_hold_during_delivery_says_so_and_is_not_retried(relay_with, action, backend):
+    async with relay_with(retry='["0.2s"]', **backend) as h:
         gate = asyncio.Event()
         h.sink.handler.before_data_reply = gate.wait
         h.sink.handler.data_reply = "451 4.3.0 try again later"
@@ -266,22 +266,23 @@ async def test_admin_changes_racing_with_acceptance_never_deliver_twice(h, tmp_p
 # ------------------------------------------------------------------ poison
 
 
-async def test_a_message_that_keeps_raising_is_held_and_not_retried(h, caplog):
-    caplog.set_level(logging.ERROR, logger="relay.queue")
-    h.sink.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
-    # a sender no DSN can be addressed to (a spool written by something else): building
-    # the bounce raises every time
-    item = QueueItem(id=new_queue_id(), created=time.time(), mail_from="alice@example.com\r\nBcc: x",
-                     recipients=["bob@example.net", "nobody@example.net"], key_id="k", mailbox="a",
-                     route=None, body=MESSAGE)
-    await h.relay.queue.put(item)
-    rows = await wait_rows(h, lambda rows: rows and rows[0]["held"])
-    assert rows[0]["last_error"].startswith("on hold after 3 unexpected errors")
-    assert any(r.levelno == logging.ERROR and "put on hold" in r.getMessage() for r in caplog.records)
-    (delivered,) = h.sink.messages  # bob once; the failed recipient is never tried again
-    assert delivered.rcpt_tos == ["bob@example.net"] and h.sink.handler.attempts == 1
-    await asyncio.sleep(0.9)  # three retry periods: held means held
-    assert (await queue_rows(h))[0]["attempts"] == 3
+async def test_a_message_that_keeps_raising_is_held_and_not_retried(relay_with, backend, caplog):
+    async with relay_with(**backend) as h:
+        caplog.set_level(logging.ERROR, logger="relay.queue")
+        h.sink.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
+        # a sender no DSN can be addressed to (a spool written by something else): building
+        # the bounce raises every time
+        item = QueueItem(id=new_queue_id(), created=time.time(), mail_from="alice@example.com\r\nBcc: x",
+                         recipients=["bob@example.net", "nobody@example.net"], key_id="k", mailbox="a",
+                         route=None, body=MESSAGE)
+        await h.relay.queue.put(item)
+        rows = await wait_rows(h, lambda rows: rows and rows[0]["held"])
+        assert rows[0]["last_error"].startswith("on hold after 3 unexpected errors")
+        assert any(r.levelno == logging.ERROR and "put on hold" in r.getMessage() for r in caplog.records)
+        (delivered,) = h.sink.messages  # bob once; the failed recipient is never tried again
+        assert delivered.rcpt_tos == ["bob@example.net"] and h.sink.handler.attempts == 1
+        await asyncio.sleep(0.9)  # three retry periods: held means held
+        assert (await queue_rows(h))[0]["attempts"] == 3
 
 
 # ------------------------------------------------------------- the spool file
