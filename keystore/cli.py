@@ -20,8 +20,9 @@ from pathlib import Path
 
 from keystore.keys import PepperError
 from keystore.models import PERMISSIONS, ROLES, AdminToken, AuthKey, Mailbox, review_flags
+from keystore.opening import open_keystore, postgres_schema_version, where
 from keystore.service import Actor, AdminService
-from keystore.store import KeyStore, KeystoreUnavailable, StoreError, control_character
+from keystore.store import KeystoreUnavailable, StoreError, control_character
 from relay.config import ConfigError, load_config, parse_duration, resolve_config_path
 
 __all__ = ["main"]
@@ -62,7 +63,10 @@ async def _run(args: argparse.Namespace, config) -> int:
     ks = config.keystore
     if args.command == "init":
         return await _init(ks)
-    store = await KeyStore.open(ks.path, ks.pepper_file, default_key_limit=ks.default_key_limit)
+    # a command is one request at a time; `keystore serve` answers several at once
+    store = await open_keystore(path=ks.path, url=ks.url, pepper_file=ks.pepper_file,
+                                default_key_limit=ks.default_key_limit,
+                                max_connections=8 if args.command == "serve" else 2)
     try:
         service = AdminService(store, route_names=config.route_names)
         return await args.handler(service, Actor.shell(_actor()), args, config)
@@ -71,18 +75,21 @@ async def _run(args: argparse.Namespace, config) -> int:
 
 
 async def _init(ks) -> int:
-    if ks.path.exists() and not ks.pepper_file.exists():
+    """Create the keystore (a sqlite file, or the tables in a PostgreSQL database) and the
+    pepper, or bring an existing one up to date; never a new pepper for existing keys."""
+    existed = ks.path.exists() if ks.url is None else await postgres_schema_version(ks.url) > 0
+    named = where(path=ks.path, url=ks.url)
+    if existed and not ks.pepper_file.exists():
         raise Refused(
-            f"{ks.pepper_file}: pepper file missing for the existing keystore {ks.path}; "
+            f"{ks.pepper_file}: pepper file missing for the existing keystore {named}; "
             "restore it (a new pepper would make every key invalid)"
         )
-    existed = ks.path.exists()
-    store = await KeyStore.open(
-        ks.path, ks.pepper_file, default_key_limit=ks.default_key_limit, create=True
-    )
+    store = await open_keystore(path=ks.path, url=ks.url, pepper_file=ks.pepper_file,
+                                default_key_limit=ks.default_key_limit, create=True,
+                                max_connections=2)
     await store.close()
     state = "is up to date" if existed else "created"
-    print(f"keystore {ks.path} {state}; pepper {ks.pepper_file} (mode 0600)")
+    print(f"keystore {named} {state}; pepper {ks.pepper_file} (mode 0600)")
     return 0
 
 

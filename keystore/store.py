@@ -1,12 +1,14 @@
 """KeyStore: the one async interface to workspaces, mailboxes, auth keys and the audit log.
 
-Everything the relay and the CLI do with credentials goes through this class, so a second
-backend (PostgreSQL for several relays) only has to implement these methods. This one is
-sqlite through aiosqlite.
+Everything the relay and the CLI do with credentials goes through this class. It holds
+every rule and every statement; the engine behind it is a small adapter (keystore/sqldb.py's
+Database): sqlite (keystore/sqlitedb.py, the default) or PostgreSQL (keystore/postgresdb.py,
+several relays on one keystore), opened by keystore/opening.py. The statements are written
+once, in the SQL both engines read alike.
 
-`authenticate` is on the hot path (every AUTH). It reads on a connection of its own (writes,
-such as the last-use bookkeeping, may wait for the database lock; a login never waits
-behind them). It is one SELECT that always returns a row,
+`authenticate` is on the hot path (every AUTH). It reads through the adapter's `read` (on
+sqlite a connection of its own: writes, such as the last-use bookkeeping, may wait for the
+database lock; a login never waits behind them). It is one SELECT that always returns a row,
 whether or not the key and the mailbox exist, and it always computes the HMAC and compares
 it in constant time, so an unknown mailbox, an unknown key and a wrong secret cost the
 same and answer the same `bad_credentials`. Reasons such as `revoked` are only given when
@@ -23,17 +25,14 @@ import asyncio
 import hmac
 import math
 import re
-import sqlite3
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
-import aiosqlite
-
 from keystore import keys, networks
-from keystore.db import open_database, open_reader
+from keystore.errors import Conflict, KeystoreUnavailable, NotFound, StoreError
 from keystore.models import (
     PERMISSIONS,
     ROLES,
@@ -46,6 +45,8 @@ from keystore.models import (
     Workspace,
     canonical_address,
 )
+from keystore.sqldb import Database, Executor
+from keystore.sqlitedb import SqliteDatabase
 
 __all__ = ["Conflict", "KeyStore", "KeystoreUnavailable", "NotFound", "StoreError", "normalize_address"]
 
@@ -56,6 +57,7 @@ _DUMMY_HASH = bytes(32)
 _WORKSPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 USE_FLUSH_DELAY = 1.0  # seconds a key's last use may take to reach the database
 _KEY_STATUSES = ("active", "disabled", "revoked")
+_LIKE_SPECIAL = re.compile(r"[\\%_]")  # what a LIKE pattern would read as more than itself
 # What `update_key` may change (a key's name stays as created: it is how people find it in
 # the audit trail); a value of None clears the setting.
 KEY_SETTINGS = ("route", "rate_limit", "expires", "owner", "note", "allow_from")
@@ -69,25 +71,6 @@ MAX_GRACE = 3650 * 86400.0  # a rotation grace of ten years is no rotation at al
 _TEXT_LIMITS = {"name": 200, "owner": 200, "route": 200, "note": 2000}
 # Bidirectional overrides and isolates: they reorder what a terminal or page shows.
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-class StoreError(Exception):
-    """An operation the keystore refuses: bad input (an invalid address, a rate limit of 0,
-    ...); the subclasses say when it is something else. The CLI exits 1 on any of them,
-    the HTTP API answers 400, 404 or 409."""
-
-
-class NotFound(StoreError):
-    """The workspace, mailbox, key or token named does not exist."""
-
-
-class Conflict(StoreError):
-    """The request is valid but the record's state refuses it (already revoked, already
-    suspended, an address in use, a key limit reached, ...)."""
-
-
-class KeystoreUnavailable(Exception):
-    """The database cannot be used right now; callers should answer 'try again later'."""
 
 
 def normalize_address(address: str) -> str:
@@ -132,15 +115,10 @@ FROM mailbox m JOIN workspace w ON w.id = m.workspace_id
 class KeyStore:
     """Async access to the keystore. Open with `await KeyStore.open(...)`, then `close()`."""
 
-    def __init__(
-        self, conn: aiosqlite.Connection, pepper: bytes, default_key_limit: int,
-        reader: aiosqlite.Connection | None = None,
-    ) -> None:
-        self._conn = conn
-        self._reader = reader or conn  # logins and rechecks (see the module docstring)
+    def __init__(self, db: Database, pepper: bytes, default_key_limit: int) -> None:
+        self._db = db
         self._pepper = pepper
         self._default_key_limit = default_key_limit
-        self._write_lock = asyncio.Lock()
         self._uses: dict[str, tuple[float, str]] = {}
         self._failures: dict[str, tuple[float, str, str]] = {}
         self._use_flusher: asyncio.Task[None] | None = None
@@ -149,6 +127,7 @@ class KeyStore:
     async def open(
         cls, path: Path, pepper_file: Path, *, default_key_limit: int = 100, create: bool = False
     ) -> KeyStore:
+        """The sqlite keystore at `path` (keystore/opening.py opens either engine)."""
         if create and not pepper_file.exists():
             if path.exists():  # a new pepper would silently make every existing key invalid
                 raise keys.PepperError(
@@ -159,50 +138,28 @@ class KeyStore:
             except FileExistsError:
                 pass  # a concurrent `keystore init` wrote it first: use that one
         pepper = keys.load_pepper(pepper_file)
-        try:
-            conn = await open_database(path, create=create)
-        except (sqlite3.Error, FileNotFoundError) as exc:
-            raise KeystoreUnavailable(str(exc)) from exc
-        try:
-            reader = await open_reader(path)
-        except sqlite3.Error as exc:
-            await conn.close()
-            raise KeystoreUnavailable(str(exc)) from exc
-        return cls(conn, pepper, default_key_limit, reader)
+        return cls(await SqliteDatabase.open(path, create=create), pepper, default_key_limit)
 
     async def close(self) -> None:
         if self._use_flusher is not None:
             self._use_flusher.cancel()
         await self.flush_uses()
-        if self._reader is not self._conn:
-            await self._reader.close()
-        await self._conn.close()
+        await self._db.close()
 
-    async def _rows(
-        self, sql: str, params: Iterable[object] = (), *, conn: aiosqlite.Connection | None = None,
-    ) -> list[tuple]:
-        try:
-            return list(await (conn or self._conn).execute_fetchall(sql, tuple(params)))
-        except (sqlite3.Error, ValueError) as exc:  # aiosqlite: ValueError once closed
-            raise KeystoreUnavailable(f"keystore query failed: {exc}") from exc
+    @property
+    def where(self) -> str:
+        """The database as a person may read it: a path, or a URL without its password."""
+        return self._db.where
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction at a time on this connection; BEGIN IMMEDIATE takes the
-        database write lock up front so concurrent writers queue on busy_timeout."""
-        async with self._write_lock:
-            try:
-                await self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise KeystoreUnavailable(f"keystore is busy: {exc}") from exc
-            try:
-                yield self._conn
-            except BaseException:
-                if self._conn.in_transaction:  # sqlite may already have rolled back
-                    await self._conn.execute("ROLLBACK")
-                raise
-            else:
-                await self._conn.execute("COMMIT")
+    async def _rows(self, sql: str, params: Iterable[object] = (), *, login: bool = False) -> list[tuple]:
+        """One statement's rows; `login`: on the login path's read (see the docstring)."""
+        if login:
+            return await self._db.read(sql, tuple(params))
+        return await self._db.fetch(sql, tuple(params))
+
+    def _transaction(self) -> AbstractAsyncContextManager[Executor]:
+        """One write transaction; writers (in any process, on any node) take turns."""
+        return self._db.transaction()
 
     # ---------------------------------------------------------------- logins
 
@@ -215,7 +172,7 @@ class KeyStore:
             address = normalize_address(username)
         except StoreError:
             address = ""
-        (row,) = await self._rows(_AUTH_SQL, (parsed.key_id, address), conn=self._reader)
+        (row,) = await self._rows(_AUTH_SQL, (parsed.key_id, address), login=True)
         now = time.time()
         presented = keys.hash_secret(self._pepper, parsed.key_id, parsed.secret)
         if not _secret_valid(row, presented, now) or row[0] is None:
@@ -233,7 +190,7 @@ class KeyStore:
         """Re-read an authenticated session's key and mailbox (done at every MAIL FROM) so a
         key revoked, a mailbox suspended or the session's secret rotated away while a
         connection stays open stops at once."""
-        (row,) = await self._rows(_AUTH_SQL, (identity.key_id, identity.mailbox), conn=self._reader)
+        (row,) = await self._rows(_AUTH_SQL, (identity.key_id, identity.mailbox), login=True)
         if row[0] is None:
             return Reason.REVOKED  # deleted since login
         now = time.time()
@@ -303,22 +260,22 @@ class KeyStore:
         if not uses and not failures:
             return
         try:
-            await self._conn.executemany(
+            await self._db.executemany(
                 "UPDATE auth_key SET last_used = ?, last_ip = ? WHERE id = ?",
                 [(when, ip, key_id) for key_id, (when, ip) in uses.items()],
             )
-            await self._conn.executemany(
+            await self._db.executemany(
                 "UPDATE auth_key SET last_failed = ?, last_failed_ip = ?, last_failed_reason = ? "
                 "WHERE id = ?",
                 [(when, ip, reason, key_id) for key_id, (when, ip, reason) in failures.items()],
             )
-        except (sqlite3.Error, ValueError):
+        except (KeystoreUnavailable, Conflict):
             pass  # last-use bookkeeping must never turn a valid login into a failure
 
     # ------------------------------------------------------------- mailboxes
 
-    async def _workspace_id(self, conn: aiosqlite.Connection, name: str, *, create: bool) -> int:
-        rows = await conn.execute_fetchall("SELECT id FROM workspace WHERE name = ?", (name,))
+    async def _workspace_id(self, conn: Executor, name: str, *, create: bool) -> int:
+        rows = await conn.fetch("SELECT id FROM workspace WHERE name = ?", (name,))
         if rows:
             return rows[0][0]
         if not create:
@@ -326,14 +283,13 @@ class KeyStore:
         if not _WORKSPACE_RE.match(name):
             raise StoreError(f"invalid workspace name {name!r}: use letters, digits, '.', '_' and '-' "
                              "(at most 64, starting with a letter or digit)")
-        cursor = await conn.execute(
+        return await conn.insert_returning_id(
             "INSERT INTO workspace (name, key_limit, created) VALUES (?, ?, ?)",
             (name, self._default_key_limit, time.time()),
         )
-        return cursor.lastrowid
 
-    async def _mailbox_id(self, conn: aiosqlite.Connection, address: str) -> int:
-        rows = await conn.execute_fetchall(
+    async def _mailbox_id(self, conn: Executor, address: str) -> int:
+        rows = await conn.fetch(
             "SELECT id FROM mailbox WHERE address = ?", (normalize_address(address),)
         )
         if not rows:
@@ -350,7 +306,7 @@ class KeyStore:
         if not workspace.strip():
             raise StoreError("workspace name must not be empty")
         async with self._transaction() as conn:
-            taken = await conn.execute_fetchall(
+            taken = await conn.fetch(
                 "SELECT address FROM mailbox WHERE address IN ({0}) UNION "
                 "SELECT address FROM alias WHERE address IN ({0})".format(
                     ",".join("?" * (len(alias_list) + 1))
@@ -360,13 +316,13 @@ class KeyStore:
             if taken:
                 raise Conflict(f"address already in use: {taken[0][0]}")
             ws_id = await self._workspace_id(conn, workspace, create=True)
-            cursor = await conn.execute(
+            mailbox_id = await conn.insert_returning_id(
                 "INSERT INTO mailbox (address, workspace_id, route, created) VALUES (?, ?, ?, ?)",
                 (address, ws_id, route, time.time()),
             )
             await conn.executemany(
                 "INSERT INTO alias (address, mailbox_id) VALUES (?, ?)",
-                [(a, cursor.lastrowid) for a in alias_list],
+                [(a, mailbox_id) for a in alias_list],
             )
             detail = f"workspace={workspace}" + (f" aliases={','.join(alias_list)}" if alias_list else "")
             await self._audit(conn, actor, "mailbox.add", mailbox=address, detail=detail)
@@ -397,7 +353,7 @@ class KeyStore:
         address = normalize_address(address)
         async with self._transaction() as conn:
             mailbox_id = await self._mailbox_id(conn, address)
-            rows = await conn.execute_fetchall("SELECT status FROM mailbox WHERE id = ?", (mailbox_id,))
+            rows = await conn.fetch("SELECT status FROM mailbox WHERE id = ?", (mailbox_id,))
             if rows[0][0] == status:
                 raise Conflict(f"mailbox {address} is already {status}")
             await conn.execute(
@@ -413,10 +369,10 @@ class KeyStore:
         address = normalize_address(address)
         async with self._transaction() as conn:
             mailbox_id = await self._mailbox_id(conn, address)
-            (workspace,), = await conn.execute_fetchall(
+            (workspace,), = await conn.fetch(
                 "SELECT w.name FROM mailbox m JOIN workspace w ON w.id = m.workspace_id "
                 "WHERE m.id = ?", (mailbox_id,))
-            key_ids = [r[0] for r in await conn.execute_fetchall(
+            key_ids = [r[0] for r in await conn.fetch(
                 "SELECT id FROM auth_key WHERE mailbox_id = ?", (mailbox_id,))]
             if key_ids and not force:
                 raise Conflict(
@@ -457,7 +413,7 @@ class KeyStore:
             mailbox_id = None
             if mailbox is not None:
                 mailbox_id = await self._mailbox_id(conn, mailbox)
-                ws_rows = await conn.execute_fetchall(
+                ws_rows = await conn.fetch(
                     "SELECT workspace_id FROM mailbox WHERE id = ?", (mailbox_id,))
                 ws_id = ws_rows[0][0]
             else:
@@ -481,25 +437,25 @@ class KeyStore:
 
     @staticmethod
     async def _check_not_suspended(
-        conn: aiosqlite.Connection, ws_id: int, mailbox_id: int | None,
+        conn: Executor, ws_id: int, mailbox_id: int | None,
     ) -> None:
         """No new keys under a suspension: a key made there would look usable in every
         listing yet fail at its first login, and lifting the suspension is a decision of
         its own (resume first, then create)."""
-        (ws_name, ws_status), = await conn.execute_fetchall(
+        (ws_name, ws_status), = await conn.fetch(
             "SELECT name, status FROM workspace WHERE id = ?", (ws_id,))
         if ws_status == "suspended":
             raise Conflict(f"workspace {ws_name} is suspended; resume it before creating keys in it")
         if mailbox_id is not None:
-            (address, status), = await conn.execute_fetchall(
+            (address, status), = await conn.fetch(
                 "SELECT address, status FROM mailbox WHERE id = ?", (mailbox_id,))
             if status == "suspended":
                 raise Conflict(f"mailbox {address} is suspended; resume it before creating keys for it")
 
-    async def _check_key_limit(self, conn: aiosqlite.Connection, ws_id: int) -> None:
-        rows = await conn.execute_fetchall(
+    async def _check_key_limit(self, conn: Executor, ws_id: int) -> None:
+        rows = await conn.fetch(
             "SELECT w.name, w.key_limit, (SELECT count(*) FROM auth_key k "
-            "WHERE k.workspace_id = w.id AND k.status = 'active' AND coalesce(k.expires > ?, 1)) "
+            "WHERE k.workspace_id = w.id AND k.status = 'active' AND (k.expires IS NULL OR k.expires > ?)) "
             "FROM workspace w WHERE w.id = ?",
             (time.time(), ws_id),
         )
@@ -510,8 +466,8 @@ class KeyStore:
                 "revoke unused keys or raise the limit"
             )
 
-    async def _key(self, conn: aiosqlite.Connection, key_id: str) -> AuthKey:
-        rows = await conn.execute_fetchall(_KEY_SQL + " WHERE k.id = ?", (key_id,))
+    async def _key(self, conn: Executor, key_id: str) -> AuthKey:
+        rows = await conn.fetch(_KEY_SQL + " WHERE k.id = ?", (key_id,))
         if not rows:
             raise NotFound(f"unknown key: {key_id}")
         return _auth_key(rows[0])
@@ -538,17 +494,17 @@ class KeyStore:
         now = time.time()
         if workspaces is not None:
             names = list(workspaces)
-            clauses.append(f"w.name IN ({','.join('?' * len(names))})" if names else "0")
+            clauses.append(f"w.name IN ({','.join('?' * len(names))})" if names else "1 = 0")
             params.extend(names)
         if owner is not None:
             clauses.append("k.owner IS NOT NULL")  # and _same_owner, below
         # the reports: keys that could log in (not disabled, revoked or expired) yet look idle
         if unused_for is not None:
-            clauses.append("k.status = 'active' AND coalesce(k.expires > ?, 1) "
+            clauses.append("k.status = 'active' AND (k.expires IS NULL OR k.expires > ?) "
                            "AND coalesce(k.last_used, k.created) <= ?")
             params.extend([now, now - unused_for])
         if not_rotated_for is not None:
-            clauses.append("k.status = 'active' AND coalesce(k.expires > ?, 1) "
+            clauses.append("k.status = 'active' AND (k.expires IS NULL OR k.expires > ?) "
                            "AND coalesce(k.rotated, k.created) <= ?")
             params.extend([now, now - not_rotated_for])
         if mailbox is not None:
@@ -566,12 +522,13 @@ class KeyStore:
             clauses.append("k.status = ?")
             params.append(status)
         if search:
-            clauses.append(
-                "(instr(lower(k.name), ?) OR instr(lower(coalesce(k.owner, '')), ?) OR "
-                "instr(lower(coalesce(k.note, '')), ?) OR instr(lower(coalesce(m.address, '')), ?) "
-                "OR instr(lower(w.name), ?) OR k.id = ?)"
-            )
-            needle = search.lower()
+            # LIKE on lower() of both sides: case-blind on both engines (PostgreSQL's LIKE
+            # minds case), the needle's own % _ and \ taken literally
+            clauses.append("(" + " OR ".join(
+                f"lower({column}) LIKE ? ESCAPE '\\'" for column in (
+                    "k.name", "coalesce(k.owner, '')", "coalesce(k.note, '')",
+                    "coalesce(m.address, '')", "w.name")) + " OR k.id = ?)")
+            needle = "%" + _LIKE_SPECIAL.sub(r"\\\g<0>", search.lower()) + "%"
             params.extend([needle] * 5 + [search])
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         await self.flush_uses()
@@ -598,7 +555,7 @@ class KeyStore:
                 # an expired key does not count against the workspace's key limit: bringing
                 # one back is a new active key, as `enable` is (else expired keys would let
                 # an editor hold more active keys than the owner allowed)
-                (ws_id,), = await conn.execute_fetchall(
+                (ws_id,), = await conn.fetch(
                     "SELECT workspace_id FROM auth_key WHERE id = ?", (key_id,))
                 await self._check_key_limit(conn, ws_id)
             await conn.execute(
@@ -633,10 +590,10 @@ class KeyStore:
             what = f"mailbox {normalize_address(mailbox)}"
         if workspaces is not None:
             names = list(workspaces)
-            clauses.append(f"w.name IN ({','.join('?' * len(names))})" if names else "0")
+            clauses.append(f"w.name IN ({','.join('?' * len(names))})" if names else "1 = 0")
             params.extend(names)
         async with self._transaction() as conn:
-            rows = [r for r in await conn.execute_fetchall(_KEY_SQL + " WHERE " + " AND ".join(clauses),
+            rows = [r for r in await conn.fetch(_KEY_SQL + " WHERE " + " AND ".join(clauses),
                                                            params)
                     if owner is None or _same_owner(r[2], owner)]
             if not rows:
@@ -670,7 +627,7 @@ class KeyStore:
             if record.status == status:
                 raise Conflict(f"key {key_id} is already {status}")
             if status == "active":
-                ws = await conn.execute_fetchall(
+                ws = await conn.fetch(
                     "SELECT workspace_id FROM auth_key WHERE id = ?", (key_id,))
                 await self._check_key_limit(conn, ws[0][0])
             # revocation also ends any rotation grace: the old secret must die with the key
@@ -773,10 +730,10 @@ class KeyStore:
     ) -> tuple[int, int]:
         async with self._transaction() as conn:
             ws_id = await self._workspace_id(conn, name, create=False)
-            (current, mailbox_keys, workspace_keys), = await conn.execute_fetchall(
-                "SELECT status, (SELECT count(*) FROM auth_key WHERE workspace_id = ?1 AND "
-                "mailbox_id IS NOT NULL), (SELECT count(*) FROM auth_key WHERE workspace_id = ?1 "
-                "AND mailbox_id IS NULL) FROM workspace WHERE id = ?1", (ws_id,))
+            (current, mailbox_keys, workspace_keys), = await conn.fetch(
+                "SELECT status, (SELECT count(*) FROM auth_key WHERE workspace_id = ? AND "
+                "mailbox_id IS NOT NULL), (SELECT count(*) FROM auth_key WHERE workspace_id = ? "
+                "AND mailbox_id IS NULL) FROM workspace WHERE id = ?", (ws_id, ws_id, ws_id))
             if current == status:
                 raise Conflict(f"workspace {name} is already {status}")
             await conn.execute(
@@ -820,7 +777,7 @@ class KeyStore:
             for workspace in names:
                 await self._workspace_id(conn, workspace, create=False)
             if replace:
-                for (old_id,) in await conn.execute_fetchall(
+                for (old_id,) in await conn.fetch(
                         "SELECT id FROM admin_token WHERE name = ? AND status = 'active' "
                         "ORDER BY created, id", (name.strip(),)):
                     await conn.execute("UPDATE admin_token SET status = 'revoked', revoked_at = ? "
@@ -838,8 +795,8 @@ class KeyStore:
                                      + (f" workspaces={','.join(names)}" if names else ""))
             return await self._token(conn, token_id), full
 
-    async def _token(self, conn: aiosqlite.Connection, token_id: str) -> AdminToken:
-        rows = await conn.execute_fetchall(_ADMIN_ROW_SQL + " WHERE id = ?", (token_id,))
+    async def _token(self, conn: Executor, token_id: str) -> AdminToken:
+        rows = await conn.fetch(_ADMIN_ROW_SQL + " WHERE id = ?", (token_id,))
         if not rows:
             raise NotFound(f"unknown admin token: {token_id}")
         return _admin_token(rows[0])
@@ -872,7 +829,7 @@ class KeyStore:
             return None
         (row,) = await self._rows(
             "SELECT t.id, t.secret_hash, t.status, t.last_used FROM (SELECT ? AS tid) q "
-            "LEFT JOIN admin_token t ON t.id = q.tid", (parsed.key_id,), conn=self._reader)
+            "LEFT JOIN admin_token t ON t.id = q.tid", (parsed.key_id,), login=True)
         matches = hmac.compare_digest(_token_hash(self._pepper, parsed.key_id, parsed.secret),
                                       row[1] or _DUMMY_HASH)
         if not matches or row[0] is None or row[2] != "active":
@@ -890,7 +847,7 @@ class KeyStore:
     # ----------------------------------------------------------------- audit
 
     async def _audit(
-        self, conn: aiosqlite.Connection, actor: str, action: str, *,
+        self, conn: Executor, actor: str, action: str, *,
         key_id: str | None = None, mailbox: str | None = None, detail: str | None = None,
         workspace: str | None = None,
     ) -> None:
@@ -914,7 +871,7 @@ class KeyStore:
         clauses, params = [], []
         if workspaces is not None:
             names = list(workspaces)
-            clauses.append(f"workspace IN ({','.join('?' * len(names))})" if names else "0")
+            clauses.append(f"workspace IN ({','.join('?' * len(names))})" if names else "1 = 0")
             params.extend(names)
         if key_id is not None:
             clauses.append("key_id = ?")
@@ -928,21 +885,15 @@ class KeyStore:
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         sql = "SELECT id, at, actor, action, key_id, mailbox, detail, workspace FROM audit" + where
         if limit is not None:
-            sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT {int(limit)})"
+            sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT {int(limit)}) AS newest"
         rows = await self._rows(sql + " ORDER BY id", params)
         return [AuditEvent(id=r[0], at=r[1], actor=r[2], action=r[3], key_id=r[4], mailbox=r[5],
                            detail=r[6], workspace=r[7]) for r in rows]
 
     async def backup(self, target: Path) -> None:
-        """Online, consistent copy (VACUUM INTO reads one snapshot), created 0600."""
-        if target.exists():
-            raise StoreError(f"{target}: already exists; refusing to overwrite")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            await self._conn.execute("VACUUM INTO ?", (str(target),))
-        except sqlite3.Error as exc:
-            raise StoreError(f"backup failed: {exc}") from exc
-        target.chmod(0o600)
+        """Online, consistent copy, created 0600 (sqlite); a PostgreSQL keystore is backed
+        up with pg_dump: StoreError saying so."""
+        await self._db.backup(target)
 
 
 _ADMIN_ROW_SQL = """

@@ -16,6 +16,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from keystore.opening import open_keystore
 from keystore.pgnotify import KeyChanges
 from keystore.store import KeyStore, KeystoreUnavailable
 from relay import replies
@@ -121,7 +122,8 @@ class Relay:
             self.metrics_endpoint = MetricsEndpoint.open(self)
         self.couriers = parts.couriers
         ks = cfg.keystore
-        self.store = await KeyStore.open(ks.path, ks.pepper_file, default_key_limit=ks.default_key_limit)
+        self.store = await open_keystore(path=ks.path, url=ks.url, pepper_file=ks.pepper_file,
+                                         default_key_limit=ks.default_key_limit)
         await self._check_routes(cfg)
         if cfg.queue.workers is not None:
             log.warning("%s: [queue] workers is no longer used: each [[upstream]] max_connections "

@@ -13,10 +13,11 @@ come what the relay only meets later: an expired or soon-expiring certificate, o
 names do not cover [server] hostname (clients that verify it refuse), an upstream CA file
 that is not PEM (every delivery would fail its TLS).
 
-The keystore is opened read-only (sqlite's mode=ro): the relay may be running on it, and a
-check must not migrate or create anything. Whether the pepper matches the keystore cannot
-be told: the keystore stores only HMAC(pepper, id:secret) per key, nothing derived from the
-pepper alone, so without a key's secret there is nothing to compare.
+The keystore is opened read-only (sqlite's mode=ro; a PostgreSQL keystore is only read):
+the relay may be running on it, and a check must not migrate or create anything. Whether
+the pepper matches the keystore cannot be told: the keystore stores only HMAC(pepper,
+id:secret) per key, nothing derived from the pepper alone, so without a key's secret there
+is nothing to compare.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from keystore.db import BUSY_TIMEOUT_MS
 from keystore.http.site import is_loopback
 from keystore.keys import PepperError, load_pepper
 from keystore.schema import MIGRATIONS
+from keystore.sqlitedb import SqliteDatabase
 from keystore.store import KeyStore, KeystoreUnavailable
 from relay.config import (
     Config,
@@ -445,6 +447,9 @@ async def _check_keystore(config: Config, report: Report) -> None:
         await asyncio.to_thread(load_pepper, ks.pepper_file)
     except PepperError as exc:
         report.problem(f"[keystore] pepper_file: {exc}")
+    if ks.url is not None:
+        await _check_postgres_keystore(config, ks.url, report)
+        return
     if not ks.path.is_file():
         what = "not a file" if ks.path.exists() else "keystore not found (run `keystore init`)"
         report.problem(f"[keystore] path: {ks.path}: {what}")
@@ -466,11 +471,44 @@ async def _check_keystore(config: Config, report: Report) -> None:
             report.warning(f"{where}: keystore schema version {version}; the relay upgrades it to "
                            f"{current} when it starts (routes in it are not checked until then)")
         else:
-            await _check_routes_in_use(config, KeyStore(conn, b"", ks.default_key_limit), report)
+            database = SqliteDatabase(ks.path, conn, conn)
+            await _check_routes_in_use(config, KeyStore(database, b"", ks.default_key_limit), report)
     except (sqlite3.Error, KeystoreUnavailable) as exc:
         report.problem(f"{where}: cannot read the keystore: {exc}")
     finally:
         await conn.close()
+
+
+async def _check_postgres_keystore(config: Config, url: str, report: Report) -> None:
+    """With [keystore] url: the database answers and holds keystore tables this program can
+    use (read only: nothing is created or migrated), and their routes exist here. The URL is
+    shown with its password left out."""
+    from keystore import pg, pgschema  # only configs with a url need the driver loaded
+    from keystore.postgresdb import PostgresDatabase
+
+    where = f"[keystore] url: {pg.redact(url)}"
+    try:
+        database = await PostgresDatabase.connect(url, max_size=1)
+    except KeystoreUnavailable as exc:  # names the URL without its password already
+        report.problem(f"[keystore] url: cannot connect: {exc}")
+        return
+    try:
+        version, current = await database.schema_version(), len(pgschema.MIGRATIONS)
+        if version == 0:
+            report.problem(f"{where}: no keystore tables in this database (run `keystore init`)")
+        elif version > current:
+            report.problem(f"{where}: keystore schema version {version} is newer than this program "
+                           f"({current})")
+        elif version < current:
+            report.warning(f"{where}: keystore schema version {version}; the relay upgrades it to "
+                           f"{current} when it starts (routes in it are not checked until then)")
+        else:
+            await _check_routes_in_use(config, KeyStore(database, b"", config.keystore.default_key_limit),
+                                       report)
+    except KeystoreUnavailable as exc:
+        report.problem(f"{where}: cannot read the keystore: {exc}")
+    finally:
+        await database.close()
 
 
 async def _check_routes_in_use(config: Config, store: KeyStore, report: Report) -> None:

@@ -8,9 +8,10 @@ import uuid
 
 import pytest
 
-from keystore.store import KeyStore
+from keystore.opening import open_keystore
 from relay.app import Relay, loop_factory
 from relay.config import load_config
+from tests.support.keystores import BACKENDS, KeystorePlace
 from tests.support.postgres import find_bin, running_postgres
 from tests.support.relayrun import Harness, write_config
 from tests.support.sink import Sink
@@ -28,7 +29,8 @@ async def running_relay(folder, sink, *, edit=None, **config_parts):
     if edit is not None:
         path.write_text(edit(path.read_text()))
     config = load_config(path)
-    store = await KeyStore.open(config.keystore.path, config.keystore.pepper_file, create=True)
+    ks = config.keystore
+    store = await open_keystore(path=ks.path, url=ks.url, pepper_file=ks.pepper_file, create=True)
     await store.close()
     relay = Relay(config)
     try:
@@ -71,3 +73,12 @@ def postgres_server():
 def pg_url(postgres_server) -> str:
     """The URL of a fresh, empty database for this test."""
     return postgres_server.create_database(f"t_{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture(params=BACKENDS)
+def keystore_place(request, tmp_path) -> KeystorePlace:
+    """The test runs twice: its keystore a sqlite file in tmp_path, then a fresh PostgreSQL
+    database (tests/support/keystores.py)."""
+    if request.param == "sqlite":
+        return KeystorePlace(tmp_path)
+    return KeystorePlace(tmp_path, request.getfixturevalue("pg_url"))

@@ -1,4 +1,6 @@
-"""KeyStore against a real sqlite file: every login outcome, key lifecycle, audit, files.
+"""KeyStore against a real sqlite file and a real PostgreSQL database (every test that is
+not about sqlite's files runs on both: `keystore_place`): every login outcome, key
+lifecycle, audit, files.
 
 No mocks and no clock patching: expiry and rotation grace are real (short) waits.
 """
@@ -13,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from keystore import keys
@@ -24,12 +27,13 @@ IP = "192.0.2.10"
 
 
 async def open_store(folder: Path, *, create: bool = True, **kwargs) -> KeyStore:
+    """A sqlite keystore in `folder` (the tests about sqlite's own files)."""
     return await KeyStore.open(folder / "keystore.db", folder / "pepper", create=create, **kwargs)
 
 
 @pytest.fixture
-async def store(tmp_path):
-    store = await open_store(tmp_path)
+async def store(keystore_place):
+    store = await keystore_place.open()
     try:
         yield store
     finally:
@@ -390,8 +394,8 @@ async def test_active_key_limit_per_workspace(world):
         await world.set_key_limit("nope", 5, actor="admin")
 
 
-async def test_default_key_limit_applies_to_new_workspaces(tmp_path):
-    store = await open_store(tmp_path, default_key_limit=1)
+async def test_default_key_limit_applies_to_new_workspaces(keystore_place):
+    store = await keystore_place.open(default_key_limit=1)
     try:
         await store.add_mailbox("a@w.test", workspace="w", actor="admin")
         await new_key(store, "a@w.test")
@@ -452,17 +456,23 @@ async def test_logins_and_refused_changes_add_no_audit_rows(world):
     assert len(await world.audit_events()) == count
 
 
-async def test_audit_log_is_append_only(tmp_path, world):
+async def test_audit_log_is_append_only(keystore_place, world):
     await new_key(world, "alice@acme.test")
     before = await world.audit_events()
     assert before
-    with contextlib.closing(sqlite3.connect(tmp_path / "keystore.db", isolation_level=None)) as raw:
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            raw.execute("UPDATE audit SET actor = 'mallory'")
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            raw.execute("DELETE FROM audit")
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            raw.execute("DELETE FROM audit WHERE id = ?", (before[0].id,))
+    attempts = ["UPDATE audit SET actor = 'mallory'", "DELETE FROM audit",
+                f"DELETE FROM audit WHERE id = {before[0].id}"]
+    if keystore_place.url is None:
+        with contextlib.closing(sqlite3.connect(keystore_place.folder / "keystore.db",
+                                                isolation_level=None)) as raw:
+            for attempt in attempts:
+                with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+                    raw.execute(attempt)
+    else:
+        with psycopg.connect(keystore_place.url, autocommit=True) as raw:
+            for attempt in [*attempts, "TRUNCATE audit"]:
+                with pytest.raises(psycopg.Error, match="append-only"):
+                    raw.execute(attempt)
     assert await world.audit_events() == before
 
 
@@ -536,9 +546,15 @@ async def test_reopening_keeps_the_pepper_and_the_keys(tmp_path):
         await store.close()
 
 
-async def test_backup_is_a_working_copy(tmp_path, world):
+async def test_backup_is_a_working_copy(keystore_place, world):
+    tmp_path = keystore_place.folder
     record, secret = await new_key(world, "alice@acme.test")
     target = tmp_path / "backups" / "copy.db"
+    if keystore_place.url is not None:  # pg_dump's job: said so, nothing written
+        with pytest.raises(StoreError, match="backed up with pg_dump"):
+            await world.backup(target)
+        assert not target.exists() and not target.parent.exists()
+        return
     await world.backup(target)
     assert mode(target) == 0o600
     with pytest.raises(StoreError, match="already exists"):
@@ -554,7 +570,7 @@ async def test_backup_is_a_working_copy(tmp_path, world):
 # ------------------------------------------------------- several connections
 
 
-async def test_recheck_sees_changes_made_by_another_connection(tmp_path, world):
+async def test_recheck_sees_changes_made_by_another_connection(keystore_place, world):
     _, alice = await new_key(world, "alice@acme.test")
     bob_key, bob = await new_key(world, "bob@acme.test")
     carol_key, carol = await new_key(world, "carol@globex.test")
@@ -564,7 +580,7 @@ async def test_recheck_sees_changes_made_by_another_connection(tmp_path, world):
     assert isinstance(alice_id, Identity) and isinstance(bob_id, Identity)
     assert await world.recheck(alice_id) == alice_id
 
-    admin = await open_store(tmp_path, create=False)
+    admin = await keystore_place.open(create=False)
     try:
         await admin.revoke_key(bob_key.id, actor="admin")
         await admin.suspend_mailbox("alice@acme.test", reason="abuse", actor="admin")
@@ -581,9 +597,9 @@ async def test_recheck_sees_changes_made_by_another_connection(tmp_path, world):
         await admin.close()
 
 
-async def test_cli_writers_and_logins_run_concurrently(tmp_path, world):
-    config = tmp_path / "relay.toml"
-    config.write_text('[keystore]\npath = "keystore.db"\npepper_file = "pepper"\n')
+async def test_cli_writers_and_logins_run_concurrently(keystore_place, world):
+    config = keystore_place.folder / "relay.toml"
+    config.write_text(keystore_place.config_lines())
     logins = [(f"user{i}@acme.test", (await new_key(world, workspace="acme"))[1]) for i in range(2)]
     for address, _ in logins:
         await world.add_mailbox(address, workspace="acme", actor="admin")

@@ -10,12 +10,16 @@ import inspect
 import pytest
 
 from keystore.interface import AdminStore, AuthStore
+from keystore.postgresdb import PostgresDatabase
+from keystore.sqldb import Database, Executor
+from keystore.sqlitedb import SqliteDatabase
 from keystore.store import KeyStore
 from relay.queue.postgres import PostgresQueueStore
 from relay.queue.sqlite import SqliteQueueStore
 from relay.queue.store import QueueStore
 
-BACKENDS = [KeyStore]
+BACKENDS = [KeyStore]  # one class holds the keystore's rules; the engines are its adapters:
+KEYSTORE_DATABASES = [SqliteDatabase, PostgresDatabase]
 QUEUE_BACKENDS = [SqliteQueueStore, PostgresQueueStore]
 
 
@@ -51,6 +55,17 @@ def test_queue_backend_implements_every_method_with_the_declared_signature(backe
         assert inspect.iscoroutinefunction(member), f"{backend.__name__}.{name} is missing or not async"
         assert inspect.signature(member) == signature, (
             f"{backend.__name__}.{name}{inspect.signature(member)} != QueueStore.{name}{signature}")
+
+
+@pytest.mark.parametrize("database", KEYSTORE_DATABASES)
+@pytest.mark.parametrize("protocol", [Executor, Database])
+def test_keystore_database_adapter_implements_every_method_with_the_declared_signature(database, protocol):
+    for name, signature in declared(protocol).items():
+        member = getattr(database, name, None)
+        assert inspect.iscoroutinefunction(member), f"{database.__name__}.{name} is missing or not async"
+        assert inspect.signature(member) == signature, (
+            f"{database.__name__}.{name}{inspect.signature(member)} != {protocol.__name__}.{name}{signature}")
+    assert callable(getattr(database, "transaction", None)), f"{database.__name__}.transaction"
 
 
 def test_the_signature_check_sees_a_difference():

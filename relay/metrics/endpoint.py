@@ -143,7 +143,7 @@ class MetricsEndpoint:
             loop=asyncio.get_running_loop(),
             listening=lambda: listeners_problem(config, relay.listeners),
             spool_folder=config.queue.path.parent if config.queue is not None else None,
-            keystore=config.keystore.path,
+            keystore=config.keystore.url or config.keystore.path,
             pepper=config.keystore.pepper_file,
         )
         return cls(config.metrics.listen, relay.metrics, readiness, where=f"{config.source}: [metrics]")

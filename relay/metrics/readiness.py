@@ -12,6 +12,10 @@ instead of hanging with it.
 * keystore: its database opens read-only and its schema reads, and the pepper file
   reads (a removed, replaced or damaged file shows here; the relay's open connection
   would carry on with a deleted file until the next restart, which would then fail).
+  A PostgreSQL keystore (`[keystore] url`): a new connection is made and the keystore's
+  schema version reads (a server down, refusing logins, or without the tables shows here;
+  the relay's pooled connections would only find out at the next AUTH). Its URL is shown
+  without the password.
 """
 
 from __future__ import annotations
@@ -62,9 +66,13 @@ def spool_problem(folder: Path) -> str | None:
     return None
 
 
-def keystore_problem(path: Path, pepper: Path) -> str | None:
+def keystore_problem(path: Path | str, pepper: Path) -> str | None:
     """None if the keystore database opens read-only and its schema reads, and the pepper
-    file reads; else what failed. Opened read-only so a missing file is never created."""
+    file reads; else what failed. Opened read-only so a missing file is never created.
+    `path` may be a PostgreSQL keystore's URL."""
+    if isinstance(path, str):
+        problem = _postgres_keystore_problem(path)
+        return problem if problem is not None else _pepper_problem(pepper)
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=LOOP_WAIT)
         try:
@@ -73,6 +81,26 @@ def keystore_problem(path: Path, pepper: Path) -> str | None:
             conn.close()
     except sqlite3.Error as exc:
         return f"{path}: {exc}"
+    return _pepper_problem(pepper)
+
+
+def _postgres_keystore_problem(url: str) -> str | None:
+    import psycopg  # only relays with a PostgreSQL keystore load the driver
+
+    from keystore.pg import redact
+
+    try:
+        with psycopg.connect(url, connect_timeout=2, autocommit=True) as conn:
+            row = conn.execute("SELECT version FROM keyrelay_schema WHERE component = 'keystore'").fetchone()
+    except psycopg.Error as exc:
+        lines = str(exc).strip().splitlines()
+        return f"{redact(url)}: {lines[0] if lines else type(exc).__name__}"
+    if row is None:
+        return f"{redact(url)}: no keystore tables in this database"
+    return None
+
+
+def _pepper_problem(pepper: Path) -> str | None:
     try:
         with open(pepper, "rb") as handle:
             if not handle.read(1):
@@ -87,7 +115,7 @@ class Readiness:
     loop: asyncio.AbstractEventLoop
     listening: Callable[[], str | None]  # run on the loop: None when every listener serves
     spool_folder: Path | None
-    keystore: Path
+    keystore: Path | str  # a sqlite file, or a PostgreSQL keystore's URL
     pepper: Path
 
     def alive(self) -> str | None:

@@ -1,0 +1,63 @@
+"""One way to open the keystore, whichever engine holds it: `[keystore] path` (sqlite, the
+embedded default) or `[keystore] url` (PostgreSQL, shared by several relays). Every caller
+(the relay, the `keystore` CLI, the admin HTTP API and console, `relay check-config`) opens
+it here, so they cannot disagree about which database a config means."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from keystore import keys, pg
+from keystore.errors import KeystoreUnavailable
+from keystore.postgresdb import PostgresDatabase
+from keystore.store import KeyStore
+
+__all__ = ["open_keystore", "postgres_schema_version", "where"]
+
+
+def where(*, path: Path | None, url: str | None) -> str:
+    """The keystore as a person may read it: the path, or the URL without its password."""
+    return pg.redact(url) if url else str(path)
+
+
+async def open_keystore(
+    *, path: Path | None = None, url: str | None = None, pepper_file: Path,
+    default_key_limit: int = 100, create: bool = False, max_connections: int = 8,
+) -> KeyStore:
+    """The keystore at `path` (sqlite) or `url` (PostgreSQL): exactly one of them.
+    `create`: make the tables (and the pepper, when there is none yet and no keystore
+    either: a new pepper beside existing keys would make every one of them invalid)."""
+    if (path is None) == (url is None):
+        raise ValueError("a keystore is one path or one url")
+    if url is None:
+        assert path is not None
+        return await KeyStore.open(path, pepper_file, default_key_limit=default_key_limit,
+                                   create=create)
+    if not pg.is_postgres_url(url):
+        raise KeystoreUnavailable(f"{pg.redact(url)}: not a postgresql:// URL")
+    database = await PostgresDatabase.connect(url, max_size=max_connections)
+    try:
+        if create and not pepper_file.exists():
+            if await database.schema_version() > 0:
+                raise keys.PepperError(f"{pepper_file}: pepper file missing for the existing "
+                                       f"keystore {database.where}; restore it")
+            try:
+                keys.create_pepper(pepper_file)
+            except FileExistsError:
+                pass  # a concurrent `keystore init` wrote it first: use that one
+        pepper = keys.load_pepper(pepper_file)
+        await database.prepare(create=create)
+    except BaseException:
+        await database.close()
+        raise
+    return KeyStore(database, pepper, default_key_limit)
+
+
+async def postgres_schema_version(url: str) -> int:
+    """The version of the keystore tables at `url` (0: none yet), read without changing
+    anything; KeystoreUnavailable if the server cannot be reached."""
+    database = await PostgresDatabase.connect(url, max_size=1)
+    try:
+        return await database.schema_version()
+    finally:
+        await database.close()

@@ -1,0 +1,162 @@
+"""The keystore on PostgreSQL (issue 12: several relays on one keystore), through a psycopg
+pool: keystore/sqldb.py's Database.
+
+KeyStore's statements arrive in sqlite's `?` style and are translated once each
+(keystore.pg.to_pg, cached). Connections are in autocommit mode, so a read holds no snapshot
+open. A write transaction first takes a transaction-scoped advisory lock, one for the whole
+keystore: PostgreSQL's own counterpart of sqlite's BEGIN IMMEDIATE. KeyStore's rules are
+check-then-write (a workspace's key limit, "already revoked", an address in use); with the
+lock they hold across every process and every node, as they do on one sqlite file. Admin
+writes are rare and short, so one lock costs nothing a person would notice, and logins
+never take it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import psycopg
+import psycopg_pool
+
+from keystore import pg, pgschema
+from keystore.errors import Conflict, KeystoreUnavailable, StoreError
+from keystore.sqldb import Params
+
+__all__ = ["PostgresDatabase", "WRITE_LOCK"]
+
+WRITE_LOCK = "keyrelay:keystore:write"  # the advisory lock every keystore write takes
+POOL_TIMEOUT = 5.0  # seconds a statement waits for a connection before "unavailable"
+
+
+class _Statements:
+    """fetch / execute / executemany / insert_returning_id on one psycopg connection."""
+
+    def __init__(self, conn: psycopg.AsyncConnection) -> None:
+        self._conn = conn
+
+    async def fetch(self, sql: str, params: Params = ()) -> list[tuple]:
+        with _translated():
+            cursor = await self._conn.execute(pg.to_pg(sql), tuple(params))
+            return await cursor.fetchall() if cursor.description is not None else []
+
+    async def execute(self, sql: str, params: Params = ()) -> None:
+        with _translated():
+            await self._conn.execute(pg.to_pg(sql), tuple(params))
+
+    async def executemany(self, sql: str, rows: Iterable[Params]) -> None:
+        batch = [tuple(r) for r in rows]
+        if not batch:
+            return
+        with _translated():
+            async with self._conn.cursor() as cursor:
+                await cursor.executemany(pg.to_pg(sql), batch)
+
+    async def insert_returning_id(self, sql: str, params: Params = ()) -> int:
+        rows = await self.fetch(sql + " RETURNING id", params)
+        return int(rows[0][0])
+
+
+class _translated:
+    """A unique violation -> Conflict (as sqlite's IntegrityError); any other psycopg
+    error (a lost server, a pool with no connection to give) -> KeystoreUnavailable. The
+    messages name no URL: psycopg's own never carry the password, and the pool's are ours."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, psycopg.errors.IntegrityError):
+            raise Conflict(f"already exists: {_first_line(exc)}") from exc
+        if isinstance(exc, psycopg.Error):
+            raise KeystoreUnavailable(f"keystore query failed: {_first_line(exc)}") from exc
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+class PostgresDatabase:
+    """The keystore tables in the PostgreSQL database at `url`."""
+
+    def __init__(self, url: str, pool: psycopg_pool.AsyncConnectionPool) -> None:
+        self.where = pg.redact(url)
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str, *, create: bool = False, max_size: int = 8) -> PostgresDatabase:
+        """Connect, then `prepare`."""
+        database = await cls.connect(url, max_size=max_size)
+        try:
+            await database.prepare(create=create)
+        except BaseException:
+            await database.close()
+            raise
+        return database
+
+    @classmethod
+    async def connect(cls, url: str, *, max_size: int = 8) -> PostgresDatabase:
+        """A pool on the database, its tables not looked at yet."""
+        try:
+            pool = await pg.open_pool(url, name="keystore", max_size=max_size, timeout=POOL_TIMEOUT)
+        except psycopg.Error as exc:
+            raise KeystoreUnavailable(_first_line(exc)) from exc
+        return cls(url, pool)
+
+    async def prepare(self, *, create: bool) -> None:
+        """Bring the tables to this code's version (several relays starting at once migrate
+        once). Without `create`, a database with no keystore tables yet is refused, as a
+        missing sqlite file is: `keystore init` makes them."""
+        if not create and await self.schema_version() == 0:
+            raise KeystoreUnavailable(f"{self.where}: no keystore tables in this database "
+                                      "(run `keystore init`)")
+        try:
+            await pg.migrate(self._pool, pgschema.COMPONENT, pgschema.MIGRATIONS)
+        except psycopg.Error as exc:
+            raise KeystoreUnavailable(f"{self.where}: {_first_line(exc)}") from exc
+
+    async def schema_version(self) -> int:
+        """The keystore tables' version (0: none yet)."""
+        with _translated():
+            async with self._pool.connection() as conn:
+                return await pg.schema_version(conn, pgschema.COMPONENT)
+
+    async def fetch(self, sql: str, params: Params = ()) -> list[tuple]:
+        with _translated():
+            async with self._pool.connection() as conn:
+                return await _Statements(conn).fetch(sql, params)
+
+    read = fetch  # every pooled connection reads without waiting for a writer
+
+    async def execute(self, sql: str, params: Params = ()) -> None:
+        with _translated():
+            async with self._pool.connection() as conn:
+                await _Statements(conn).execute(sql, params)
+
+    async def executemany(self, sql: str, rows: Iterable[Params]) -> None:
+        with _translated():
+            async with self._pool.connection() as conn:
+                await _Statements(conn).executemany(sql, rows)
+
+    async def insert_returning_id(self, sql: str, params: Params = ()) -> int:
+        with _translated():
+            async with self._pool.connection() as conn:
+                return await _Statements(conn).insert_returning_id(sql, params)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_Statements]:
+        """One transaction, holding the keystore's write lock until it ends."""
+        with _translated():
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (WRITE_LOCK,))
+                yield _Statements(conn)
+
+    async def backup(self, target: Path) -> None:
+        raise StoreError(f"{self.where}: a PostgreSQL keystore is backed up with pg_dump "
+                         "(pg_dump --format=custom), not with `keystore backup`")
+
+    async def close(self) -> None:
+        await self._pool.close()
