@@ -28,6 +28,7 @@ from tests.support.relayrun import client_tls
 from tests.support.sink import Sink
 from tests.support.waiting import wait_until
 from tests.test_check_config import Folder
+from tests.test_metrics import metrics_table, scrape_until, value
 from tests.test_queue_cli import q
 from tests.test_queue_integrity import queue_rows, wait_rows
 from tests.test_status_cli import status_cli
@@ -379,3 +380,13 @@ async def test_check_config_reads_the_shared_queues_schema_version(tmp_path, pg_
                          pg_url.rsplit("/", 1)[1])
     assert await asyncio.to_thread(folder.only_problem) == (
         f"[queue] url: {pg_url}: queue schema version 7 is newer than this program (1)")
+
+
+async def test_the_queue_depth_gauge_counts_the_whole_clusters_queue(tmp_path, sink, pg_url):
+    sink.handler.data_reply = "451 4.3.0 try again later"
+    async with two_relays(tmp_path, sink, pg_url, retry='["1h"]', upstream_extra=metrics_table()) as (a, b):
+        await send_from(b, "accepted by b")
+        samples = await scrape_until(a, lambda s: value(s, "keyrelay_queue_messages") == 1,
+                                     "node a's gauge to count node b's message")
+        assert value(samples, "keyrelay_queue_held_messages") == 0
+        assert value(samples, "keyrelay_queue_oldest_message_age_seconds") >= 0

@@ -5,7 +5,9 @@ loop, and must stay cheap and bounded in time whatever the relay is doing:
 
 * the queue's depth and oldest message come from one aggregate over the spool's
   `message` table (small rows: bodies live in a table of their own), run on the spool's
-  reader thread with its read connection, waited for at most SCRAPE_WAIT;
+  reader thread with its read connection, waited for at most SCRAPE_WAIT (a shared queue
+  in PostgreSQL: the same aggregate over the whole cluster's queue, run on the event loop
+  through the queue's pool, waited for as long);
 * provider health is whatever `ProviderHealth.snapshot()` (relay/delivery/health.py)
   returns, called on the event loop (the state it reads belongs to the loop), waited for
   at most SCRAPE_WAIT. A wedged loop leaves the series out of that scrape (and /healthz
@@ -101,9 +103,11 @@ class QueueCollector(Collector):
             return
         yield GaugeMetricFamily(
             "keyrelay_queue_messages",
-            "Messages in the spool with recipients still to decide (held included)", value=depth.messages)
+            "Messages in the spool with recipients still to decide (held included); with a shared "
+            "queue ([queue] url) the whole cluster's, the same on every node", value=depth.messages)
         yield GaugeMetricFamily(
-            "keyrelay_queue_held_messages", "Messages on hold (relay queue hold, or poison)",
+            "keyrelay_queue_held_messages",
+            "Messages on hold (relay queue hold, or poison); the whole cluster's with a shared queue",
             value=depth.held)
         yield GaugeMetricFamily(
             "keyrelay_queue_oldest_message_age_seconds",
