@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import pwd
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +25,7 @@ from relay.queue.model import AttemptRecord, Change, Delivery, Fate, NotDue, Que
 from relay.queue.postgres import PostgresQueueStore
 from relay.queue.sqlite import SqliteQueueStore
 from tests.conftest import running_relay
+from tests.support.fs import fill, small_filesystem
 from tests.support.procs import free_port, prepare_relay_folder, start_relay_process
 from tests.support.relayrun import client_tls
 from tests.support.sink import Sink
@@ -390,3 +393,32 @@ async def test_the_queue_depth_gauge_counts_the_whole_clusters_queue(tmp_path, s
                                      "node a's gauge to count node b's message")
         assert value(samples, "keyrelay_queue_held_messages") == 0
         assert value(samples, "keyrelay_queue_oldest_message_age_seconds") >= 0
+
+
+async def test_a_full_disk_under_the_queue_database_answers_452_and_keeps_the_session(
+        tmp_path, sink, pg_url, postgres_server):
+    database = pg_url.rsplit("/", 1)[1]
+    # in the server's own folder: the server's user must reach it (not so tmp_path, root's)
+    with small_filesystem(postgres_server.folder / f"fs-{database}", "8m") as fs:
+        if postgres_server.user == "postgres":  # the server runs as postgres (the suite is root)
+            entry = pwd.getpwnam("postgres")
+            os.chown(fs, entry.pw_uid, entry.pw_gid)
+        postgres_server.psql(f"CREATE TABLESPACE {database} LOCATION '{fs}'")
+        try:
+            async with running_relay(tmp_path, sink, **cluster_parts(pg_url, "n1")) as h:
+                postgres_server.psql(f"ALTER TABLE queue_body SET TABLESPACE {database}", database)
+                await h.mailbox("alice@example.com")
+                client = await h.login("alice@example.com", await h.key("alice@example.com"))
+                filler = await asyncio.to_thread(fill, fs)
+                with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+                    await client.sendmail("alice@example.com", ["bob@example.net"], BODY)
+                assert (refused.value.code, refused.value.message) == (
+                    452, "4.3.1 Insufficient system storage, try again later")
+                filler.unlink()
+                await client.sendmail("alice@example.com", ["bob@example.net"], BODY)
+                await client.quit()
+                assert len(await sink.wait_for(1)) == 1
+        finally:  # the mount goes: nothing of the database may stay on it
+            with contextlib.suppress(AssertionError):
+                postgres_server.psql("ALTER TABLE queue_body SET TABLESPACE pg_default", database)
+            postgres_server.psql(f"DROP TABLESPACE IF EXISTS {database}")

@@ -188,7 +188,10 @@ class PostgresQueueStore:
     # ------------------------------------------------------- relay's side
 
     async def put(self, item: QueueItem, *, claimed_by: str | None) -> None:
-        data = await asyncio.to_thread(item.body.read) if isinstance(item.body, FileBody) else item.body
+        try:  # a big message waits in a file: read in whole, it goes as one bytea
+            data = await asyncio.to_thread(item.body.read) if isinstance(item.body, FileBody) else item.body
+        except OSError as exc:
+            raise SpoolError(f"cannot read the message to store it: {exc}") from None
 
         async def op(conn: Conn) -> None:
             await _insert(conn, item, data, claimed_by, self.lease)
