@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from keystore.opening import open_keystore
+from keystore.pg import PgError, is_postgres_url
+from keystore.pglimits import PgLimits
 from keystore.pgnotify import KeyChanges
 from keystore.store import KeyStore, KeystoreUnavailable
 from relay import replies
@@ -68,6 +70,19 @@ def build(config: Config, health: ProviderHealth | None = None) -> Reloadable:
     return Reloadable(config, tls, signer, couriers, Router(config, couriers, health))
 
 
+async def open_cluster_limits(config: Config) -> PgLimits | None:
+    """With a PostgreSQL keystore, the per-key send rates and the AUTH throttle's failures
+    are the cluster's, in that database (keystore/pglimits.py); else None (this relay's
+    own, in memory). KeystoreUnavailable if the database cannot be used."""
+    url = config.keystore.url
+    if url is None or not is_postgres_url(url):
+        return None
+    try:
+        return await PgLimits.open(url, per_minute=config.server.rate_per_minute)
+    except PgError as exc:  # the pool's errors name the URL without its password
+        raise KeystoreUnavailable(f"cluster limits: {exc}") from None
+
+
 # Changes a reload cannot make: (what, how to read it). They wait for a restart, and the
 # reload says so; everything else in the new config applies.
 _RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
@@ -95,6 +110,7 @@ class Relay:
         )
         self.couriers: dict[str, Courier] = {}
         self.store: KeyStore | None = None
+        self.limits: PgLimits | None = None  # send rates and AUTH failures shared with other relays
         self.queue: Queue | None = None
         self.queue_depth: int | None = None  # last count, for STATUS= and the state file
         self._handler: RelayHandler | None = None
@@ -136,13 +152,16 @@ class Relay:
         await self.queue.start()
         self.metrics.watch_queue(self.queue.store)
         self.metrics.watch_provider_health(self.health.snapshot)
+        self.limits = await open_cluster_limits(cfg)  # None: this relay's own, in memory
         self._authenticator = Authenticator(
             self.store,
             FailureLimiter(cfg.auth.max_failures, cfg.auth.failure_window,
-                           max_failures_per_address=cfg.auth.address_ceiling),
+                           max_failures_per_address=cfg.auth.address_ceiling,
+                           ledger=self.limits.ledger if self.limits else None),
             recheck_interval=cfg.auth.recheck_interval, metrics=self.metrics,
         )
-        self._handler = RelayHandler(cfg, self._authenticator, self.queue, parts.signer, metrics=self.metrics)
+        self._handler = RelayHandler(cfg, self._authenticator, self.queue, parts.signer, metrics=self.metrics,
+                                     rates=self.limits.rates if self.limits else None)
         self._sessions = Sessions(cfg, self._handler, parts.tls, self.registry)
         self.listeners = await open_listeners(cfg, self._sessions)
         for listener in self.listeners:
@@ -271,6 +290,9 @@ class Relay:
             await self.queue.close()
         if self.store is not None:
             await self.store.close()
+        if self.limits is not None:
+            await self.limits.close()
+            self.limits = None
         if self.state is not None:  # last: `relay status` says "running" until here
             await self.state.stop()
         if self.metrics_endpoint is not None:  # /readyz has said 503 since the listeners closed

@@ -6,13 +6,15 @@ node is refused at the others. Each "node" here is what a relay builds at start
 
 When the database is gone or stops answering, a send rate that cannot be checked refuses
 the message with a 4xx (never lets it through unlimited, never a 5xx), and the throttle
-goes by each node's own counts."""
+goes by each node's own counts. Last, two real relays on one PostgreSQL keystore
+(tests/support/cluster.py) and Python's smtplib as the client."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import smtplib
 import time
 from collections.abc import AsyncIterator
 
@@ -24,6 +26,7 @@ from keystore.pglimits import PgLimits
 from keystore.store import KeyStore
 from relay import replies
 from relay.auth import Authenticator, FailureLimiter
+from tests.support.cluster import running_cluster
 from tests.support.waiting import wait_until
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
@@ -260,3 +263,63 @@ async def test_the_throttle_falls_back_to_each_nodes_own_counts_and_says_so_once
         assert len(warnings) == 2, warnings  # once per node, not once per login
         assert all("this node counts its own failures alone" in w for w in warnings)
         assert not any(pg_url in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------ two real relays
+
+
+def smtplib_send(h, secret: str, subject: str) -> tuple[int, str]:
+    """One message with Python's smtplib (STARTTLS, AUTH, MAIL, RCPT, DATA) through the
+    relay `h`: (250, "") if accepted, else the refusal."""
+    message = f"From: {ALICE}\r\nTo: bob@example.net\r\nSubject: {subject}\r\n\r\nhi\r\n"
+    with smtplib.SMTP("127.0.0.1", h.port, timeout=10) as client:
+        client.starttls(context=h.tls)
+        client.ehlo()
+        client.esmtp_features["auth"] = "PLAIN"  # one AUTH per login (smtplib tries LOGIN after)
+        try:
+            client.login(ALICE, secret)
+            client.sendmail(ALICE, ["bob@example.net"], message)
+        except smtplib.SMTPResponseException as exc:
+            return exc.smtp_code, exc.smtp_error.decode()
+        except smtplib.SMTPServerDisconnected:
+            return 0, "disconnected"
+    return 250, ""
+
+
+async def test_two_relays_give_a_key_its_rate_once(tmp_path, sink, pg_url):
+    async with running_cluster(tmp_path, sink, pg_url, server="rate_per_minute = 3") as (a, b):
+        await a.mailbox(ALICE)
+        secret = await a.key(ALICE)
+        sent = [await asyncio.to_thread(smtplib_send, node, secret, f"m{n}")
+                for n, node in enumerate((a, b, a, b, a))]
+        limited = tuple(replies.RATE_LIMITED.split(" ", 1))
+        assert sent == [(250, "")] * 3 + [(int(limited[0]), limited[1])] * 2
+        delivered = await sink.wait_for(3)
+        assert sorted(m.text.split("Subject: ")[1].split("\r\n")[0] for m in delivered) == ["m0", "m1", "m2"]
+
+
+async def test_failed_logins_at_one_relay_shut_the_username_out_at_the_other(tmp_path, sink, pg_url):
+    async with running_cluster(tmp_path, sink, pg_url, auth="max_failures = 3") as (a, b):
+        await a.mailbox(ALICE)
+        secret = await a.key(ALICE)
+        wrong = secret[:-10] + "x" * 10
+        for node in (a, b, a):
+            code, text = await asyncio.to_thread(smtplib_send, node, wrong, "guess")
+            assert f"{code} {text}" == replies.AUTH_INVALID
+        for node in (b, a):
+            code, text = await asyncio.to_thread(smtplib_send, node, secret, "after")
+            assert f"{code} {text}" == replies.AUTH_TOO_MANY
+        assert sink.messages == []
+
+
+async def test_a_reload_applies_a_new_default_rate_to_the_shared_buckets(tmp_path, sink, pg_url):
+    async with running_cluster(tmp_path, sink, pg_url, server="rate_per_minute = 5") as (a, b):
+        await a.mailbox(ALICE)
+        secret = await a.key(ALICE)
+        assert await asyncio.to_thread(smtplib_send, b, secret, "m0") == (250, "")  # 4 left
+        config = a.config_path.read_text()
+        a.config_path.write_text(config.replace("rate_per_minute = 5", "rate_per_minute = 1"))
+        assert await a.relay.reload()
+        sent = [await asyncio.to_thread(smtplib_send, a, secret, f"m{n}") for n in (1, 2)]
+        assert [code for code, _ in sent] == [250, 451]  # what was left is capped at the new rate
+        await sink.wait_for(2)
