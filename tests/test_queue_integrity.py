@@ -12,6 +12,7 @@ import time
 import pytest
 
 from relay.queue import QueueItem, new_queue_id
+from relay.queue.postgres import PostgresQueueStore
 from relay.queue.sqlite import SqliteQueueStore
 from tests.conftest import running_relay
 from tests.support.dsn import read_dsn
@@ -235,32 +236,37 @@ async def test_delete_or_hold_during_delivery_says_so_and_is_not_retried(relay_w
         assert h.sink.handler.attempts == 1
 
 
-async def test_admin_changes_racing_with_acceptance_never_deliver_twice(h, tmp_path):
-    await h.mailbox("alice@example.com")
-    secret = await h.key("alice@example.com")
-    admin = await SqliteQueueStore.open(tmp_path / "spool.db", relay=False)
-    stop = asyncio.Event()
+async def test_admin_changes_racing_with_acceptance_never_deliver_twice(relay_with, backend, tmp_path):
+    async with relay_with(**backend) as h:
+        await h.mailbox("alice@example.com")
+        secret = await h.key("alice@example.com")
+        url = h.relay.config.queue.url
+        if url is None:
+            admin = await SqliteQueueStore.open(tmp_path / "spool.db", relay=False)
+        else:
+            admin = await PostgresQueueStore.open(url, relay=False)
+        stop = asyncio.Event()
 
-    async def retry_all_the_time() -> None:
-        while not stop.is_set():
-            await admin.retry_all()  # another process's commit: the relay reloads its schedule
-            await asyncio.sleep(0)
+        async def retry_all_the_time() -> None:
+            while not stop.is_set():
+                await admin.retry_all()  # another process's commit: the relay reloads its schedule
+                await asyncio.sleep(0)
 
-    racer = asyncio.create_task(retry_all_the_time())
-    try:
-        client = await h.login("alice@example.com", secret)
-        for n in range(150):
-            await client.sendmail("alice@example.com", ["bob@example.net"],
-                                  MESSAGE.replace(b"hello", f"message {n}".encode()))
-        await client.quit()
-        await h.sink.wait_for(150, timeout=20)
-        await wait_spool_empty(h)
-    finally:
-        stop.set()
-        await racer
-        await admin.close()
-    subjects = [m.text.split("Subject: ")[1].split("\r\n")[0] for m in h.sink.messages]
-    assert len(subjects) == len(set(subjects)) == 150
+        racer = asyncio.create_task(retry_all_the_time())
+        try:
+            client = await h.login("alice@example.com", secret)
+            for n in range(150):
+                await client.sendmail("alice@example.com", ["bob@example.net"],
+                                      MESSAGE.replace(b"hello", f"message {n}".encode()))
+            await client.quit()
+            await h.sink.wait_for(150, timeout=20)
+            await wait_spool_empty(h)
+        finally:
+            stop.set()
+            await racer
+            await admin.close()
+        subjects = [m.text.split("Subject: ")[1].split("\r\n")[0] for m in h.sink.messages]
+        assert len(subjects) == len(set(subjects)) == 150
 
 
 # ------------------------------------------------------------------ poison

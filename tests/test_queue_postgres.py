@@ -422,3 +422,22 @@ async def test_a_full_disk_under_the_queue_database_answers_452_and_keeps_the_se
             with contextlib.suppress(AssertionError):
                 postgres_server.psql("ALTER TABLE queue_body SET TABLESPACE pg_default", database)
             postgres_server.psql(f"DROP TABLESPACE IF EXISTS {database}")
+
+
+async def test_both_nodes_reaching_for_the_same_due_messages_deliver_each_once(tmp_path, sink, pg_url):
+    sink.handler.data_reply = "451 4.3.0 try again later"  # everything waits an hour
+    async with two_relays(tmp_path, sink, pg_url, retry='["1h"]') as (a, b):
+        for n in range(12):
+            await send_from((a, b)[n % 2], f"message {n}")
+        await wait_rows(a, lambda rows: len(rows) == 12 and all(r["attempts"] == 1 for r in rows), timeout=10)
+        sink.handler.data_reply = None
+        done = await q(b, "retry", "--all")  # due now on both nodes: they race for every one
+        assert done.returncode == 0 and "12 message(s)" in done.stdout, (done.stdout, done.stderr)
+        await sink.wait_for(12, timeout=10)
+
+        async def drained() -> bool:
+            return await a.relay.queue.store.count() == 0
+
+        await wait_until(drained, what="the shared queue to drain")
+        await asyncio.sleep(0.6)  # a follow period of each node: nothing is delivered again
+        assert subjects(sink) == sorted(f"message {n}" for n in range(12))
