@@ -151,12 +151,23 @@ class PgSendRates:
     def __init__(self, db: _Db, per_minute: int) -> None:
         self._db = db
         self.per_minute = per_minute
+        self._answering = True  # False from a failed check until one works: logged once each way
 
     async def allow(self, key_id: str, per_minute: int | None = None) -> bool:
         rate = per_minute if per_minute is not None else self.per_minute
         if rate <= 0:
             return True
-        rows = await self._db.execute(_SEND_ONE, {"key": key_id, "rate": rate})
+        try:
+            rows = await self._db.execute(_SEND_ONE, {"key": key_id, "rate": rate})
+        except LimitsUnavailable as exc:
+            if self._answering:
+                self._answering = False
+                log.warning("send rates cannot be checked (%s): messages are refused with 451 4.3.0 "
+                            "until they can", exc)
+            raise
+        if not self._answering:
+            self._answering = True
+            log.warning("send rates can be checked again")
         return bool(rows[0][0])
 
 

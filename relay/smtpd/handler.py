@@ -152,10 +152,10 @@ class RelayHandler:
             return replies.SENDER_NOT_OWNED
         try:
             allowed = await self._rates.allow(current.key_id, current.rate_limit)
-        except LimitsUnavailable as exc:  # never let it through unlimited; the client retries
-            log.warning("send rate of key %s cannot be checked: %s", current.key_id, exc)
+        except LimitsUnavailable:  # never let it through unlimited; the client retries
             maillog.rejected(session.peer, current.key_id, replies.RATE_UNAVAILABLE)
-            self._metrics.message_refused("rate_unavailable", current.key_id)
+            # the shared rates live in the keystore's database (the limits say why, once)
+            self._metrics.message_refused("keystore_unavailable", current.key_id)
             return replies.RATE_UNAVAILABLE
         if not allowed:
             maillog.rejected(session.peer, current.key_id, replies.RATE_LIMITED)
