@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 
 import aiosmtplib
+import psycopg
 import pytest
 
 from relay.queue import SpoolBusy
@@ -441,3 +442,19 @@ async def test_both_nodes_reaching_for_the_same_due_messages_deliver_each_once(t
         await wait_until(drained, what="the shared queue to drain")
         await asyncio.sleep(0.6)  # a follow period of each node: nothing is delivered again
         assert subjects(sink) == sorted(f"message {n}" for n in range(12))
+
+
+async def test_a_claim_meeting_a_row_another_transaction_holds_looks_again_rather_than_drop_it(pg_url):
+    """A node's own renew() (or an admin) may hold its message's row the instant the node
+    claims it again after a failed read: the claim must say "shortly", not "gone", or
+    the node drops the only timer of a message it owns."""
+    async with pg_store(pg_url, "a") as a:
+        message = item()
+        await a.put(message, claimed_by=a.owner)
+        async with await psycopg.AsyncConnection.connect(pg_url) as other:
+            async with other.transaction():
+                await other.execute("SELECT 1 FROM queue_message WHERE id = %s FOR UPDATE", (message.id,))
+                now = time.time()
+                answer = await a.claim(message.id, a.owner, now)
+                assert isinstance(answer, NotDue) and now < answer.when <= now + 1
+        assert isinstance(await a.claim(message.id, a.owner, time.time()), Delivery)

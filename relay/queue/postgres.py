@@ -73,6 +73,7 @@ _BODY_HEAD = 256 * 1024
 _UNFINISHED = "(status = 'pending' OR (status = 'failed' AND NOT notified))"
 _LIVE_CLAIM = f"(claimed IS NOT NULL AND lease_until >= {_NOW})"
 _DISK_FULL = "53100"
+_LOCKED_RETRY = 0.25  # seconds before a claim looks again at a row another transaction holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,12 +200,17 @@ class PostgresQueueStore:
         await self._tx(op)
 
     async def claim(self, message_id: str, owner: str, now: float) -> Delivery | NotDue | None:
+        claimable = ("SELECT next_attempt FROM queue_message WHERE id = %s AND NOT held AND NOT "
+                     f"delete_requested AND (claimed IS NULL OR claimed = %s OR lease_until < {_NOW})")
+
         async def op(conn: Conn) -> Delivery | NotDue | None:
-            row = await _one(conn, (
-                "SELECT next_attempt FROM queue_message WHERE id = %s AND NOT held AND NOT delete_requested "
-                f"AND (claimed IS NULL OR claimed = %s OR lease_until < {_NOW}) FOR UPDATE SKIP LOCKED"),
-                (message_id, owner))
+            row = await _one(conn, claimable + " FOR UPDATE SKIP LOCKED", (message_id, owner))
             if row is None:
+                if await _one(conn, claimable, (message_id, owner)) is not None:
+                    # claimable, but another transaction has the row this instant (a node
+                    # claiming it, our own renew(), an admin): look again shortly rather
+                    # than drop the timer of a message that may be ours
+                    return NotDue(now + _LOCKED_RETRY)
                 return None
             if row[0] > now + 0.05:
                 return NotDue(row[0])
