@@ -60,7 +60,9 @@ class QueueStore(Protocol):
         by anyone but `owner` (the scheduler skips those it is delivering)."""
 
     async def changed_elsewhere(self, since: int | None) -> tuple[bool, int]:
-        """Whether another process (`relay queue`) changed the spool since `since`."""
+        """Whether another process changed the spool since `since` (`relay queue`; on a
+        shared queue also another node's ended lease, or a node that stopped): the
+        caller reads the schedule again."""
 
     async def count(self) -> int: ...
 
