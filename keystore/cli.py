@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import getpass
 import json
+import logging
 import os
 import sys
 import time
@@ -42,6 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0o077)  # everything this tool creates (db, pepper, backups) is private
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command != "serve":
+        # a PostgreSQL pool logs every failed connection attempt; a command that cannot reach
+        # the keystore says so in its one line on stderr
+        logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     try:
         config = load_config(resolve_config_path(args.config))
     except ConfigError as exc:

@@ -124,8 +124,11 @@ MIGRATIONS: list[str] = [
         END IF;
         IF TG_TABLE_NAME = 'alias' THEN
             -- an alias is its mailbox's: the mailbox's sessions are the ones to recheck
+            -- (none when the alias goes with its mailbox, whose own deletion says so)
             SELECT address INTO subject FROM mailbox WHERE id = OLD.mailbox_id;
-            subject := coalesce(subject, OLD.address);
+            IF subject IS NULL THEN
+                RETURN NULL;
+            END IF;
         ELSE
             subject := to_jsonb(OLD) ->> TG_ARGV[1];
         END IF;
