@@ -7,6 +7,7 @@ its own); tests that need another config start their own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import sqlite3
@@ -17,15 +18,18 @@ from pathlib import Path
 
 import aiosmtplib
 import httpx
+import psycopg
 import pytest
 
 from keystore import keys
 from keystore.http.app import create_app
 from keystore.http.site import Site
+from keystore.pg import to_pg
 from keystore.service import AdminService
 from keystore.store import KeyStore
 from relay.config import ConfigError, load_config
 from tests.support.adminserver import AdminServer, Token, admin_server, create_token, start_admin_server
+from tests.support.keystores import BACKENDS, KeystorePlace
 from tests.support.procs import free_port, keystore_cli
 from tests.support.relayrun import write_config
 from tests.support.waiting import wait_until
@@ -42,12 +46,36 @@ PATHS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=BACKENDS)
+def place(request, tmp_path_factory) -> KeystorePlace:
+    """The API's keystore: every test of the running server runs on sqlite, then on
+    PostgreSQL (a database for the module)."""
     folder = tmp_path_factory.mktemp("admin")
-    config = write_config(folder, free_port(), auth=THROTTLE)
+    if request.param == "sqlite":
+        return KeystorePlace(folder)
+    server = request.getfixturevalue("postgres_server")
+    return KeystorePlace(folder, server.create_database(f"admin_{uuid.uuid4().hex[:12]}"))
+
+
+@pytest.fixture(scope="module")
+def folder(place) -> Path:
+    config = write_config(place.folder, free_port(), auth=THROTTLE)
+    assert KeystorePlace(place.folder).config_lines() in config.read_text()
+    config.write_text(config.read_text().replace(KeystorePlace(place.folder).config_lines(),
+                                                 place.config_lines()))
     assert keystore_cli(config, "init").returncode == 0
-    return folder
+    return place.folder
+
+
+def write_behind_the_api(place: KeystorePlace, sql: str, params: tuple) -> None:
+    """A change no keystore version makes (a stand-in for a bug or an older release's data),
+    straight into the database."""
+    if place.url is None:
+        with contextlib.closing(sqlite3.connect(place.folder / "keystore.db")) as db, db:
+            db.execute(sql, params)
+    else:
+        with psycopg.connect(place.url, autocommit=True) as db:
+            db.execute(to_pg(sql), params)
 
 
 @pytest.fixture(scope="module")
@@ -480,15 +508,14 @@ def test_text_that_is_not_unicode_is_400_naming_the_field(server, owner):
         assert [k["id"] for k in ok(api.get("/keys", params={"mailbox": address}))["keys"]] == [key_id]
 
 
-def test_a_stored_time_too_late_to_show_does_not_break_the_api(server, owner, folder):
+def test_a_stored_time_too_late_to_show_does_not_break_the_api(server, owner, place):
     """A keystore may hold a time past the year 9999 (the CLI takes any --grace, an older
     server took any): the API shows it as the latest time ISO 8601 has, rather than a 500
     on the key and on every list holding it."""
     with client(server, owner) as api:
         address = mailbox(api, unique("ws"))
         key_id = new_key(api, address)["key"]["id"]
-        with sqlite3.connect(folder / "keystore.db") as db:
-            db.execute("UPDATE auth_key SET prev_valid_until = ? WHERE id = ?", (1e30, key_id))
+        write_behind_the_api(place, "UPDATE auth_key SET prev_valid_until = ? WHERE id = ?", (1e30, key_id))
         assert ok(api.get(f"/keys/{key_id}"))["previous_valid_until"] == "9999-12-31T23:59:59Z"
         assert [k["id"] for k in ok(api.get("/keys", params={"mailbox": address}))["keys"]] == [key_id]
 
@@ -545,14 +572,16 @@ def test_a_request_path_forges_no_log_line_and_leaves_no_token_in_the_log(server
     assert owner.secret not in server.log.read_text()
 
 
-def test_a_bug_answered_500_keeps_the_connection_and_is_logged_once(server, owner, folder):
+def test_a_bug_answered_500_keeps_the_connection_and_is_logged_once(server, owner, place):
     """uvicorn closes the connection when the app raises after answering, and logs the
     traceback a second time; a script's next request on its kept-alive connection then
     failed with a reset, after a 500 errors.py had already answered and logged."""
+    if place.url is not None:  # about the HTTP server, not the engine: once is enough
+        pytest.skip("PostgreSQL's typed columns hold no text in a time: no stand-in bug there")
     with client(server, owner) as api:
         key_id = new_key(api, mailbox(api, unique("ws")))["key"]["id"]
-    with sqlite3.connect(folder / "keystore.db") as db:  # a row no version writes: a bug's stand-in
-        db.execute("UPDATE auth_key SET rotated = 'garbage' WHERE id = ?", (key_id,))
+    # a row no version writes: a bug's stand-in
+    write_behind_the_api(place, "UPDATE auth_key SET rotated = ? WHERE id = ?", ("garbage", key_id))
     connection = http.client.HTTPConnection(server.url.split("//")[1].strip("/"), timeout=10)
     try:
         connection.request("GET", f"/api/v1/keys/{key_id}", headers=owner.headers)
