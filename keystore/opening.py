@@ -1,23 +1,34 @@
 """One way to open the keystore, whichever engine holds it: `[keystore] path` (sqlite, the
 embedded default) or `[keystore] url` (PostgreSQL, shared by several relays). Every caller
 (the relay, the `keystore` CLI, the admin HTTP API and console, `relay check-config`) opens
-it here, so they cannot disagree about which database a config means."""
+it here, so they cannot disagree about which database a config means.
+
+The PostgreSQL driver is imported only for a url: a `keystore` command on a sqlite file
+(every one a new process) does not pay for loading psycopg.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from keystore import keys, pg
+from keystore import keys
 from keystore.errors import KeystoreUnavailable
-from keystore.postgresdb import PostgresDatabase
 from keystore.store import KeyStore
+
+if TYPE_CHECKING:
+    from keystore.postgresdb import PostgresDatabase
 
 __all__ = ["open_keystore", "postgres_schema_version", "where"]
 
 
 def where(*, path: Path | None, url: str | None) -> str:
     """The keystore as a person may read it: the path, or the URL without its password."""
-    return pg.redact(url) if url else str(path)
+    if not url:
+        return str(path)
+    from keystore.pg import redact
+
+    return redact(url)
 
 
 async def open_keystore(
@@ -33,9 +44,11 @@ async def open_keystore(
         assert path is not None
         return await KeyStore.open(path, pepper_file, default_key_limit=default_key_limit,
                                    create=create)
+    from keystore import pg
+
     if not pg.is_postgres_url(url):
         raise KeystoreUnavailable(f"{pg.redact(url)}: not a postgresql:// URL")
-    database = await PostgresDatabase.connect(url, max_size=max_connections)
+    database = await _postgres(url, max_connections)
     try:
         if create and not pepper_file.exists():
             if await database.schema_version() > 0:
@@ -56,8 +69,14 @@ async def open_keystore(
 async def postgres_schema_version(url: str) -> int:
     """The version of the keystore tables at `url` (0: none yet), read without changing
     anything; KeystoreUnavailable if the server cannot be reached."""
-    database = await PostgresDatabase.connect(url, max_size=1)
+    database = await _postgres(url, 1)
     try:
         return await database.schema_version()
     finally:
         await database.close()
+
+
+async def _postgres(url: str, max_connections: int) -> PostgresDatabase:
+    from keystore.postgresdb import PostgresDatabase
+
+    return await PostgresDatabase.connect(url, max_size=max_connections)

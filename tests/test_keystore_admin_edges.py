@@ -2,7 +2,8 @@
 limited admin token can send (through the CLI, or the service the HTTP API is thin over),
 owners typed with stray spaces, text meant for someone else's terminal, the reports'
 idea of a key that needs looking at, and `admin-token create --replace` run twice at once.
-Real CLI subprocesses and real sqlite files, as in test_keystore_admin_ops.py."""
+Real CLI subprocesses on real sqlite files and real PostgreSQL databases, as in
+test_keystore_admin_ops.py."""
 
 from __future__ import annotations
 
@@ -14,15 +15,19 @@ import time
 import pytest
 
 from keystore import keys
+from keystore.opening import open_keystore
 from keystore.schema import MIGRATIONS, run_migrations
 from keystore.service import Actor, AdminService
 from keystore.store import KeyStore, StoreError
-from tests.test_keystore_admin_ops import ROUTED, age, setup
+from relay.config import load_config
+from tests.test_keystore_admin_ops import age, cli_at, setup
 from tests.test_keystore_cli import CLI
 
 
 async def open_service(cli: CLI) -> tuple[KeyStore, AdminService]:
-    store = await KeyStore.open(cli.folder / "keystore.db", cli.folder / "pepper")
+    """The keystore the CLI's config names (either engine), and the service over it."""
+    ks = load_config(cli.config).keystore
+    store = await open_keystore(path=ks.path, url=ks.url, pepper_file=ks.pepper_file)
     return store, AdminService(store)
 
 
@@ -32,11 +37,11 @@ EDITOR = Actor(name="token:provisioning (aaaaaaaaaaaa)", role="editor", workspac
 # ------------------------------------------------------------- owners and revocation
 
 
-def test_an_owner_typed_with_spaces_or_other_case_is_still_found_and_revoked(tmp_path):
+def test_an_owner_typed_with_spaces_or_other_case_is_still_found_and_revoked(keystore_place):
     """A contractor leaves: `key revoke --owner dana` must not miss the key someone created
     with `--owner " Dana "`, nor `--owner åsa` the key of "Åsa" (it would stay active,
     unnoticed)."""
-    cli = CLI(tmp_path)
+    cli = cli_at(keystore_place)
     setup(cli)
     spaced = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM", "--owner", " Dana ")["id"]
     assert cli.json("key", "show", spaced)["owner"] == "Dana"
@@ -78,12 +83,12 @@ REFUSED_SETTINGS = [
 ]
 
 
-async def test_update_key_refuses_values_that_are_not_settings(tmp_path):
+async def test_update_key_refuses_values_that_are_not_settings(keystore_place):
     """Nothing of these may reach the database: a float('inf') expiry or a 21-digit rate
     limit used to escape as OverflowError (a 500, a CLI traceback) and a year-10000 expiry
     was stored, after which no listing of the workspace could be shown. (One keystore for
     every case: each is refused, so none changes what the next one meets.)"""
-    cli = CLI(tmp_path)
+    cli = cli_at(keystore_place)
     setup(cli)
     key = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM", "--rate-limit", "5")["id"]
     store, service = await open_service(cli)
@@ -105,8 +110,8 @@ async def test_update_key_refuses_values_that_are_not_settings(tmp_path):
     assert len(cli.json("key", "list")) == 1
 
 
-async def test_a_note_keeps_its_lines_and_values_of_the_right_kind_are_taken(tmp_path):
-    cli = CLI(tmp_path)
+async def test_a_note_keeps_its_lines_and_values_of_the_right_kind_are_taken(keystore_place):
+    cli = cli_at(keystore_place)
     setup(cli)
     key = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM")["id"]
     store, service = await open_service(cli)
@@ -122,8 +127,8 @@ async def test_a_note_keeps_its_lines_and_values_of_the_right_kind_are_taken(tmp
     assert "note:                   runs nightly\\n\\tfrom the billing box\n" in shown
 
 
-def test_the_cli_refuses_out_of_range_values_in_one_line(tmp_path):
-    cli = CLI(tmp_path)
+def test_the_cli_refuses_out_of_range_values_in_one_line(keystore_place):
+    cli = cli_at(keystore_place)
     setup(cli)
     key = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM")["id"]
     assert cli.refused("key", "update", key, "--rate-limit", "99999999999999999999") == (
@@ -135,10 +140,10 @@ def test_the_cli_refuses_out_of_range_values_in_one_line(tmp_path):
     cli.ok("key", "list")
 
 
-def test_a_route_is_judged_as_it_will_be_stored(tmp_path):
+def test_a_route_is_judged_as_it_will_be_stored(keystore_place):
     """The store strips a route and takes a blank one as none: the check against the
     config's routes judges that value, not the one typed (" bulk " is bulk; "" clears)."""
-    cli = CLI(tmp_path, ROUTED)
+    cli = cli_at(keystore_place, routed=True)
     setup(cli)
     key = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM", "--route", "main")["id"]
     assert cli.json("key", "update", key, "--route", " bulk ")["route"] == "bulk"
@@ -149,11 +154,11 @@ def test_a_route_is_judged_as_it_will_be_stored(tmp_path):
     assert cli.json("mailbox", "list")[-1]["route"] == "bulk"
 
 
-def test_bringing_back_an_expired_key_counts_against_the_key_limit(tmp_path):
+def test_bringing_back_an_expired_key_counts_against_the_key_limit(keystore_place):
     """Expired keys do not count against a workspace's limit, so a new key may take the
     place of one; moving the expired key's expiry (or clearing it) is then one active key
     too many, refused as `key enable` would be."""
-    cli = CLI(tmp_path)
+    cli = cli_at(keystore_place)
     setup(cli)
     cli.ok("workspace", "set-limit", "acme", "1")
     old = cli.create_key("--mailbox", "alice@acme.test", "--name", "Old", "--ttl", "1h")["id"]
@@ -172,10 +177,10 @@ def test_bringing_back_an_expired_key_counts_against_the_key_limit(tmp_path):
 # ------------------------------------------------------ text for someone's terminal
 
 
-def test_no_control_character_reaches_the_operators_terminal(tmp_path):
+def test_no_control_character_reaches_the_operators_terminal(keystore_place):
     """A limited editor token (over HTTP) writes names, notes and reasons that an owner
     later reads in a root shell: escape sequences in them must not reach the terminal."""
-    cli = CLI(tmp_path)
+    cli = cli_at(keystore_place)
     setup(cli)
     assert cli.refused("key", "create", "--mailbox", "alice@acme.test", "--name", "CRM\x1b[2J") == (
         "keystore: name must not contain control characters")
@@ -189,10 +194,10 @@ def test_no_control_character_reaches_the_operators_terminal(tmp_path):
 # ---------------------------------------------------------------------- reports
 
 
-def test_expired_keys_are_neither_unused_nor_due_for_rotation(tmp_path):
+def test_expired_keys_are_neither_unused_nor_due_for_rotation(keystore_place):
     """An expired key cannot log in and no longer counts against the key limit: the
     review reports (and the FLAGS column) leave it out, as they leave disabled keys."""
-    cli = CLI(tmp_path)
+    cli = cli_at(keystore_place)
     setup(cli)
     old = cli.create_key("--mailbox", "alice@acme.test", "--name", "Old", "--ttl", "1h")["id"]
     live = cli.create_key("--mailbox", "alice@acme.test", "--name", "Live")["id"]
@@ -207,13 +212,13 @@ def test_expired_keys_are_neither_unused_nor_due_for_rotation(tmp_path):
 # ----------------------------------------------------------------- admin tokens
 
 
-async def test_two_replacing_token_creations_at_once_leave_one_active_token(tmp_path):
+async def test_two_replacing_token_creations_at_once_leave_one_active_token(keystore_place):
     """`admin-token create --replace` (what `make run` does at each start) run twice at
     once: both succeed, and one token of that name is active, not two."""
-    cli = CLI(tmp_path)
+    cli = cli_at(keystore_place)
     cli.ok("init")
     cli.ok("admin-token", "create", "--name", "make run", "--role", "owner")
-    stores = [await KeyStore.open(tmp_path / "keystore.db", tmp_path / "pepper") for _ in range(2)]
+    stores = [(await open_service(cli))[0] for _ in range(2)]
     me = Actor.shell("ops")
     try:
         made = await asyncio.gather(*(
@@ -233,7 +238,8 @@ async def test_an_upgraded_keystore_shows_a_limited_token_its_workspaces_past(tm
     """A keystore of the previous release (schema 3) has a trail without workspaces. After
     the upgrade an acme token sees acme's past where it is certain to be acme's (its key,
     or a mailbox never removed), and nothing of globex's, nor the entries of an address
-    that was removed and added again in another workspace."""
+    that was removed and added again in another workspace. (sqlite's own migration: the
+    PostgreSQL keystore began at the newest schema.)"""
     cli = CLI(tmp_path)
     keys.create_pepper(tmp_path / "pepper")
     with sqlite3.connect(tmp_path / "keystore.db") as db:
@@ -275,10 +281,10 @@ async def test_an_upgraded_keystore_shows_a_limited_token_its_workspaces_past(tm
     db.close()
 
 
-async def test_a_rotation_grace_past_what_a_date_holds_is_refused_before_anything_changes(tmp_path):
+async def test_a_rotation_grace_past_what_a_date_holds_is_refused_before_anything_changes(keystore_place):
     """It used to commit the rotation, then crash printing the grace's end: the new secret
     was never shown and the old one (its grace ~1e24 s) worked for ever."""
-    cli = CLI(tmp_path)
+    cli = cli_at(keystore_place)
     setup(cli)
     key = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM")
     for grace in ("99999999999999999999d", "3651d"):

@@ -1,22 +1,46 @@
 """The key operations issue 11 added to the CLI (and, through the one service layer, to the
 HTTP API): key update, revoke by owner or mailbox, the unused / not-rotated reports, admin
-tokens. Run as a real subprocess, as an operator types them."""
+tokens. Run as a real subprocess, as an operator types them, on a sqlite keystore and on a
+PostgreSQL one (`keystore_place`)."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 
+import psycopg
+
 from keystore import keys
 from keystore.models import Reason
+from keystore.pg import to_pg
+from relay.config import load_config
+from tests.support.keystores import KeystorePlace
 from tests.test_keystore_cli import ACTOR, CLI
 
 DAY = 86400.0
-ROUTED = CLI.__init__.__defaults__[0] + (
+ROUTING = (
     '[routing]\ndefault = "main"\n'
     '[[upstream]]\nname = "main"\nhost = "127.0.0.1"\nport = 2525\ntls = "none"\n'
     '[[upstream]]\nname = "bulk"\nhost = "127.0.0.1"\nport = 2526\ntls = "none"\n'
 )
+ROUTED = CLI.__init__.__defaults__[0] + ROUTING
+
+
+def cli_at(place: KeystorePlace, *, routed: bool = False) -> CLI:
+    """The CLI on `place`'s keystore; `routed`: with the upstreams main and bulk."""
+    return CLI(place.folder, place.config_lines() + (ROUTING if routed else ""))
+
+
+def write_behind_the_cli(cli: CLI, sql: str, params: tuple) -> None:
+    """A change no command makes, straight into the CLI's keystore (either engine)."""
+    url = load_config(cli.config).keystore.url
+    if url is None:
+        with contextlib.closing(sqlite3.connect(cli.folder / "keystore.db")) as db, db:
+            db.execute(sql, params)
+    else:
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute(to_pg(sql), params)
 
 
 def setup(cli: CLI) -> None:
@@ -30,17 +54,16 @@ def age(cli: CLI, key_id: str, **columns: float) -> None:
     """Make a key look `columns` old (created / last_used / rotated, in days ago): the only
     way to have a 40-day-old key in a test without a clock of our own."""
     now = time.time()
-    with sqlite3.connect(cli.folder / "keystore.db") as db:
-        for column, days in columns.items():
-            db.execute(f"UPDATE auth_key SET {column} = ? WHERE id = ?", (now - days * DAY, key_id))
-    db.close()
+    for column, days in columns.items():
+        write_behind_the_cli(cli, f"UPDATE auth_key SET {column} = ? WHERE id = ?",
+                             (now - days * DAY, key_id))
 
 
 # ------------------------------------------------------------------ key update
 
 
-def test_key_update_changes_settings_keeps_the_name_and_is_audited(tmp_path):
-    cli = CLI(tmp_path, ROUTED)
+def test_key_update_changes_settings_keeps_the_name_and_is_audited(keystore_place):
+    cli = cli_at(keystore_place, routed=True)
     setup(cli)
     key = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM", "--owner", "dana",
                          "--note", "sync job", "--route", "main", "--rate-limit", "30")
@@ -69,8 +92,8 @@ def test_key_update_changes_settings_keeps_the_name_and_is_audited(tmp_path):
     assert trail[1]["detail"] == "route=- rate_limit=- expires=- note=-"
 
 
-def test_key_update_refusals(tmp_path):
-    cli = CLI(tmp_path, ROUTED)
+def test_key_update_refusals(keystore_place):
+    cli = cli_at(keystore_place, routed=True)
     setup(cli)
     key = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM")["id"]
     assert cli.refused("key", "update", key, "--route", "nope") == (
@@ -91,17 +114,18 @@ def test_key_update_refusals(tmp_path):
     assert [e["action"] for e in cli.json("audit", "--key", key)] == ["key.create", "key.revoke"]
 
 
-async def test_key_update_rate_limit_and_expiry_reach_the_login(tmp_path):
-    cli = CLI(tmp_path)
+async def test_key_update_rate_limit_and_expiry_reach_the_login(keystore_place):
+    cli = cli_at(keystore_place)
     setup(cli)
     key = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM")
     cli.ok("key", "update", key["id"], "--rate-limit", "7")
     identity = await cli.login("alice@acme.test", key["secret"])
     assert identity.rate_limit == 7
-    # an expiry one second ahead: the key stops at it (waited for, not slept)
-    soon = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 2))
+    # an expiry seconds ahead (time for a loaded machine to start the CLI before it): the
+    # key stops at it (waited for, not slept)
+    soon = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 5))
     cli.ok("key", "update", key["id"], "--expires", soon)
-    deadline = time.time() + 10
+    deadline = time.time() + 15
     while await cli.login("alice@acme.test", key["secret"]) is not Reason.EXPIRED:
         assert time.time() < deadline, "the key did not expire"
 
@@ -109,8 +133,8 @@ async def test_key_update_rate_limit_and_expiry_reach_the_login(tmp_path):
 # --------------------------------------------------------- revoke by owner / mailbox
 
 
-def test_revoke_every_key_of_an_owner(tmp_path):
-    cli = CLI(tmp_path)
+def test_revoke_every_key_of_an_owner(keystore_place):
+    cli = cli_at(keystore_place)
     setup(cli)
     a = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM", "--owner", "Dana")["id"]
     b = cli.create_key("--mailbox", "carol@globex.test", "--name", "ESP", "--owner", "dana")["id"]
@@ -141,8 +165,8 @@ def test_revoke_every_key_of_an_owner(tmp_path):
     assert "give one of" in cli.usage("key", "revoke")
 
 
-async def test_revoke_by_mailbox_leaves_workspace_keys(tmp_path):
-    cli = CLI(tmp_path)
+async def test_revoke_by_mailbox_leaves_workspace_keys(keystore_place):
+    cli = cli_at(keystore_place)
     setup(cli)
     own = cli.create_key("--mailbox", "alice@acme.test", "--name", "CRM")
     shared = cli.create_key("--workspace", "acme", "--name", "Sequencer")
@@ -159,8 +183,8 @@ async def test_revoke_by_mailbox_leaves_workspace_keys(tmp_path):
 # ------------------------------------------------------------------- reports
 
 
-def test_unused_and_not_rotated_reports(tmp_path):
-    cli = CLI(tmp_path)
+def test_unused_and_not_rotated_reports(keystore_place):
+    cli = cli_at(keystore_place)
     setup(cli)
     fresh = cli.create_key("--mailbox", "alice@acme.test", "--name", "Fresh")["id"]
     idle = cli.create_key("--mailbox", "alice@acme.test", "--name", "Idle")["id"]
@@ -196,8 +220,8 @@ def test_unused_and_not_rotated_reports(tmp_path):
 # ---------------------------------------------------------------- admin tokens
 
 
-def test_admin_tokens_are_shown_once_stored_hashed_and_revocable(tmp_path):
-    cli = CLI(tmp_path)
+def test_admin_tokens_are_shown_once_stored_hashed_and_revocable(keystore_place):
+    cli = cli_at(keystore_place)
     setup(cli)
     made = cli.json("admin-token", "create", "--name", "provisioning", "--role", "editor",
                     "--workspace", "acme")
@@ -217,8 +241,14 @@ def test_admin_tokens_are_shown_once_stored_hashed_and_revocable(tmp_path):
     assert all("secret" not in t and "secret_hash" not in t for t in listed)
     table = cli.ok("admin-token", "list")
     assert secret not in table and shown[0] not in table
-    database = (tmp_path / "keystore.db").read_bytes() + b"".join(
-        p.read_bytes() for p in tmp_path.glob("keystore.db-*"))
+    if keystore_place.url is None:
+        database = b"".join(p.read_bytes() for p in keystore_place.folder.glob("keystore.db*"))
+    else:
+        with psycopg.connect(keystore_place.url) as db:
+            database = "".join(to_jsonb for (to_jsonb,) in db.execute(
+                "SELECT to_jsonb(t)::text FROM admin_token t UNION ALL "
+                "SELECT to_jsonb(a)::text FROM audit a")).encode()
+        assert made["id"].encode() in database
     assert secret.encode() not in database and secret.split("_")[2][:43].encode() not in database
 
     assert cli.ok("admin-token", "revoke", made["id"]).startswith(
@@ -229,8 +259,8 @@ def test_admin_tokens_are_shown_once_stored_hashed_and_revocable(tmp_path):
     assert trail == [("token.create", ACTOR), ("token.create", ACTOR), ("token.revoke", ACTOR)]
 
 
-def test_admin_token_refusals(tmp_path):
-    cli = CLI(tmp_path)
+def test_admin_token_refusals(keystore_place):
+    cli = cli_at(keystore_place)
     setup(cli)
     assert cli.refused("admin-token", "create", "--name", "x", "--role", "owner", "--workspace", "acme") == (
         "keystore: an owner token covers every workspace; give --workspace to viewers and editors only")
@@ -244,9 +274,9 @@ def test_admin_token_refusals(tmp_path):
     assert cli.json("admin-token", "list") == []
 
 
-def test_replace_revokes_the_active_tokens_of_that_name(tmp_path):
+def test_replace_revokes_the_active_tokens_of_that_name(keystore_place):
     """What `make run` does at each start: one dev owner token, not one more per start."""
-    cli = CLI(tmp_path)
+    cli = cli_at(keystore_place)
     cli.ok("init")
     first = cli.json("admin-token", "create", "--name", "make run", "--role", "owner")
     second = cli.json("admin-token", "create", "--name", "make run", "--role", "owner", "--replace")
@@ -255,10 +285,10 @@ def test_replace_revokes_the_active_tokens_of_that_name(tmp_path):
 
 
 
-def test_a_new_workspace_name_is_one_a_url_a_table_and_a_log_line_can_hold(tmp_path):
+def test_a_new_workspace_name_is_one_a_url_a_table_and_a_log_line_can_hold(keystore_place):
     """`a/b` could never be named over HTTP (two path segments), `..` is normalised away by
     clients, a newline forges a table row: refused when the workspace would be created."""
-    cli = CLI(tmp_path)
+    cli = cli_at(keystore_place)
     cli.ok("init")
     for name in ("a/b", "..", "x\ny", "<b>", "sales team", ".x", "w" * 65):
         assert cli.refused("mailbox", "add", "m@example.com", f"--workspace={name}").startswith(

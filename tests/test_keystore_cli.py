@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from keystore.models import Identity, Reason
+from keystore.opening import open_keystore
 from keystore.store import KeyStore
+from relay.config import load_config
 
 CONFIG = '[keystore]\npath = "keystore.db"\npepper_file = "pepper"\n'
 ACTOR = "ops-tester"
@@ -76,7 +78,9 @@ class CLI:
         return self.json("key", "create", *args)
 
     async def login(self, username: str, secret: str) -> Identity | Reason:
-        store = await KeyStore.open(self.folder / "keystore.db", self.folder / "pepper")
+        """A login as the relay makes one, on the keystore this CLI's config names."""
+        ks = load_config(self.config).keystore
+        store = await open_keystore(path=ks.path, url=ks.url, pepper_file=ks.pepper_file)
         try:
             return await store.authenticate(username, secret, "198.51.100.7")
         finally:
