@@ -62,6 +62,7 @@ log = logging.getLogger("keystore.throttle")
 
 Slot = tuple[str, str, str]  # (kind, client network, name): one counter
 
+
 def client_network(host: str) -> str:
     """What "one client" means for every per-client limit (relay/clientaddr.py says why):
     "192.0.2.7" -> "192.0.2.7"; "2001:db8:1:2::5" -> "2001:db8:1:2::/64"; an IPv4-mapped
