@@ -214,7 +214,9 @@ async def test_full_spool_answers_452_and_keeps_the_session(tmp_path, sink):
 
 @pytest.mark.parametrize("action", ["delete", "hold"])
 async def test_delete_or_hold_during_delivery_says_so_and_is_not_retried(relay_with, action, backend):
-    async with relay_with(retry='["0.2s"]', **backend) as h:
+    # the provider holds its reply while two `relay queue` processes run: on a loaded
+    # machine that outlasts the usual 5 s upstream timeout
+    async with relay_with(retry='["0.2s"]', upstream_timeout="30s", **backend) as h:
         gate = asyncio.Event()
         h.sink.handler.before_data_reply = gate.wait
         h.sink.handler.data_reply = "451 4.3.0 try again later"
