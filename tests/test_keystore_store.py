@@ -21,7 +21,7 @@ import pytest
 from keystore import keys
 from keystore.keys import PepperError
 from keystore.models import Identity, Reason
-from keystore.store import KeyStore, KeystoreUnavailable, StoreError
+from keystore.store import Conflict, KeyStore, KeystoreUnavailable, StoreError
 
 IP = "192.0.2.10"
 
@@ -565,6 +565,29 @@ async def test_backup_is_a_working_copy(keystore_place, world):
         assert isinstance(await copy.authenticate("alice@acme.test", secret, IP), Identity)
     finally:
         await copy.close()
+
+
+# ------------------------------------------------------------ the engines
+
+
+async def test_either_engine_speaks_the_keystores_errors_not_its_drivers(keystore_place, store):
+    """The adapters turn a broken uniqueness rule into Conflict and any other failure into
+    KeystoreUnavailable (454 at AUTH, exit 1 in the CLI), on sqlite and on PostgreSQL alike:
+    nothing above them knows which driver is behind."""
+    database = store._db
+    insert = "INSERT INTO workspace (name, key_limit, created) VALUES (?, ?, ?)"
+    first = await database.insert_returning_id(insert, ("acme", 5, 0.0))
+    assert await database.fetch("SELECT id, name FROM workspace") == [(first, "acme")]
+    with pytest.raises(Conflict):
+        async with database.transaction() as tx:
+            await tx.execute("INSERT INTO workspace (name, key_limit, created) VALUES ('beta', 1, 0)")
+            await tx.insert_returning_id(insert, ("acme", 5, 0.0))
+    assert [n for (n,) in await database.fetch("SELECT name FROM workspace")] == ["acme"]  # rolled back
+    with pytest.raises(KeystoreUnavailable):
+        await database.read("SELECT nothing FROM nowhere")
+    await store.close()
+    with pytest.raises(KeystoreUnavailable):
+        await store.authenticate("a@w.test", keys.generate_key(keys.generate_key_id())[0], IP)
 
 
 # ------------------------------------------------------- several connections
