@@ -7,7 +7,12 @@ well-formed key and a wrong secret (the full database + HMAC path), and malforme
 by the checksum before the database. Finally the same successful logins with many in flight
 at once, as a busy relay would issue them.
 
+With --postgres the same lines follow for the same data in a PostgreSQL keystore (issue
+12: a throwaway durable server from tests/support/postgres.py on loopback, the keystore
+opened as the relay opens it), in the same run, with the ratio to sqlite per line.
+
     .venv/bin/python bench/keystore_auth.py [--calls 10000] [--dir /path/on/the/real/disk]
+                                            [--postgres]
 """
 
 from __future__ import annotations
@@ -17,15 +22,19 @@ import asyncio
 import platform
 import sqlite3
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
 
-from keystore import keys
-from keystore.models import Identity, Reason
-from keystore.store import KeyStore
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support.postgres
+
+from keystore import keys  # noqa: E402
+from keystore.models import Identity, Reason  # noqa: E402
+from keystore.opening import open_keystore  # noqa: E402
+from keystore.store import KeyStore  # noqa: E402
 
 CLIENT_IP = "192.0.2.1"
 
@@ -63,16 +72,36 @@ async def timed(calls: int, one: Callable[[int], Awaitable[object]], check: Call
     return latencies, (clock() - start) / 1e9
 
 
+BASELINE: dict[str, float] = {}  # the sqlite median of each line, for the ratios
+
+
 def report(label: str, latencies: Sequence[float], wall: float) -> None:
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    print(f"{label:34} median {statistics.median(ordered):8.1f} µs   p99 {p99:8.1f} µs   "
-          f"mean {statistics.fmean(ordered):8.1f} µs   {len(ordered) / wall:9,.0f} calls/s")
+    median = statistics.median(ordered)
+    ratio = f"   x{median / BASELINE[label]:5.2f} sqlite" if label in BASELINE else ""
+    BASELINE.setdefault(label, median)
+    print(f"{label:34} median {median:8.1f} µs   p99 {p99:8.1f} µs   "
+          f"mean {statistics.fmean(ordered):8.1f} µs   {len(ordered) / wall:9,.0f} calls/s{ratio}")
 
 
 async def bench(args: argparse.Namespace, folder: Path) -> None:
     store = await KeyStore.open(folder / "keystore.db", folder / "pepper", create=True,
                                 default_key_limit=10_000)
+    await run(args, store, f"{folder}: sqlite {sqlite3.sqlite_version}, aiosqlite {version('aiosqlite')}")
+    if args.postgres:
+        from tests.support.postgres import running_postgres
+
+        with running_postgres(durable=True) as server:
+            store = await open_keystore(url=server.create_database("keystore"),
+                                        pepper_file=folder / "pepper", default_key_limit=10_000,
+                                        create=True)
+            print()
+            await run(args, store, f"PostgreSQL on 127.0.0.1:{server.port} (durable), "
+                                   f"psycopg {version('psycopg')}")
+
+
+async def run(args: argparse.Namespace, store: KeyStore, where: str) -> None:
     try:
         logins = await populate(store, args.workspaces, args.mailboxes, args.keys_per_mailbox)
         n = len(logins)
@@ -105,9 +134,8 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
 
         await timed(min(args.calls, 500), good, ok)  # warm-up: page cache, statement cache
         print(f"keystore: {args.workspaces} workspaces, {args.workspaces * args.mailboxes} mailboxes, "
-              f"{n} keys in {folder}")
-        print(f"python {platform.python_version()}, sqlite {sqlite3.sqlite_version}, "
-              f"aiosqlite {version('aiosqlite')}; {args.calls:,} sequential calls per line")
+              f"{n} keys in {where}")
+        print(f"python {platform.python_version()}; {args.calls:,} sequential calls per line")
         print()
         report("successful login", *await timed(args.calls, good, ok))
         report("bad credentials (wrong secret)", *await timed(args.calls, bad, refused))
@@ -115,7 +143,7 @@ async def bench(args: argparse.Namespace, folder: Path) -> None:
         report("bad credentials (unknown key id)", *await timed(args.calls, no_key, refused))
         report("bad credentials (bad checksum)", *await timed(args.calls, malformed, refused))
 
-        # throughput with many logins in flight on the one connection
+        # throughput with many logins in flight (sqlite: on its one reader connection)
         flight = args.concurrency
         latencies: list[float] = []
 
@@ -142,6 +170,8 @@ def main() -> None:
     parser.add_argument("--keys-per-mailbox", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32, help="logins in flight for the last line")
     parser.add_argument("--dir", type=Path, help="where to create the keystore (default: a temp dir)")
+    parser.add_argument("--postgres", action="store_true",
+                        help="the same on a throwaway PostgreSQL keystore, with ratios to sqlite")
     args = parser.parse_args()
     if args.calls < 1 or args.concurrency < 1:
         parser.error("--calls and --concurrency must be at least 1")
