@@ -8,9 +8,11 @@ depends on as little as it can:
 * `AdminStore`: everything `keystore/service.py` (the CLI, the HTTP API and the console)
   asks of the data: workspaces, mailboxes, keys, admin tokens, the audit log.
 
-`keystore/store.py`'s sqlite `KeyStore` is the first implementation;
-tests/test_storage_interfaces.py checks that it has every method with the very signature
-declared here, so neither side drifts. The rules stay in one place: data rules (a revoked
+`keystore/store.py`'s `KeyStore` implements both, on sqlite or PostgreSQL: the engines
+differ only in a small database adapter (keystore/sqldb.py), so the rules cannot drift
+apart between them. tests/test_storage_interfaces.py checks that KeyStore has every method
+with the very signature declared here, and each adapter the adapter's, so neither side
+drifts. The rules stay in one place: data rules (a revoked
 key stays revoked, limits, suspension) in the backend, roles in the service.
 """
 
