@@ -146,11 +146,6 @@ class KeyStore:
         await self.flush_uses()
         await self._db.close()
 
-    @property
-    def where(self) -> str:
-        """The database as a person may read it: a path, or a URL without its password."""
-        return self._db.where
-
     async def _rows(self, sql: str, params: Iterable[object] = (), *, login: bool = False) -> list[tuple]:
         """One statement's rows; `login`: on the login path's read (see the docstring)."""
         if login:
