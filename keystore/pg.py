@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import functools
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 import psycopg_pool
 
 __all__ = [
-    "PgError", "is_postgres_url", "migrate", "open_pool", "redact", "schema_version", "to_pg",
+    "PgError", "is_postgres_url", "migrate", "open_pool", "redact", "schema_version", "scrub", "to_pg",
 ]
 
 PgError = psycopg.Error  # what a backend turns into "unavailable, try again later"
@@ -44,19 +44,55 @@ def is_postgres_url(text: str | None) -> bool:
     return bool(text) and text.startswith(("postgresql://", "postgres://"))
 
 
+# libpq takes a password in the query string too (`?password=`, `&sslpassword=`: the
+# client key's passphrase); and a password with an unencoded '/', '?' or '#' ends the URL's
+# authority early for urlsplit (libpq then fails to connect, and says so with the URL)
+_QUERY_SECRET = re.compile(r"([?&][^=&#]*password=)[^&#]*", re.IGNORECASE)
+_USERINFO = re.compile(r"^([a-z]+://[^:@/?#]*):(.*)@", re.IGNORECASE | re.DOTALL)
+
+
 def redact(url: str) -> str:
-    """The URL for a log line or an error: any password replaced by `***`."""
+    """The URL for a log line or an error: any password replaced by `***` (in the user
+    part, in the query string, or in a user part a stray '/' makes look like the path)."""
     try:
         parts = urlsplit(url)
+        port = parts.port if parts.password is not None else None
     except ValueError:
         return "postgresql://(unparsable URL)"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{parts.username}:***@{host}" + (f":{port}" if port else "")
+        url = urlunsplit(parts._replace(netloc=netloc))
+    else:
+        url = _USERINFO.sub(r"\1:***@", url, count=1)
+    return _QUERY_SECRET.sub(r"\1***", url)
+
+
+def _secrets(url: str) -> list[str]:
+    """The passwords in `url` as they may appear in a driver's message: as written (libpq
+    quotes a malformed token as it is) and percent-decoded; longest first."""
+    found: list[str] = []
+    match = _USERINFO.match(url)
+    if match:
+        found.append(match.group(2))
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        found.append(password)
+    found += [m.group(0).split("=", 1)[1] for m in _QUERY_SECRET.finditer(url)]
+    found += [unquote(text) for text in found]
+    return sorted({text for text in found if text and text != "***"}, key=len, reverse=True)
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (a driver's message about `url`) with every password in the URL masked."""
+    for secret in _secrets(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 _PLACEHOLDER = re.compile(r"'[^']*'|\?|%")
@@ -83,7 +119,13 @@ def to_pg(sql: str) -> str:
 async def open_pool(url: str, *, name: str, min_size: int = 1, max_size: int = 8,
                     timeout: float = 10.0) -> psycopg_pool.AsyncConnectionPool:
     """An open pool of autocommit connections; psycopg.OperationalError (with the password
-    left out of the message) if the server cannot be reached within `timeout`."""
+    left out of the message) if the server cannot be reached within `timeout`; a URL libpq
+    cannot read is refused here, before the pool's workers log its complaint (which quotes
+    the offending part of the URL: the password, for a bad %-escape in it) at every try."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        raise psycopg.ProgrammingError(f"{redact(url)}: {scrub(_first_line(exc), url)}") from None
     pool = psycopg_pool.AsyncConnectionPool(
         url, min_size=min_size, max_size=max_size, name=name, open=False, timeout=timeout,
         kwargs={"autocommit": True, "application_name": f"keyrelay {name}"},
@@ -96,7 +138,7 @@ async def open_pool(url: str, *, name: str, min_size: int = 1, max_size: int = 8
         try:
             conn = await psycopg.AsyncConnection.connect(url, connect_timeout=max(2, int(timeout)))
         except psycopg.Error as exc:
-            raise psycopg.OperationalError(f"{redact(url)}: {_first_line(exc)}") from None
+            raise psycopg.OperationalError(f"{redact(url)}: {scrub(_first_line(exc), url)}") from None
         await conn.close()
         raise psycopg.OperationalError(f"{redact(url)}: no connection within {timeout:g} s") from None
     return pool

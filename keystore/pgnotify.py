@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from keystore.pg import redact
+from keystore.pg import redact, scrub
 
 __all__ = ["CHANNEL", "EVERYTHING", "KeyChanges"]
 
@@ -86,8 +86,8 @@ class KeyChanges:
                 if self.listening or not gap:
                     log.warning("not listening for key changes (%s: %s); open sessions follow them "
                                 "through the periodic recheck until it is back",
-                                redact(self._url), str(exc).strip().splitlines()[0] if str(exc).strip()
-                                else type(exc).__name__)
+                                redact(self._url), scrub(str(exc).strip().splitlines()[0], self._url)
+                                if str(exc).strip() else type(exc).__name__)
             finally:
                 self.listening = False
                 self._conn = None

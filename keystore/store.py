@@ -50,7 +50,9 @@ from keystore.sqlitedb import SqliteDatabase
 
 __all__ = ["Conflict", "KeyStore", "KeystoreUnavailable", "NotFound", "StoreError", "normalize_address"]
 
-_ADDRESS_RE = re.compile(r"^[^\s@<>()\[\],;:\"\\]+@[A-Za-z0-9.-]+\.?[A-Za-z0-9-]*$")
+# no control characters in the local part: a NUL, which AUTH LOGIN's username may carry,
+# is no text PostgreSQL can compare (the login would fail as "keystore unavailable")
+_ADDRESS_RE = re.compile(r"^[^\s@<>()\[\],;:\"\\\x00-\x1f\x7f]+@[A-Za-z0-9.-]+\.?[A-Za-z0-9-]*$")
 _DUMMY_HASH = bytes(32)
 # A new workspace's name: it appears in URLs (/api/v1/workspaces/NAME, the console), table
 # output and audit details, so nothing that a path, a terminal or a log line reads apart

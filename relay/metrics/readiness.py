@@ -87,14 +87,14 @@ def keystore_problem(path: Path | str, pepper: Path) -> str | None:
 def _postgres_keystore_problem(url: str) -> str | None:
     import psycopg  # only relays with a PostgreSQL keystore load the driver
 
-    from keystore.pg import redact
+    from keystore.pg import redact, scrub
 
     try:
         with psycopg.connect(url, connect_timeout=2, autocommit=True) as conn:
             row = conn.execute("SELECT version FROM keyrelay_schema WHERE component = 'keystore'").fetchone()
     except psycopg.Error as exc:
         lines = str(exc).strip().splitlines()
-        return f"{redact(url)}: {lines[0] if lines else type(exc).__name__}"
+        return f"{redact(url)}: {scrub(lines[0], url) if lines else type(exc).__name__}"
     if row is None:
         return f"{redact(url)}: no keystore tables in this database"
     return None

@@ -1,0 +1,78 @@
+"""A PostgreSQL keystore met by a hostile client and a careless admin (issue 12's review):
+what each sees must be what a sqlite keystore shows them, and no output names a password.
+
+Real PostgreSQL (the session's server, a database per test), the real relay and CLI.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import aiosmtplib
+import pytest
+
+from tests.conftest import running_relay
+from tests.support.procs import keystore_cli
+from tests.support.relayrun import write_config as relay_config
+from tests.test_keystore_postgres import keystore_url_edit
+
+SECRET = "pg-s3cret-word"  # the test server trusts loopback: a password in the URL goes unused
+
+
+def check_config(config) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "relay", "--config", str(config), "check-config"],
+                          capture_output=True, text=True, timeout=60)
+
+
+# ------------------------------------------------------------ passwords
+
+
+@pytest.mark.parametrize("place", ["password", "sslpassword"])
+def test_a_password_in_the_query_string_is_never_shown(tmp_path, pg_url, place):
+    """libpq reads `?password=` (and `sslpassword=`, a client key's passphrase) as well as
+    `user:password@`: check-config and the keystore CLI name the URL without either."""
+    url = f"{pg_url}?{place}={SECRET}"
+    config = relay_config(tmp_path, 2525)
+    config.write_text(keystore_url_edit(url)(config.read_text()))
+    checked = check_config(config)
+    assert "[keystore] url: postgresql://" in checked.stderr  # no tables yet: it names the URL
+    assert SECRET not in checked.stdout + checked.stderr
+    created = keystore_cli(config, "init")
+    assert created.returncode == 0 and created.stdout.startswith("keystore postgresql://")
+    assert SECRET not in created.stdout + created.stderr
+
+
+@pytest.mark.parametrize("password", [f"{SECRET}%zz", f"{SECRET}/x"])
+def test_a_url_libpq_cannot_read_is_refused_without_its_password(tmp_path, pg_url, password):
+    """A password with a bad %-escape (libpq quotes the token it cannot decode) or an
+    unescaped '/' (the rest reads as the database name): the admin is told the URL is
+    wrong, with the password masked, by the CLI and by check-config."""
+    scheme, rest = pg_url.split("://", 1)
+    user, host = rest.split("@", 1)
+    url = f"{scheme}://{user}:{password}@{host}"
+    config = relay_config(tmp_path, 2525)
+    config.write_text(keystore_url_edit(url)(config.read_text()))
+    listed = keystore_cli(config, "init")
+    assert listed.returncode == 1 and listed.stderr.startswith(f"keystore: {scheme}://{user}:***@")
+    checked = check_config(config)
+    assert "[keystore] url: cannot connect: postgresql://" in checked.stderr
+    assert SECRET not in listed.stdout + listed.stderr + checked.stdout + checked.stderr
+
+
+# ------------------------------------------------------------ hostile clients
+
+
+async def test_a_nul_in_the_auth_login_username_is_a_wrong_credential(tmp_path, sink, pg_url):
+    """AUTH LOGIN's username is any UTF-8, NUL included, which PostgreSQL's text cannot
+    hold: the client gets 535 5.7.8 as on sqlite (not 454 4.7.0, a keystore outage any
+    client could announce at will in the logs and metrics, uncounted by the throttle)."""
+    async with running_relay(tmp_path, sink, edit=keystore_url_edit(pg_url)) as h:
+        await h.mailbox("alice@example.com")
+        secret = await h.key("alice@example.com")
+        client = await h.client()
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError) as refused:
+            await client.auth_login("alice\x00@example.com", secret)
+        assert (refused.value.code, refused.value.message[:5]) == (535, "5.7.8")
+        await client.auth_login("alice@example.com", secret)  # the session goes on
+        await client.quit()
