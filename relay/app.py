@@ -9,12 +9,15 @@ they did (anything undelivered is picked up from the spool at the next start).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+import psycopg
 
 from keystore.opening import open_keystore
 from keystore.pg import PgError, is_postgres_url
@@ -40,9 +43,44 @@ from relay.smtpd.server import ConnectionRegistry
 from relay.statefile import StateWriter
 from relay.tlsconf import limit_tls_buffers, server_context
 
-__all__ = ["Relay", "Reloadable", "build", "loop_factory", "run", "serve"]
+__all__ = ["DatabaseDown", "Relay", "Reloadable", "build", "loop_factory", "run", "serve"]
 
 log = logging.getLogger("relay")
+
+
+class DatabaseDown(Exception):
+    """The keystore's PostgreSQL did not answer while the relay started: not up yet (a
+    machine's boot, a failover), or out of reach for now. `relay serve` exits 1 for it, so
+    systemd's Restart=on-failure tries again, where exit 2 (RestartPreventExitStatus)
+    stops for good on what waiting cannot fix: no keystore tables, a lost pepper, a
+    schema newer than this relay. (The shared queue's SpoolError exits 1 already.)"""
+
+
+@contextlib.contextmanager
+def _database_down(what: str) -> Iterator[None]:
+    """KeystoreUnavailable caused by a connection that failed or broke (psycopg's
+    OperationalError: refused, timed out, name not found, the server shutting down or
+    refusing the login) becomes DatabaseDown; the keystore's other refusals stay."""
+    try:
+        yield
+    except KeystoreUnavailable as exc:
+        if isinstance(exc.__cause__, psycopg.OperationalError):
+            raise DatabaseDown(f"{what}: {exc}") from exc
+        raise
+
+
+@contextlib.contextmanager
+def _quiet_pool() -> Iterator[None]:
+    """While the relay starts, a PostgreSQL pool that cannot connect logs each try; the
+    start's own error says it once (the same reason, the password left out). Running, the
+    pool's reconnection warnings stay: they tell when the database went and came back."""
+    pool_log = logging.getLogger("psycopg.pool")
+    level = pool_log.level
+    pool_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        pool_log.setLevel(level)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +118,7 @@ async def open_cluster_limits(config: Config) -> PgLimits | None:
     try:
         return await PgLimits.open(url, per_minute=config.server.rate_per_minute)
     except PgError as exc:  # the pool's errors name the URL without its password
-        raise KeystoreUnavailable(f"cluster limits: {exc}") from None
+        raise KeystoreUnavailable(f"cluster limits: {exc}") from exc
 
 
 # Changes a reload cannot make: (what, how to read it). They wait for a restart, and the
@@ -138,9 +176,10 @@ class Relay:
             self.metrics_endpoint = MetricsEndpoint.open(self)
         self.couriers = parts.couriers
         ks = cfg.keystore
-        self.store = await open_keystore(path=ks.path, url=ks.url, pepper_file=ks.pepper_file,
-                                         default_key_limit=ks.default_key_limit)
-        await self._check_routes(cfg)
+        with _database_down("keystore"):
+            self.store = await open_keystore(path=ks.path, url=ks.url, pepper_file=ks.pepper_file,
+                                             default_key_limit=ks.default_key_limit)
+            await self._check_routes(cfg)
         if cfg.queue.workers is not None:
             log.warning("%s: [queue] workers is no longer used: each [[upstream]] max_connections "
                         "sets how many deliveries run at once on it", cfg.source)
@@ -152,7 +191,8 @@ class Relay:
         await self.queue.start()
         self.metrics.watch_queue(self.queue.store)
         self.metrics.watch_provider_health(self.health.snapshot)
-        self.limits = await open_cluster_limits(cfg)  # None: this relay's own, in memory
+        with _database_down("keystore"):
+            self.limits = await open_cluster_limits(cfg)  # None: this relay's own, in memory
         self._authenticator = Authenticator(
             self.store,
             FailureLimiter(cfg.auth.max_failures, cfg.auth.failure_window,
@@ -331,7 +371,8 @@ async def serve(config: Config) -> None:
     loop.add_signal_handler(signal.SIGHUP, events.put_nowait, "reload")
     alive: asyncio.Task[None] | None = None
     try:
-        await relay.start()
+        with _quiet_pool():
+            await relay.start()
         await relay.count_queue()
         log.info("relay ready")
         notifier.ready(relay.status_line())

@@ -1,7 +1,9 @@
 """`relay`: run the relay, and the small operator commands around it.
 
-Exit status: 0 done, 1 runtime failure, 2 configuration or usage error, or a spool file
-that cannot be used (systemd's RestartPreventExitStatus=2 keeps either from restart-looping).
+Exit status: 0 done, 1 runtime failure (a PostgreSQL keystore or queue not answering yet
+included: systemd starts the relay again), 2 configuration or usage error, or a spool or
+keystore that cannot be used (systemd's RestartPreventExitStatus=2 keeps either from
+restart-looping).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -61,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"relay: RELAY_LOG_LEVEL: {exc}", file=sys.stderr)
         return 2
+    if args.command not in (None, "serve"):
+        # a PostgreSQL pool logs every failed connection attempt; a command that cannot reach
+        # the database says so in its one line on stderr (as the keystore CLI does)
+        logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     if args.command == "dev-sink":
         try:
             asyncio.run(_sink(args))
@@ -86,9 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if config.queue is None:
                 raise ConfigError(f"{config.source}: [queue]: required for `relay queue`")
             return run_queue_command(config.queue.path, args, url=config.queue.url)
-        from relay.app import run
+        from relay.app import DatabaseDown, run
 
-        run(config)  # Relay.start checks the secret files first
+        try:
+            run(config)  # Relay.start checks the secret files first
+        except DatabaseDown as exc:  # not up yet: exit 1, for systemd to start it again
+            print(f"relay: {exc}", file=sys.stderr)
+            return 1
     except (ConfigError, SpoolUnusable) as exc:  # waiting will not fix either: no restart loop
         print(f"relay: {exc}", file=sys.stderr)
         return 2

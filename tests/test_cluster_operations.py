@@ -1,0 +1,104 @@
+"""Running relays on PostgreSQL as an operator does (issue 12), through the commands as
+processes: a relay started before its database is up, the operator commands while it is
+down, and URLs written carelessly (a password in the query string, an unencoded `%`).
+
+What an operator sees is the contract: the exit status systemd acts on (1 is restarted,
+2 is not: deploy/relay.service's RestartPreventExitStatus=2), one line on stderr, and never
+the password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from keystore import keys
+from tests.support.procs import free_port, keystore_cli
+from tests.support.relayrun import write_config
+
+PASSWORD = "pg-s3cret-word"  # the test servers trust loopback: it goes unused
+
+
+def with_password(url: str, password: str = PASSWORD) -> str:
+    scheme, rest = url.split("://", 1)
+    user, host = rest.split("@", 1)
+    return f"{scheme}://{user}:{password}@{host}"
+
+
+def node_config(folder: Path, *, keystore_url: str | None = None, queue_url: str | None = None) -> Path:
+    """A relay's config in `folder` (its own sqlite keystore and spool unless a url is given)."""
+    folder.mkdir(exist_ok=True)
+    config = write_config(folder, free_port())
+    text = config.read_text()
+    if keystore_url is not None:
+        text = text.replace('[keystore]\npath = "keystore.db"\n', f'[keystore]\nurl = "{keystore_url}"\n', 1)
+    if queue_url is not None:
+        text = text.replace("[queue]\n", f'[queue]\nurl = "{queue_url}"\n', 1)
+    config.write_text(text)
+    return config
+
+
+async def relay(config: Path, *args: str) -> tuple[int, str, str]:
+    """`relay --config CONFIG ARGS...` as a process: exit status, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "--config", str(config), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    except TimeoutError:
+        proc.kill()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def down_url(postgres_server) -> str:
+    """A database on a port where no server listens (one not started yet, or stopped)."""
+    return with_password(f"postgresql://{postgres_server.user}@127.0.0.1:{free_port()}/keyrelay")
+
+
+# ------------------------------------------------------------- the database down
+
+
+async def test_a_relay_started_before_its_database_exits_1_for_systemd_to_try_again(tmp_path, postgres_server,
+                                                                                   pg_url):
+    """Connection refused is "not up yet" (exit 1: Restart=on-failure tries again), on the
+    keystore's url or the queue's; a database that answers without keystore tables is a
+    setup step missing (exit 2: restarting would only loop). One line each, no password."""
+    down = down_url(postgres_server)
+    keystore_down = node_config(tmp_path / "k", keystore_url=down)
+    keys.create_pepper(tmp_path / "k" / "pepper")
+    queue_down = node_config(tmp_path / "q", queue_url=down)
+    assert keystore_cli(queue_down, "init").returncode == 0
+    no_tables = node_config(tmp_path / "t", keystore_url=with_password(pg_url))
+    keys.create_pepper(tmp_path / "t" / "pepper")
+
+    runs = await asyncio.gather(*(relay(c, "serve") for c in (keystore_down, queue_down, no_tables)))
+    redacted = down.replace(PASSWORD, "***")
+    (k_status, _, k_err), (q_status, _, q_err), (t_status, _, t_err) = runs
+    assert (k_status, k_err.count("\n")) == (1, 1), k_err
+    assert k_err.startswith(f"relay: keystore: {redacted}: ") and "Connection refused" in k_err
+    assert (q_status, q_err.count("\n")) == (1, 1), q_err
+    assert q_err.startswith(f"relay: [queue] url: {redacted}: ") and "Connection refused" in q_err
+    assert (t_status, t_err) == (2, f"relay: keystore: {with_password(pg_url, '***')}: no keystore "
+                                    "tables in this database (run `keystore init`)\n")
+    assert PASSWORD not in k_err + q_err + t_err
+
+
+async def test_status_and_queue_commands_on_a_database_that_is_down_say_so_in_one_line(tmp_path,
+                                                                                      postgres_server):
+    down = down_url(postgres_server)
+    config = node_config(tmp_path, queue_url=down)
+    runs = await asyncio.gather(relay(config, "status"), relay(config, "queue", "list"),
+                                relay(config, "check-config"))
+    redacted = down.replace(PASSWORD, "***")
+    for status, _, err in runs[:2]:
+        assert (status, err.count("\n")) == (1, 1), err
+        assert err.startswith(f"relay: [queue] url: {redacted}: ") and "Connection refused" in err
+    status, _, err = runs[2]
+    assert status == 1
+    assert [line for line in err.splitlines() if "[queue] url" in line] == [
+        f"problem: {config}: [queue] url: {redacted}: cannot connect: connection failed: connection to "
+        f"server at \"127.0.0.1\", port {down.rsplit(':', 1)[1].split('/')[0]} failed: Connection refused"]
+    assert "psycopg" not in err and PASSWORD not in err
