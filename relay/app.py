@@ -232,6 +232,24 @@ class Relay:
                     "which is no [[upstream]] or [[group]] here"
                 )
 
+    async def _check_routes_for_reload(self, old: Config, new: Config) -> None:
+        """_check_routes, for a reload. A keystore that does not answer (its PostgreSQL down
+        or restarted under a pooled connection) cannot say which routes it uses; if the new
+        config removes none of the old one's, none it uses can go missing (the old one was
+        checked), so the reload goes ahead: a certbot renewal's certificate must not wait
+        for the database (its hook reloads once). A removed route waits for the check."""
+        try:
+            await self._check_routes(new)
+        except KeystoreUnavailable as exc:
+            removed = sorted(set(old.route_names) - set(new.route_names))
+            if removed:
+                raise ConfigError(
+                    f"{new.source}: [[upstream]] or [[group]] {', '.join(map(repr, removed))} is removed, "
+                    f"and whether the keystore routes anything to it cannot be checked now ({exc})"
+                ) from None
+            log.warning("reload: the routes keys and mailboxes use were not checked (the keystore does "
+                        "not answer: %s); no route was removed, so none of them is missing", exc)
+
     async def reload(self) -> bool:
         """Read the config file again and apply it without dropping a session or a message:
         new connections get the new certificate and limits, open sessions the new limits at
@@ -244,7 +262,7 @@ class Relay:
                 new = load_config(old.source)
                 parts = build(new, self.health)
                 ensure_fd_limit(new)  # as the start does: a limit it cannot serve fails at the worst time
-                await self._check_routes(new)
+                await self._check_routes_for_reload(old, new)
             except (ConfigError, KeystoreUnavailable) as exc:
                 log.error("reload refused, the running configuration stays in force: %s", exc)
                 return False

@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 
 from keystore import keys
+from tests.conftest import running_relay
+from tests.support.postgres import running_postgres
 from tests.support.procs import free_port, keystore_cli
 from tests.support.relayrun import write_config
+from tests.test_keystore_postgres import keystore_url_edit, stop
 
 PASSWORD = "pg-s3cret-word"  # the test servers trust loopback: it goes unused
 
@@ -102,3 +105,34 @@ async def test_status_and_queue_commands_on_a_database_that_is_down_say_so_in_on
         f"problem: {config}: [queue] url: {redacted}: cannot connect: connection failed: connection to "
         f"server at \"127.0.0.1\", port {down.rsplit(':', 1)[1].split('/')[0]} failed: Connection refused"]
     assert "psycopg" not in err and PASSWORD not in err
+
+
+# ------------------------------------------------------------- reload
+
+
+async def test_a_reload_while_the_keystore_database_is_down_applies_unless_a_route_goes(tmp_path, sink,
+                                                                                         caplog):
+    """The routes a reload checks against the keystore cannot be read while its database
+    is down (or on a pooled connection a database restart broke): a reload that removes no
+    route cannot orphan one, so it applies (a certbot renewal's new certificate, new limits)
+    with a warning; one that removes a route is refused, as the check could not be made."""
+    spare = '\n[[upstream]]\nname = "spare"\nhost = "127.0.0.1"\nport = 9\ntls = "none"\n'
+    with running_postgres() as server:
+        url = server.create_database("keystore")
+        async with running_relay(tmp_path, sink, edit=keystore_url_edit(url), server="max_recipients = 5",
+                                 upstream_extra=spare) as h:
+            stop(server)
+            config = tmp_path / "relay.toml"
+            config.write_text(config.read_text().replace("max_recipients = 5", "max_recipients = 3"))
+            assert await h.relay.reload()
+            assert h.relay.config.server.max_recipients == 3
+            assert any(r.levelname == "WARNING" and r.getMessage().startswith(
+                "reload: the routes keys and mailboxes use were not checked (the keystore does not "
+                "answer: ") and "no route was removed" in r.getMessage() for r in caplog.records)
+
+            config.write_text(config.read_text().replace(spare, ""))
+            assert not await h.relay.reload()
+            assert [u.name for u in h.relay.config.upstream] == ["sink", "spare"]
+            refusal = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()][-1]
+            assert "'spare' is removed, and whether the keystore routes anything to it cannot be " \
+                   "checked now (keystore query failed: " in refusal
