@@ -98,6 +98,13 @@ class Queue:
         rather than keep a big message in memory until then."""
         try:
             await self.store.put(item, claimed_by=self._owner)
+        except SpoolError:
+            # a shared queue may have stored it all the same (the database's answer lost
+            # with its connection, and no way to ask meanwhile): claimed by this node, it
+            # would wait for the node's next restart; the next look at the schedule finds
+            # it (the client, told 451, may send it again: RFC 5321 section 6.1)
+            self._stale = True
+            raise
         finally:
             if isinstance(item.body, FileBody):
                 item.body.close()
