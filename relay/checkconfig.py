@@ -413,9 +413,9 @@ async def _check_shared_queue(config: Config, report: Report) -> None:
     where = f"[queue] url: {pg.redact(url)}"
     try:  # one connection, no pool: a pool retries in the background and logs each failure
         conn = await psycopg.AsyncConnection.connect(url, connect_timeout=5, autocommit=True)
-    except psycopg.Error as exc:
+    except psycopg.Error as exc:  # libpq quotes back a part of the URL it cannot read
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        report.problem(f"{where}: cannot connect: {first}")
+        report.problem(f"{where}: cannot connect: {pg.scrub(first, url)}")
         return
     try:
         cur = await conn.execute("SELECT to_regclass('keyrelay_schema') IS NOT NULL")
@@ -426,7 +426,7 @@ async def _check_shared_queue(config: Config, report: Report) -> None:
             row = await cur.fetchone()
             version = 0 if row is None else int(row[0])
     except psycopg.Error as exc:
-        report.problem(f"{where}: cannot read the queue's schema version: {exc}")
+        report.problem(f"{where}: cannot read the queue's schema version: {pg.scrub(str(exc), url)}")
         return
     finally:
         await conn.close()

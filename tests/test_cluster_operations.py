@@ -107,6 +107,24 @@ async def test_status_and_queue_commands_on_a_database_that_is_down_say_so_in_on
     assert "psycopg" not in err and PASSWORD not in err
 
 
+# ------------------------------------------------------------- careless URLs
+
+
+async def test_a_password_in_a_queue_url_is_never_printed_however_the_url_is_written(tmp_path, pg_url):
+    """libpq reads a password from the query string too, and quotes the part of a URL it
+    cannot read (an unencoded `%`) in its errors: neither reaches check-config's output
+    about [queue] url (which connects on its own, without the keystore's pool)."""
+    in_query = node_config(tmp_path / "query", queue_url=f"{pg_url}?password={PASSWORD}")
+    unencoded = node_config(tmp_path / "percent", queue_url=with_password(pg_url, f"{PASSWORD}%zz"))
+    assert keystore_cli(in_query, "init").returncode == 0
+    runs = await asyncio.gather(relay(in_query, "check-config"), relay(unencoded, "check-config"))
+    (query_status, _, query_err), (percent_status, _, percent_err) = runs
+    assert PASSWORD not in query_err + percent_err
+    assert query_status == 0 and f"{pg_url}?password=***: queue schema version 0" in query_err
+    assert percent_status == 1
+    assert f"[queue] url: {with_password(pg_url, '***')}: cannot connect: " in percent_err
+
+
 # ------------------------------------------------------------- reload
 
 
