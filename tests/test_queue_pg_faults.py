@@ -13,6 +13,8 @@ import asyncio
 import aiosmtplib
 import pytest
 
+from relay.queue import SpoolBusy
+from relay.queue.postgres import PostgresQueueStore
 from tests.conftest import running_relay
 from tests.support.pgcut import pg_cut
 from tests.support.waiting import wait_until
@@ -57,3 +59,23 @@ async def test_a_commit_answer_lost_with_the_database_is_451_and_delivered_once_
         await wait_until(lambda: drained(h), what="the queue to drain")
         await asyncio.sleep(0.6)
         assert [m.text.count("Subject: once") for m in sink.messages] == [1]
+
+
+async def test_a_second_relay_with_the_same_node_name_is_refused_after_the_node_lost_its_lock(
+        tmp_path, sink, pg_url, postgres_server):
+    """The node's lock lives on a connection of its own; the database restarting (or that
+    connection broken) drops it. Then a second relay named alike would start and release
+    the first one's claims as a dead run's: the running relay takes its lock again."""
+    database = pg_url.rsplit("/", 1)[1]
+    async with running_relay(tmp_path, sink, **cluster_parts(pg_url, "n1", lease="5s")):
+        postgres_server.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                             f"WHERE datname = '{database}' AND application_name = 'keyrelay queue lock n1'")
+
+        def locked_again() -> bool:
+            return postgres_server.psql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                f"'{database}' AND application_name = 'keyrelay queue lock n1'") == "1"
+
+        await wait_until(locked_again, timeout=5, what="node n1 to take its lock again")
+        with pytest.raises(SpoolBusy, match="node = 'n1'"):
+            await PostgresQueueStore.open(pg_url, relay=True, node="n1")

@@ -168,6 +168,31 @@ class PostgresQueueStore:
                             "this queue; give each relay its own node name")
         self._lock_conn = conn
 
+    async def _keep_lock(self) -> None:
+        """The node's lock ends with its connection (the database restarted, the link
+        broke), and nothing says so until that connection is used: look (at each renew),
+        and take the lock again. Without it a second relay with this node name could start
+        and release this one's claims as a dead run's (recover()): deliveries twice."""
+        conn = self._lock_conn
+        if conn is None:
+            return
+        try:
+            await asyncio.wait_for(conn.execute("SELECT 1"), self.lease / 6)
+            return
+        except (psycopg.Error, TimeoutError):
+            pass
+        try:
+            await asyncio.wait_for(self._lock_node(), self.lease / 6)
+        except SpoolBusy as exc:
+            log.error("this relay lost its node lock while the database was away, and %s", exc)
+            return
+        except (psycopg.Error, TimeoutError) as exc:
+            log.warning("cannot take node %s's lock in the queue again yet: %s", self.node,
+                        _classify(exc, self.where) if isinstance(exc, psycopg.Error) else "no answer")
+            return
+        log.info("node %s's lock in the queue taken again (its connection had ended)", self.node)
+        await conn.close()
+
     async def _join(self) -> None:
         await self._tx(lambda conn: conn.execute(
             f"INSERT INTO queue_node (node, owner, started, last_seen) VALUES (%s, %s, {_NOW}, {_NOW}) "
@@ -288,6 +313,8 @@ class PostgresQueueStore:
         return await self._tx(lambda conn: _record(conn, record, self.owner), pipeline=True)
 
     async def renew(self, owner: str) -> None:
+        await self._keep_lock()
+
         async def op(conn: Conn) -> None:
             await conn.execute(f"UPDATE queue_message SET lease_until = {_NOW} + %s WHERE claimed = %s",
                                (self.lease, owner))
