@@ -10,6 +10,7 @@ the password.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tests.support.postgres import running_postgres
 from tests.support.procs import free_port, keystore_cli
 from tests.support.relayrun import write_config
 from tests.test_keystore_postgres import keystore_url_edit, stop
+from tests.test_metrics import fetch, metrics_table
 
 PASSWORD = "pg-s3cret-word"  # the test servers trust loopback: it goes unused
 
@@ -154,3 +156,23 @@ async def test_a_reload_while_the_keystore_database_is_down_applies_unless_a_rou
             refusal = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()][-1]
             assert "'spare' is removed, and whether the keystore routes anything to it cannot be " \
                    "checked now (keystore query failed: " in refusal
+
+
+# ------------------------------------------------------------- /readyz
+
+
+async def test_readyz_is_503_while_the_shared_queue_database_is_down(tmp_path, sink):
+    """With [queue] url the spool is the database (every 250 waits on its commit): a node
+    whose queue database is down answers every message 451, so a load balancer must stop
+    sending it clients, even when its keystore (here a sqlite file) is fine."""
+    with running_postgres() as server:
+        url = with_password(server.create_database("queue"))
+        async with running_relay(tmp_path, sink, queue=f'url = "{url}"', upstream_extra=metrics_table()) as h:
+            assert await fetch(h, "/readyz") == (200, "application/json", '{"ready": true}\n')
+            stop(server)
+            status, _, body = await fetch(h, "/readyz")
+            assert status == 503, body
+            failing = json.loads(body)["failing"]
+            assert list(failing) == ["spool"]
+            assert failing["spool"].startswith(f"{url.replace(PASSWORD, '***')}: ")
+            assert PASSWORD not in body

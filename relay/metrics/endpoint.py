@@ -145,6 +145,7 @@ class MetricsEndpoint:
             spool_folder=config.queue.path.parent if config.queue is not None else None,
             keystore=config.keystore.url or config.keystore.path,
             pepper=config.keystore.pepper_file,
+            queue_url=config.queue.url if config.queue is not None else None,
         )
         return cls(config.metrics.listen, relay.metrics, readiness, where=f"{config.source}: [metrics]")
 

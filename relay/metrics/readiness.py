@@ -8,7 +8,9 @@ instead of hanging with it.
 * listeners: every configured listener is bound and serving (asked on the loop: its
   servers belong to it; a loop that does not answer is reported as such);
 * spool: its folder takes a small write (a real write and unlink, not a permission
-  check: root passes permission checks, but not a full or read-only filesystem);
+  check: root passes permission checks, but not a full or read-only filesystem); with a
+  shared queue (`[queue] url`) its database also takes a new connection and its queue
+  tables' version reads (that folder then holds only large messages as they arrive);
 * keystore: its database opens read-only and its schema reads, and the pepper file
   reads (a removed, replaced or damaged file shows here; the relay's open connection
   would carry on with a deleted file until the next restart, which would then fail).
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from relay.metrics.collectors import on_loop
 
-__all__ = ["LOOP_WAIT", "Readiness", "keystore_problem", "loop_problem", "spool_problem"]
+__all__ = ["LOOP_WAIT", "Readiness", "keystore_problem", "loop_problem", "queue_problem", "spool_problem"]
 
 LOOP_WAIT = 1.0  # seconds the loop has to answer a probe
 _PROBE_SIZE = 4096
@@ -85,18 +87,30 @@ def keystore_problem(path: Path | str, pepper: Path) -> str | None:
 
 
 def _postgres_keystore_problem(url: str) -> str | None:
-    import psycopg  # only relays with a PostgreSQL keystore load the driver
+    return _postgres_problem(url, "keystore")
+
+
+def queue_problem(url: str) -> str | None:
+    """None if the shared queue's PostgreSQL (`[queue] url`) takes a new connection and
+    its queue tables' version reads; else what failed, the password left out. There the
+    spool is the database: every 250 waits on its commit."""
+    return _postgres_problem(url, "queue")
+
+
+def _postgres_problem(url: str, component: str) -> str | None:
+    import psycopg  # only relays on PostgreSQL load the driver
 
     from keystore.pg import redact, scrub
 
     try:
         with psycopg.connect(url, connect_timeout=2, autocommit=True) as conn:
-            row = conn.execute("SELECT version FROM keyrelay_schema WHERE component = 'keystore'").fetchone()
+            row = conn.execute("SELECT version FROM keyrelay_schema WHERE component = %s",
+                               (component,)).fetchone()
     except psycopg.Error as exc:
         lines = str(exc).strip().splitlines()
         return f"{redact(url)}: {scrub(lines[0], url) if lines else type(exc).__name__}"
     if row is None:
-        return f"{redact(url)}: no keystore tables in this database"
+        return f"{redact(url)}: no {component} tables in this database"
     return None
 
 
@@ -117,6 +131,7 @@ class Readiness:
     spool_folder: Path | None
     keystore: Path | str  # a sqlite file, or a PostgreSQL keystore's URL
     pepper: Path
+    queue_url: str | None = None  # a shared queue's PostgreSQL ([queue] url)
 
     def alive(self) -> str | None:
         return loop_problem(self.loop)
@@ -137,6 +152,8 @@ class Readiness:
             if listening is not None:
                 found["listeners"] = listening
         spool = "no [queue] configured" if self.spool_folder is None else spool_problem(self.spool_folder)
+        if spool is None and self.queue_url is not None:
+            spool = queue_problem(self.queue_url)
         if spool is not None:
             found["spool"] = spool
         keystore = keystore_problem(self.keystore, self.pepper)
