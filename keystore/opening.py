@@ -9,6 +9,9 @@ The PostgreSQL driver is imported only for a url: a `keystore` command on a sqli
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,10 +63,30 @@ async def open_keystore(
                 pass  # a concurrent `keystore init` wrote it first: use that one
         pepper = keys.load_pepper(pepper_file)
         await database.prepare(create=create)
+        await _check_pepper(database, pepper, pepper_file)
     except BaseException:
         await database.close()
         raise
     return KeyStore(database, pepper, default_key_limit)
+
+
+async def _check_pepper(database: PostgresDatabase, pepper: bytes, pepper_file: Path) -> None:
+    """Every node must hash with the keystore's pepper: one with another would take every
+    key for a wrong secret (and fill the cluster's AUTH ledger with its refusals, shutting
+    the keys' holders out at every node), and keys it made would fail everywhere else. The
+    first node to open the keystore records its pepper's fingerprint; a node whose pepper
+    does not match it is refused. (Safe to store: an HMAC under a 256-bit secret.)"""
+    mine = hmac.new(pepper, b"keyrelay keystore pepper check", hashlib.sha256).digest()
+    rows = await database.fetch("SELECT fingerprint FROM pepper_check")
+    if not rows:
+        await database.execute("INSERT INTO pepper_check (fingerprint, recorded) VALUES (?, ?) "
+                               "ON CONFLICT DO NOTHING", (mine, time.time()))
+        rows = await database.fetch("SELECT fingerprint FROM pepper_check")
+    if not hmac.compare_digest(bytes(rows[0][0]), mine):
+        raise keys.PepperError(
+            f"{pepper_file}: not this keystore's pepper ({database.where} was opened with another): "
+            "every relay and keystore command on it needs the same pepper file; copy it from a "
+            "node that works (with this one, no key would be valid)")
 
 
 async def postgres_schema_version(url: str) -> int:

@@ -147,4 +147,14 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER admin_token_notify AFTER UPDATE OR DELETE ON admin_token FOR EACH ROW
         EXECUTE FUNCTION keyrelay_keys_notify('token', 'id', 'last_used', 'last_ip');
     """,
+    # 2: which pepper the keys are hashed with (keystore/opening.py): one row, an HMAC of a
+    # fixed text under the pepper, recorded by the first node to open the keystore; a node
+    # with another pepper is refused instead of taking every key for a wrong secret
+    """
+    CREATE TABLE pepper_check (
+        only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+        fingerprint bytea NOT NULL,
+        recorded double precision NOT NULL
+    );
+    """,
 ]

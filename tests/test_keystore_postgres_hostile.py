@@ -12,6 +12,7 @@ import sys
 import aiosmtplib
 import pytest
 
+from keystore import keys
 from tests.conftest import running_relay
 from tests.support.procs import keystore_cli
 from tests.support.relayrun import write_config as relay_config
@@ -76,3 +77,33 @@ async def test_a_nul_in_the_auth_login_username_is_a_wrong_credential(tmp_path, 
         assert (refused.value.code, refused.value.message[:5]) == (535, "5.7.8")
         await client.auth_login("alice@example.com", secret)  # the session goes on
         await client.quit()
+
+
+# ------------------------------------------------------------ the pepper
+
+
+async def test_a_node_with_another_pepper_is_refused(tmp_path, sink, pg_url):
+    """Every node needs the keystore's pepper. One given another (a second `keystore init`
+    racing the first, a file copied from the wrong place) would take every key for a wrong
+    secret, and its refusals would fill the cluster's AUTH ledger: the key's holder shut
+    out at every node. Such a node's relay and CLI are refused at once, and the pepper
+    named; the keystore and the nodes with its pepper go on."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    config = relay_config(first, 2525)
+    config.write_text(keystore_url_edit(pg_url)(config.read_text()))
+    assert keystore_cli(config, "init").returncode == 0
+    assert keystore_cli(config, "mailbox", "add", "alice@example.com").returncode == 0
+    other = relay_config(second, 2525)
+    other.write_text(keystore_url_edit(pg_url)(other.read_text()))
+    keys.create_pepper(second / "pepper")
+
+    listed = keystore_cli(other, "mailbox", "list")
+    assert listed.returncode == 1
+    assert listed.stderr.startswith(f"keystore: {second / 'pepper'}: not this keystore's pepper")
+    with pytest.raises(keys.PepperError):
+        async with running_relay(second, sink, edit=keystore_url_edit(pg_url)):
+            pass
+    listed = keystore_cli(config, "mailbox", "list")
+    assert listed.returncode == 0 and "alice@example.com" in listed.stdout
