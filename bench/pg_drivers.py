@@ -16,6 +16,8 @@ so a noisy moment does not decide.
 
     .venv/bin/python bench/pg_drivers.py [--calls 5000] [--rounds 3]
 
+With two cores or more, this process runs on core 0 and the server on core 1.
+
 Needs `pip install asyncpg "psycopg[binary]" psycopg-pool` (not dependencies of the relay
 until issue 12 picks one) and PostgreSQL (`apt-get install postgresql`).
 """
@@ -24,9 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -157,12 +162,25 @@ async def bench_sqlite(folder: Path, calls: int) -> dict:
         await conn.close()
 
 
+def pin(folder: Path) -> bool:
+    """This process (the drivers' side) on core 0, the server on core 1: the postmaster's
+    backends, forked later, inherit its affinity. A noisy neighbour on a shared core is
+    what made unpinned runs disagree from one run to the next."""
+    if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+        return False
+    os.sched_setaffinity(0, {0})
+    postmaster = (folder / "data" / "postmaster.pid").read_text().split()[0]
+    subprocess.run(["taskset", "-acp", "1", postmaster], capture_output=True, check=True)
+    return True
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with running_postgres() as server, tempfile.TemporaryDirectory() as folder:
+        pinned = pin(server.folder)
         dsn = server.create_database("bench")
         server.psql(SCHEMA, "bench")
         workspaces, mailboxes, aliases, keys = rows()
@@ -188,7 +206,8 @@ async def main() -> None:
                     **{k: statistics.median(r[k] for r in found) for k in ("median", "p99", "rate")}}
                    for found in rounds]
     print(f"AUTH-path read, {MAILBOXES} mailboxes and keys, {args.calls} logins; PostgreSQL {version} on "
-          f"loopback; pool of {POOL}, {IN_FLIGHT} in flight for the rate; medians of {args.rounds} rounds")
+          f"loopback; pool of {POOL}, {IN_FLIGHT} in flight for the rate; medians of {args.rounds} rounds; "
+          + ("this process on core 0, the server on core 1" if pinned else "not pinned (one core)"))
     print(f"{'driver':48} {'median µs':>10} {'p99 µs':>8} {'logins/s':>9}")
     for r in results:
         print(f"{r['name']:48} {r['median']:10.0f} {r['p99']:8.0f} {r['rate']:9.0f}")
