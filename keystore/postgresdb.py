@@ -13,6 +13,7 @@ never take it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = ["PostgresDatabase", "WRITE_LOCK"]
 
 WRITE_LOCK = "keyrelay:keystore:write"  # the advisory lock every keystore write takes
 POOL_TIMEOUT = 5.0  # seconds a statement waits for a connection before "unavailable"
+READ_TIMEOUT = 5.0  # seconds a login's read may take before "unavailable" (sqlite's busy_timeout)
 
 
 class _Statements:
@@ -72,6 +74,11 @@ class _translated:
         if isinstance(exc, psycopg.Error):
             raise KeystoreUnavailable(f"keystore query failed: {_first_line(exc)}") from exc
         return False
+
+
+def _abandon(task: asyncio.Future[list[tuple]]) -> None:
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: nothing to report
 
 
 def _first_line(exc: BaseException) -> str:
@@ -129,7 +136,25 @@ class PostgresDatabase:
             async with self._pool.connection() as conn:
                 return await _Statements(conn).fetch(sql, params)
 
-    read = fetch  # every pooled connection reads without waiting for a writer
+    async def read(self, sql: str, params: Params = ()) -> list[tuple]:
+        """The login path's read (every pooled connection reads without waiting for a
+        writer), under a deadline: a database that stalls (its tables locked by a long
+        migration or an admin, a server that stopped answering) is KeystoreUnavailable
+        (454 4.7.0 at AUTH) within READ_TIMEOUT, as sqlite's busy_timeout is, not a login
+        held until the client gives up, which the AUTH throttle counts as a failure (in
+        the cluster's ledger: a correct key shut out at every node). The statement runs
+        as a task the caller stops waiting for (psycopg's in-place cancel waits for a
+        server that may never answer); it is cancelled in the background."""
+        task = asyncio.ensure_future(self.fetch(sql, params))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=READ_TIMEOUT)
+        except asyncio.CancelledError:  # the caller went away: so does its statement
+            _abandon(task)
+            raise
+        if not done:
+            _abandon(task)
+            raise KeystoreUnavailable(f"keystore: no answer within {READ_TIMEOUT:g} s")
+        return task.result()
 
     async def execute(self, sql: str, params: Params = ()) -> None:
         with _translated():

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import aiosmtplib
+import psycopg
 import pytest
 
 from keystore import keys
@@ -18,6 +20,7 @@ from tests.support.procs import keystore_cli
 from tests.support.relayrun import write_config as relay_config
 from tests.test_keystore_postgres import keystore_url_edit
 
+POSTGRES_READ_TIMEOUT = 5.0  # keystore/postgresdb.py READ_TIMEOUT
 SECRET = "pg-s3cret-word"  # the test server trusts loopback: a password in the URL goes unused
 
 
@@ -107,3 +110,35 @@ async def test_a_node_with_another_pepper_is_refused(tmp_path, sink, pg_url):
             pass
     listed = keystore_cli(config, "mailbox", "list")
     assert listed.returncode == 0 and "alice@example.com" in listed.stdout
+
+
+# ------------------------------------------------------------ a stalled database
+
+
+async def test_a_stalled_keystore_is_a_temporary_failure_not_a_hung_login(tmp_path, sink, pg_url):
+    """The keystore's tables locked (a long migration, an admin's `LOCK TABLE`, a VACUUM
+    FULL): AUTH answers 454 4.7.0 within the keystore's deadline, as a stopped server
+    does, instead of hanging until the client gives up (an abandoned AUTH counts as a
+    failed one: in the cluster's ledger, a correct key shut out at every node). Once the
+    lock goes, the same key logs in."""
+    async with running_relay(tmp_path, sink, edit=keystore_url_edit(pg_url),
+                             auth="max_failures = 1") as h:
+        await h.mailbox("alice@example.com")
+        secret = await h.key("alice@example.com")
+        holder = await psycopg.AsyncConnection.connect(pg_url, autocommit=True)
+        try:
+            await holder.execute("BEGIN")
+            await holder.execute("LOCK TABLE mailbox IN ACCESS EXCLUSIVE MODE")
+            for _ in range(2):  # more than [auth] max_failures: none of them counted
+                client = await h.client()
+                started = time.monotonic()
+                with pytest.raises(aiosmtplib.SMTPAuthenticationError) as refused:
+                    await client.auth_plain("alice@example.com", secret, timeout=POSTGRES_READ_TIMEOUT + 10)
+                assert (refused.value.code, refused.value.message[:5]) == (454, "4.7.0")
+                assert time.monotonic() - started < POSTGRES_READ_TIMEOUT + 2
+                client.close()
+        finally:
+            await holder.execute("ROLLBACK")
+            await holder.close()
+        client = await h.login("alice@example.com", secret)
+        await client.quit()
