@@ -176,3 +176,18 @@ async def test_readyz_is_503_while_the_shared_queue_database_is_down(tmp_path, s
             assert list(failing) == ["spool"]
             assert failing["spool"].startswith(f"{url.replace(PASSWORD, '***')}: ")
             assert PASSWORD not in body
+
+
+async def test_a_reload_that_changes_cluster_keeps_the_running_node_name_until_a_restart(tmp_path, sink,
+                                                                                        caplog):
+    """[cluster] names this node in the queue's claims and in every metric: a reload says
+    it waits for the restart, and the running relay keeps its name everywhere meanwhile."""
+    async with running_relay(tmp_path, sink, upstream_extra=metrics_table()
+                             + '\n[cluster]\nnode = "relay-a"\n') as h:
+        config = tmp_path / "relay.toml"
+        config.write_text(config.read_text().replace('node = "relay-a"', 'node = "relay-b"\nlease = "30s"'))
+        assert await h.relay.reload()
+        assert any(r.getMessage() == "reload: [cluster] changed; that takes a restart, the old value stays "
+                   "until then" for r in caplog.records)
+        _, _, text = await fetch(h, "/metrics")
+        assert 'node="relay-a"' in text and 'node="relay-b"' not in text
