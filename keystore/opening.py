@@ -22,7 +22,7 @@ from keystore.store import KeyStore
 if TYPE_CHECKING:
     from keystore.postgresdb import PostgresDatabase
 
-__all__ = ["open_keystore", "postgres_schema_version", "where"]
+__all__ = ["open_keystore", "pepper_matches", "postgres_schema_version", "where", "wrong_pepper"]
 
 
 def where(*, path: Path | None, url: str | None) -> str:
@@ -76,17 +76,32 @@ async def _check_pepper(database: PostgresDatabase, pepper: bytes, pepper_file: 
     the keys' holders out at every node), and keys it made would fail everywhere else. The
     first node to open the keystore records its pepper's fingerprint; a node whose pepper
     does not match it is refused. (Safe to store: an HMAC under a 256-bit secret.)"""
-    mine = hmac.new(pepper, b"keyrelay keystore pepper check", hashlib.sha256).digest()
-    rows = await database.fetch("SELECT fingerprint FROM pepper_check")
-    if not rows:
+    matches = await pepper_matches(database, pepper)
+    if matches is None:
         await database.execute("INSERT INTO pepper_check (fingerprint, recorded) VALUES (?, ?) "
-                               "ON CONFLICT DO NOTHING", (mine, time.time()))
-        rows = await database.fetch("SELECT fingerprint FROM pepper_check")
-    if not hmac.compare_digest(bytes(rows[0][0]), mine):
-        raise keys.PepperError(
-            f"{pepper_file}: not this keystore's pepper ({database.where} was opened with another): "
+                               "ON CONFLICT DO NOTHING", (_fingerprint(pepper), time.time()))
+        matches = await pepper_matches(database, pepper)
+    if not matches:
+        raise keys.PepperError(wrong_pepper(pepper_file, database.where))
+
+
+def wrong_pepper(pepper_file: Path, keystore: str) -> str:
+    return (f"{pepper_file}: not this keystore's pepper ({keystore} was opened with another): "
             "every relay and keystore command on it needs the same pepper file; copy it from a "
             "node that works (with this one, no key would be valid)")
+
+
+async def pepper_matches(database: PostgresDatabase, pepper: bytes) -> bool | None:
+    """Whether `pepper` is the one the keystore recorded (None: none recorded yet); read
+    only, for `relay check-config` too."""
+    rows = await database.fetch("SELECT fingerprint FROM pepper_check")
+    if not rows:
+        return None
+    return hmac.compare_digest(bytes(rows[0][0]), _fingerprint(pepper))
+
+
+def _fingerprint(pepper: bytes) -> bytes:
+    return hmac.new(pepper, b"keyrelay keystore pepper check", hashlib.sha256).digest()
 
 
 async def postgres_schema_version(url: str) -> int:

@@ -34,6 +34,7 @@ import ssl
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiosqlite
 from cryptography import x509
@@ -61,6 +62,9 @@ from relay.queue.schema import check_tables as check_spool_tables
 from relay.queue.schema import migrate as migrate_spool
 from relay.signing import DkimSigner
 from relay.tlsconf import server_context
+
+if TYPE_CHECKING:
+    from keystore.postgresdb import PostgresDatabase
 
 __all__ = ["EXPIRY_WARNING", "Listen", "Report", "check", "check_file", "config_problems", "main"]
 
@@ -505,10 +509,23 @@ async def _check_postgres_keystore(config: Config, url: str, report: Report) -> 
         else:
             await _check_routes_in_use(config, KeyStore(database, b"", config.keystore.default_key_limit),
                                        report)
+            await _check_pepper_recorded(config.keystore.pepper_file, database, report)
     except KeystoreUnavailable as exc:
         report.problem(f"{where}: cannot read the keystore: {exc}")
     finally:
         await database.close()
+
+
+async def _check_pepper_recorded(pepper_file: Path, database: PostgresDatabase, report: Report) -> None:
+    """The pepper is the one the keystore's first node recorded (the relay refuses another)."""
+    from keystore.opening import pepper_matches, wrong_pepper
+
+    try:
+        pepper = await asyncio.to_thread(load_pepper, pepper_file)
+    except PepperError:
+        return  # reported already
+    if await pepper_matches(database, pepper) is False:
+        report.problem(f"[keystore] pepper_file: {wrong_pepper(pepper_file, database.where)}")
 
 
 async def _check_routes_in_use(config: Config, store: KeyStore, report: Report) -> None:

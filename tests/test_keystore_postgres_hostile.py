@@ -105,6 +105,10 @@ async def test_a_node_with_another_pepper_is_refused(tmp_path, sink, pg_url):
     listed = keystore_cli(other, "mailbox", "list")
     assert listed.returncode == 1
     assert listed.stderr.startswith(f"keystore: {second / 'pepper'}: not this keystore's pepper")
+    checked = check_config(other)
+    assert (f"problem: {other}: [keystore] pepper_file: {second / 'pepper'}: not this keystore's "
+            "pepper") in checked.stderr
+    assert "not this keystore's pepper" not in check_config(config).stderr
     with pytest.raises(keys.PepperError):
         async with running_relay(second, sink, edit=keystore_url_edit(pg_url)):
             pass
