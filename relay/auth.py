@@ -98,6 +98,7 @@ class Authenticator:
             maillog.auth_failed(client_ip, username, "too_many_failures")
             self._metrics.auth_outcome("throttled")
             return LoginResult(None, replies.AUTH_TOO_MANY, close=True)
+        changes = self._changes
         try:
             verdict = await self._store.authenticate(username, secret, client_ip)
         except KeystoreUnavailable:
@@ -113,7 +114,8 @@ class Authenticator:
             attempt.release()
             maillog.auth_ok(client_ip, verdict.mailbox, verdict.key_id)
             self._metrics.auth_outcome("ok", verdict.key_id)
-            self._checked[_cache_slot(verdict)] = (time.monotonic(), verdict)
+            if changes == self._changes:  # as in recheck: a change announced meanwhile may postdate the read
+                self._checked[_cache_slot(verdict)] = (time.monotonic(), verdict)
             return LoginResult(verdict, replies.AUTH_OK)
         maillog.auth_failed(client_ip, username, verdict.value)
         # a right secret on an unusable key: the key exists, so its id is no made-up label value

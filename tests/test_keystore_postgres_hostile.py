@@ -146,3 +146,43 @@ async def test_a_stalled_keystore_is_a_temporary_failure_not_a_hung_login(tmp_pa
             await holder.close()
         client = await h.login("alice@example.com", secret)
         await client.quit()
+
+
+# ------------------------------------------------------------ notifications
+
+
+async def test_a_change_announced_during_a_login_is_not_cached_away(tmp_path):
+    """A key revoked on another node while this node's AUTH is reading it: the login was
+    decided before the revocation, but the verdict it caches must not carry the session's
+    next messages through the whole recheck interval (the notification came and went
+    while the login was in flight, so nothing else would end them)."""
+    import asyncio
+
+    from keystore.store import KeyStore
+    from relay.auth import Authenticator, FailureLimiter
+
+    store = await KeyStore.open(tmp_path / "k.db", tmp_path / "pepper", create=True)
+    try:
+        await store.add_mailbox("a@acme.test", workspace="acme", actor="t")
+        (key, secret) = await store.create_key(mailbox="a@acme.test", name="one", actor="t")
+        auth = Authenticator(store, FailureLimiter(5, 60.0), recheck_interval=3600)
+        read, revoked = asyncio.Event(), asyncio.Event()
+        real_authenticate = store.authenticate
+
+        async def held_authenticate(*args):
+            verdict = await real_authenticate(*args)  # reads the key as still active
+            read.set()
+            await revoked.wait()  # the revoke and its notification land here
+            return verdict
+
+        store.authenticate = held_authenticate
+        pending = asyncio.ensure_future(auth.login("a@acme.test", secret, "192.0.2.1"))
+        await read.wait()
+        await store.revoke_key(key.id, actor="t")
+        auth.key_changed(f"key:{key.id}")
+        revoked.set()
+        identity = (await pending).identity
+        assert identity is not None  # that read was taken before the revoke
+        assert "revoked" in await auth.recheck(identity)  # the next MAIL FROM
+    finally:
+        await store.close()
