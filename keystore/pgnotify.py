@@ -9,8 +9,8 @@ listener hands each payload to the relay, which drops what it cached about it, s
 next command of an open session on any node reads the keystore again.
 
 A notification is only delivered to a connection that is listening when it is sent. So
-whenever the connection is lost, the relay is told `"*"` (forget everything cached) once
-it is listening again, and the periodic recheck stays as the safety net for the moments
+whenever it starts listening (the first time, and after a lost connection), the relay is
+told `"*"` (forget everything cached), and the periodic recheck stays as the safety net for the moments
 in between. TCP keepalives find a connection whose server vanished without a FIN.
 """
 
@@ -73,10 +73,13 @@ class KeyChanges:
                     self._conn = conn
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.listening = True
-                    self._ready.set()
                     if gap:
                         log.info("listening for key changes again; every cached recheck is dropped")
-                        self._on_change(EVERYTHING)
+                    # the first LISTEN too: sessions that logged in before it (the SMTP
+                    # listeners open first; a slow database makes that seconds) may hold a
+                    # verdict a change announced meanwhile, unheard here, has outdated
+                    self._deliver(EVERYTHING)
+                    self._ready.set()
                     delay = _RETRY_FIRST
                     async for notice in conn.notifies():
                         self._deliver(notice.payload)

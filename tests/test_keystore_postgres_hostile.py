@@ -186,3 +186,31 @@ async def test_a_change_announced_during_a_login_is_not_cached_away(tmp_path):
         assert "revoked" in await auth.recheck(identity)  # the next MAIL FROM
     finally:
         await store.close()
+
+
+async def test_what_was_cached_before_the_first_listen_is_forgotten(tmp_path, pg_url):
+    """A relay opens its SMTP listeners, then starts listening for key changes (a database
+    slow to answer makes that seconds): a session that logged in meanwhile, its key revoked
+    on another node before this one listened, must not go on for the whole recheck
+    interval on a verdict no notification will ever correct."""
+    from keystore.opening import open_keystore
+    from keystore.pgnotify import KeyChanges
+    from relay.auth import Authenticator, FailureLimiter
+
+    store = await open_keystore(url=pg_url, pepper_file=tmp_path / "pepper", create=True)
+    changes = None
+    try:
+        await store.add_mailbox("a@acme.test", workspace="acme", actor="t")
+        (key, secret) = await store.create_key(mailbox="a@acme.test", name="one", actor="t")
+        auth = Authenticator(store, FailureLimiter(5, 60.0), recheck_interval=3600)
+        identity = (await auth.login("a@acme.test", secret, "192.0.2.1")).identity
+        assert identity is not None
+        await store.revoke_key(key.id, actor="t")  # announced while nobody listens here
+        changes = KeyChanges(pg_url, auth.key_changed)
+        await changes.start()
+        assert changes.listening
+        assert "revoked" in await auth.recheck(identity)
+    finally:
+        if changes is not None:
+            await changes.stop()
+        await store.close()
