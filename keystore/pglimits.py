@@ -64,13 +64,15 @@ MIGRATIONS = [
 
 # The bucket is refilled by (now - stamp) * rate / 60 tokens, up to `rate`; a message
 # takes one if there is one. `excluded.stamp` is this statement's clock_timestamp(), read
-# once. A rate lowered since the last message caps the tokens at the new rate.
+# once, before it waits for the row: a statement that got the row after a later one keeps
+# the later stamp (else the next message would be refilled for that stretch twice). A
+# rate lowered since the last message caps the tokens at the new rate.
 _SEND_ONE = """
 INSERT INTO keyrelay_send_rate AS b (key_id, tokens, stamp, allowed)
 VALUES (%(key)s, %(rate)s - 1, clock_timestamp(), true)
 ON CONFLICT (key_id) DO UPDATE SET (tokens, stamp, allowed) = (
     SELECT CASE WHEN r.refilled >= 1 THEN r.refilled - 1 ELSE r.refilled END,
-           excluded.stamp, r.refilled >= 1
+           greatest(b.stamp, excluded.stamp), r.refilled >= 1
     FROM (SELECT least(%(rate)s::double precision,
                        b.tokens + greatest(0, extract(epoch FROM excluded.stamp - b.stamp))
                        * %(rate)s / 60.0) AS refilled) AS r

@@ -6,6 +6,7 @@ Real PostgreSQL (the session's server, a database per test), the real relay and 
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -214,3 +215,43 @@ async def test_what_was_cached_before_the_first_listen_is_forgotten(tmp_path, pg
         if changes is not None:
             await changes.stop()
         await store.close()
+
+
+# ------------------------------------------------------------ shared send rates
+
+
+async def test_a_message_that_waited_for_the_bucket_does_not_turn_its_clock_back(pg_url):
+    """A key's messages on several nodes queue for its bucket's row; each stamps the time
+    it arrived. One that arrived first but got the row last (a stalled database serves
+    waiters in any order) set the bucket's time back to its own, and the next message was
+    refilled for that stretch a second time: more messages than the rate allows."""
+    from keystore.pglimits import _SEND_ONE, PgLimits
+    from tests.support.waiting import wait_until
+
+    limits = await PgLimits.open(pg_url, per_minute=60, timeout=30)
+    holder = await psycopg.AsyncConnection.connect(pg_url, autocommit=True)
+    try:
+        assert await limits.rates.allow("k1")
+        # the key has used its minute: an empty bucket, one token a second from now on
+        await holder.execute("UPDATE keyrelay_send_rate SET tokens = 0, stamp = clock_timestamp()")
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM keyrelay_send_rate WHERE key_id = 'k1' FOR UPDATE")
+        first = asyncio.ensure_future(limits.rates.allow("k1"))  # arrives first, waits for the row
+
+        async def waiting() -> bool:
+            cur = await probe.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                      "AND query LIKE '%keyrelay_send_rate%'")
+            return (await cur.fetchone())[0] == 1
+
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as probe:
+            await wait_until(waiting, 10, "the first message waiting for the row")
+        await holder.execute("SELECT pg_sleep(1.2)")
+        # a message that arrived later gets the row first: 1.2 tokens came, it takes one
+        cur = await holder.execute(_SEND_ONE, {"key": "k1", "rate": 60})
+        assert (await cur.fetchone())[0] is True
+        await holder.execute("COMMIT")
+        assert await first is False  # 0.2 tokens left
+        assert await limits.rates.allow("k1") is False  # still 0.2, not 1.4
+    finally:
+        await holder.close()
+        await limits.close()
