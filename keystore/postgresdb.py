@@ -61,8 +61,9 @@ class _Statements:
 
 
 class _translated:
-    """A unique violation -> Conflict (as sqlite's IntegrityError); any other psycopg
-    error (a lost server, a pool with no connection to give) -> KeystoreUnavailable. The
+    """A unique violation -> Conflict (as sqlite's IntegrityError); a value the database
+    cannot hold -> StoreError; any other psycopg error (a lost server, a pool with no
+    connection to give) -> KeystoreUnavailable. The
     messages name no URL: psycopg's own never carry the password, and the pool's are ours."""
 
     def __enter__(self) -> None:
@@ -71,6 +72,11 @@ class _translated:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
         if isinstance(exc, psycopg.errors.IntegrityError):
             raise Conflict(f"already exists: {_first_line(exc)}") from exc
+        if isinstance(exc, psycopg.DataError):
+            # the input, not the database: a value past a column's range (SQLSTATE class
+            # 22), or text with a NUL, which PostgreSQL's text cannot hold (psycopg says
+            # so before sending; sqlite stores it). StoreError: the CLI's message, a 400.
+            raise StoreError(f"invalid input: {_first_line(exc)}") from exc
         if isinstance(exc, psycopg.Error):
             raise KeystoreUnavailable(f"keystore query failed: {_first_line(exc)}") from exc
         return False
@@ -154,7 +160,12 @@ class PostgresDatabase:
         if not done:
             _abandon(task)
             raise KeystoreUnavailable(f"keystore: no answer within {READ_TIMEOUT:g} s")
-        return task.result()
+        try:
+            return task.result()
+        except StoreError as exc:  # input the database cannot hold: the login path's callers
+            # expect a verdict or KeystoreUnavailable (AUTH's inputs are checked before, so
+            # this is a database whose encoding cannot hold some username, e.g. LATIN1)
+            raise KeystoreUnavailable(str(exc)) from exc
 
     async def execute(self, sql: str, params: Params = ()) -> None:
         with _translated():

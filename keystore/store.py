@@ -66,6 +66,7 @@ KEY_SETTINGS = ("route", "rate_limit", "expires", "owner", "note", "allow_from")
 TOKEN_USE_WRITE_INTERVAL = 60.0  # seconds between writes of one admin token's last use
 # A rate limit past this means nothing (and sqlite's integers end at 2**63): refused, not stored.
 MAX_RATE_LIMIT = 1_000_000
+MAX_KEY_LIMIT = 2**31 - 1
 # 9999-12-31T23:59:59Z: a later expiry has no date to show it in (every listing would fail).
 LATEST_EXPIRY = 253402300799.0
 MAX_GRACE = 3650 * 86400.0  # a rotation grace of ten years is no rotation at all
@@ -745,6 +746,8 @@ class KeyStore:
     async def set_key_limit(self, workspace: str, limit: int, *, actor: str) -> None:
         if limit < 0:
             raise StoreError("a key limit is a number of active keys, 0 or more")
+        if limit > MAX_KEY_LIMIT:  # PostgreSQL's integer column: past it, no limit to store
+            raise StoreError(f"a key limit is at most {MAX_KEY_LIMIT}")
         async with self._transaction() as conn:
             ws_id = await self._workspace_id(conn, workspace, create=False)
             await conn.execute("UPDATE workspace SET key_limit = ? WHERE id = ?", (limit, ws_id))

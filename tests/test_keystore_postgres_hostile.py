@@ -255,3 +255,29 @@ async def test_a_message_that_waited_for_the_bucket_does_not_turn_its_clock_back
     finally:
         await holder.close()
         await limits.close()
+
+
+# ------------------------------------------------------------ careless input
+
+
+async def test_input_postgresql_cannot_hold_is_refused_as_input_not_an_outage(tmp_path, pg_url):
+    """A key limit past PostgreSQL's integer, a NUL in a search or a key id (the admin API
+    passes what a token holder sends): the admin is told the input is wrong (the CLI's
+    message, the API's 400), as on sqlite, not that the keystore is unavailable (the API's
+    503 and a warning in the log, for a database that is fine)."""
+    from keystore.opening import open_keystore
+    from keystore.store import NotFound, StoreError
+
+    store = await open_keystore(url=pg_url, pepper_file=tmp_path / "pepper", create=True)
+    try:
+        await store.add_mailbox("a@acme.test", workspace="acme", actor="t")
+        with pytest.raises(StoreError, match="a key limit is at most 2147483647"):
+            await store.set_key_limit("acme", 2**31, actor="t")
+        await store.set_key_limit("acme", 2**31 - 1, actor="t")
+        with pytest.raises(StoreError, match="NUL"):
+            await store.list_keys(search="night\x00ly")
+        with pytest.raises(StoreError) as refused:
+            await store.get_key("k\x00")
+        assert not isinstance(refused.value, NotFound) and "NUL" in str(refused.value)
+    finally:
+        await store.close()
