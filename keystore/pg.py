@@ -117,18 +117,25 @@ def to_pg(sql: str) -> str:
 
 
 async def open_pool(url: str, *, name: str, min_size: int = 1, max_size: int = 8,
-                    timeout: float = 10.0) -> psycopg_pool.AsyncConnectionPool:
+                    timeout: float = 10.0, settings: dict[str, str] | None = None,
+                    ) -> psycopg_pool.AsyncConnectionPool:
     """An open pool of autocommit connections; psycopg.OperationalError (with the password
     left out of the message) if the server cannot be reached within `timeout`; a URL libpq
     cannot read is refused here, before the pool's workers log its complaint (which quotes
-    the offending part of the URL: the password, for a bad %-escape in it) at every try."""
+    the offending part of the URL: the password, for a bad %-escape in it) at every try.
+    `settings`: server settings SET on each new connection (the URL's own `options` stay)."""
     try:
         psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.Error as exc:
         raise psycopg.ProgrammingError(f"{redact(url)}: {scrub(_first_line(exc), url)}") from None
+    async def configure(conn: psycopg.AsyncConnection) -> None:
+        for setting, value in (settings or {}).items():
+            await conn.execute("SELECT set_config(%s, %s, false)", (setting, value))
+
     pool = psycopg_pool.AsyncConnectionPool(
         url, min_size=min_size, max_size=max_size, name=name, open=False, timeout=timeout,
         kwargs={"autocommit": True, "application_name": f"keyrelay {name}"},
+        configure=configure if settings else None,
     )
     try:
         await pool.open(wait=True, timeout=timeout)

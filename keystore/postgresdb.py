@@ -30,6 +30,12 @@ __all__ = ["PostgresDatabase", "WRITE_LOCK"]
 WRITE_LOCK = "keyrelay:keystore:write"  # the advisory lock every keystore write takes
 POOL_TIMEOUT = 5.0  # seconds a statement waits for a connection before "unavailable"
 READ_TIMEOUT = 5.0  # seconds a login's read may take before "unavailable" (sqlite's busy_timeout)
+# Seconds a keystore session may sit idle inside a transaction before the server ends it
+# (idle_in_transaction_session_timeout). KeyStore's transactions run their statements back
+# to back; one idle this long belongs to a client that went away (an admin's command whose
+# network dropped), and it holds WRITE_LOCK, which every write on every node waits for:
+# the server itself would keep it until its TCP keepalive gives up, hours later.
+IDLE_TRANSACTION_TIMEOUT = 30.0
 
 
 class _Statements:
@@ -114,7 +120,9 @@ class PostgresDatabase:
     async def connect(cls, url: str, *, max_size: int = 8) -> PostgresDatabase:
         """A pool on the database, its tables not looked at yet."""
         try:
-            pool = await pg.open_pool(url, name="keystore", max_size=max_size, timeout=POOL_TIMEOUT)
+            idle = f"{int(IDLE_TRANSACTION_TIMEOUT * 1000)}ms"
+            pool = await pg.open_pool(url, name="keystore", max_size=max_size, timeout=POOL_TIMEOUT,
+                                      settings={"idle_in_transaction_session_timeout": idle})
         except psycopg.Error as exc:
             raise KeystoreUnavailable(_first_line(exc)) from exc
         return cls(url, pool)

@@ -281,3 +281,33 @@ async def test_input_postgresql_cannot_hold_is_refused_as_input_not_an_outage(tm
         assert not isinstance(refused.value, NotFound) and "NUL" in str(refused.value)
     finally:
         await store.close()
+
+
+# ------------------------------------------------------------ a writer gone silent
+
+
+async def test_a_writer_gone_silent_does_not_hold_every_revocation(tmp_path, pg_url, monkeypatch):
+    """Every keystore write takes one lock for the whole cluster. An admin's command whose
+    network dropped mid-transaction leaves its session idle in that transaction, which
+    the server would keep (and the lock with it) until its TCP keepalive gives up, hours
+    later: every revocation on every node would wait that long. The keystore's sessions
+    are ended by the server after IDLE_TRANSACTION_TIMEOUT idle in a transaction (a
+    second here, to keep the test short), and the revocation goes through."""
+    from keystore import postgresdb
+    from keystore.opening import open_keystore
+    from keystore.store import KeystoreUnavailable
+
+    monkeypatch.setattr(postgresdb, "IDLE_TRANSACTION_TIMEOUT", 1.0)
+    pepper = tmp_path / "pepper"
+    silent = await open_keystore(url=pg_url, pepper_file=pepper, create=True)
+    other = await open_keystore(url=pg_url, pepper_file=pepper)
+    try:
+        await other.add_mailbox("a@acme.test", workspace="acme", actor="t")
+        (key, _) = await other.create_key(mailbox="a@acme.test", name="one", actor="t")
+        with pytest.raises(KeystoreUnavailable):
+            async with silent._transaction():  # holds the write lock, then says nothing more
+                revoked = await asyncio.wait_for(other.revoke_key(key.id, actor="t"), 15)
+        assert revoked.status == "revoked"
+    finally:
+        await silent.close()
+        await other.close()
