@@ -98,7 +98,7 @@ class ServerConfig:
     # sessions not in a transaction get 421 4.3.2 at once. Keep it under the unit's
     # TimeoutStopSec minus the few seconds deliveries get to record what they did.
     shutdown_grace: Duration = Duration(20)
-    # Listeners behind a TCP load balancer (entries of `submission`, as written there):
+    # Listeners behind a TCP load balancer (entries of `submission` or `submissions`, as written there):
     # each connection starts with a PROXY protocol v2 header, accepted only from a
     # `proxy_from` network, and its source address is the client's (relay/smtpd/proxy.py).
     proxy_listeners: tuple[str, ...] = ()
@@ -343,14 +343,12 @@ def parse_config(path: str | os.PathLike[str]) -> Config:
 
 
 def _check_proxy(server: ServerConfig, source: Path, add: typing.Callable[[str], None]) -> None:
-    """proxy_listeners name STARTTLS listeners (a header before implicit TLS is not read),
-    and need the networks of the load balancers they accept it from."""
+    """proxy_listeners name listeners, STARTTLS or implicit TLS (the header is then read
+    before the handshake), and need the networks of the load balancers they accept it from."""
     for listener in server.proxy_listeners:
-        if listener in server.submissions and listener not in server.submission:
-            add(f"{source}: [server] proxy_listeners: {listener!r} is a submissions (implicit TLS) "
-                "listener; the PROXY protocol is read on submission (STARTTLS) listeners only")
-        elif listener not in server.submission:
-            add(f"{source}: [server] proxy_listeners: {listener!r} is not one of [server] submission")
+        if listener not in server.submission and listener not in server.submissions:
+            add(f"{source}: [server] proxy_listeners: {listener!r} is not one of [server] submission "
+                "or submissions")
     if server.proxy_listeners and not server.proxy_from:
         add(f"{source}: [server] proxy_from: required with proxy_listeners (the load balancers' networks)")
     for network in server.proxy_from:

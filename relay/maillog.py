@@ -288,13 +288,13 @@ def refused(peer: object, port: int | None, listener: str, reply: str) -> None:
                                         "reason": _REFUSALS.get(reply, "other")})
 
 
-def proxy_refused(peer: object, port: int | None, reason: str) -> None:
-    """A connection to a listener behind a load balancer closed before any greeting:
-    reason=not_a_proxy (its TCP peer is not in [server] proxy_from) or proxy_header (no
-    valid PROXY v2 header came)."""
+def proxy_refused(peer: object, port: int | None, reason: str, listener: str = "submission") -> None:
+    """A connection to a listener behind a load balancer closed before any greeting (on
+    implicit TLS, before any handshake): reason=not_a_proxy (its TCP peer is not in
+    [server] proxy_from) or proxy_header (no valid PROXY v2 header came)."""
     if log.isEnabledFor(logging.INFO):
         _emit(logging.INFO, "refused", {"client": client_address(peer), "port": port,
-                                        "listener": "submission", "reason": reason})
+                                        "listener": listener, "reason": reason})
 
 
 def disconnected(session: SessionLog) -> None:

@@ -13,7 +13,8 @@ The implicit-TLS listener (465) accepts plain TCP and starts TLS itself
 until the handshake is over, so neither the peer's address nor a failed handshake would be
 seen, and a slot taken in the protocol factory would leak on every aborted handshake. TLS
 is put in place within the accept (`internals.start_server_tls`), the same way on asyncio
-and uvloop.
+and uvloop. Behind a load balancer the PROXY header is read first
+(`relay/smtpd/proxytls.py`, a subclass).
 """
 
 from __future__ import annotations
@@ -184,23 +185,34 @@ class ImplicitTLSAcceptor(asyncio.Protocol):
         if refusal is not None:
             maillog.refused(peer, self._port, "submissions", refusal)
         if refusal is None:
-            slot = self._registry.take(peer)
-            session = self._new_session()
-            session.adopt_slot(slot)
-            self._registry.handshakes.add(self)
-            handshake = internals.start_server_tls(
-                transport, session, self._tls, handshake_timeout=HANDSHAKE_TIMEOUT,
-            )
-            handshake.add_done_callback(lambda done: self._session_handshake_done(done, session, slot))
+            self._start_session(transport, self._registry.take(peer))
         elif self._registry.refusals_in_tls < REFUSALS_OVER_TLS:
             self._registry.refusals_in_tls += 1
-            self._registry.handshakes.add(self)
-            handshake = internals.start_server_tls(
-                transport, _Refusal(refusal), self._tls, handshake_timeout=HANDSHAKE_TIMEOUT,
-            )
-            handshake.add_done_callback(self._refusal_done)
+            self._start_refusal(transport, refusal)
         else:
             transport.abort()
+
+    def _start_session(self, transport: asyncio.Transport, slot: Slot,
+                       client: tuple[str, int] | None = None, received: bytes = b"") -> None:
+        """TLS, then a session holding `slot`; `client`: the address a PROXY header named,
+        `received`: what came after that header (the start of the handshake)."""
+        session = self._new_session()
+        session.adopt_slot(slot, client)
+        self._registry.handshakes.add(self)
+        handshake = internals.start_server_tls(
+            transport, session, self._tls, handshake_timeout=HANDSHAKE_TIMEOUT,
+        )
+        handshake.add_done_callback(lambda done: self._session_handshake_done(done, session, slot))
+        _feed(transport, received)
+
+    def _start_refusal(self, transport: asyncio.Transport, refusal: str, received: bytes = b"") -> None:
+        """TLS, then the 421 `refusal` (the caller counted it in refusals_in_tls)."""
+        self._registry.handshakes.add(self)
+        handshake = internals.start_server_tls(
+            transport, _Refusal(refusal), self._tls, handshake_timeout=HANDSHAKE_TIMEOUT,
+        )
+        handshake.add_done_callback(self._refusal_done)
+        _feed(transport, received)
 
     def abort(self) -> None:
         """Shutdown: drop a connection still in its handshake."""
@@ -223,3 +235,17 @@ class ImplicitTLSAcceptor(asyncio.Protocol):
         self._transport = None
         if not done.cancelled():
             done.exception()  # retrieved: a failed refusal is nothing to report
+
+
+def _feed(transport: asyncio.Transport, received: bytes) -> None:
+    """Hand bytes already read off the connection to its protocol now in place (asyncio's
+    TLS protocol, a BufferedProtocol: get_buffer, then buffer_updated), as if the
+    transport had just read them."""
+    protocol = cast(asyncio.BufferedProtocol, transport.get_protocol())
+    left = memoryview(received)
+    while left and not transport.is_closing():
+        buffer = protocol.get_buffer(len(left))
+        size = min(len(buffer), len(left))
+        buffer[:size] = left[:size]
+        protocol.buffer_updated(size)
+        left = left[size:]

@@ -20,6 +20,7 @@ from relay.smtpd.connections import ImplicitTLSAcceptor
 from relay.smtpd.data import DataLimits, MemoryBudget
 from relay.smtpd.handler import RelayHandler
 from relay.smtpd.proxy import ProxyPolicy
+from relay.smtpd.proxytls import ProxiedTLSAcceptor
 from relay.smtpd.server import ConnectionRegistry, RelaySMTP
 
 __all__ = ["Listener", "Sessions", "open_listeners"]
@@ -99,6 +100,12 @@ class Sessions:
         """A connection on an implicit-TLS (465) listener: TLS first, then the session."""
         return ImplicitTLSAcceptor(self._registry, self._tls, partial(self.session, True))
 
+    def proxied_implicit_tls(self) -> ProxiedTLSAcceptor:
+        """A connection on an implicit-TLS listener behind a load balancer: the PROXY v2
+        header on the plain connection, then TLS, then the session
+        (relay/smtpd/proxytls.py)."""
+        return ProxiedTLSAcceptor(self._registry, self._tls, partial(self.session, True), self._proxy)
+
 
 async def open_listeners(config: Config, sessions: Sessions) -> list[Listener]:
     loop = asyncio.get_running_loop()
@@ -107,7 +114,9 @@ async def open_listeners(config: Config, sessions: Sessions) -> list[Listener]:
     try:
         for kind, addresses in (("submission", cfg.submission), ("submissions", cfg.submissions)):
             for address in addresses:
-                if kind == "submissions":
+                if kind == "submissions" and address in cfg.proxy_listeners:
+                    accept = sessions.proxied_implicit_tls
+                elif kind == "submissions":
                     accept = sessions.implicit_tls
                 elif address in cfg.proxy_listeners:
                     accept = sessions.proxied_starttls

@@ -15,16 +15,30 @@ hands it to the handler's `handle_PROXY`; this module only decides what to make 
 Connection caps on a proxied listener: the total cap counts at accept, as elsewhere; the
 per-address cap counts the real client address once the header is read (counting the
 balancer's address would let 50 clients in all through it).
+
+On an implicit-TLS (465) listener the header comes before the TLS handshake, so aiosmtpd
+never sees it: `ProxiedTLSAcceptor` (relay/smtpd/proxytls.py) reads it off the plain
+connection, framed by `header_length` and parsed by aiosmtpd's own parser
+(`parse_header`), then starts TLS.
 """
 
 from __future__ import annotations
 
+import asyncio
+import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
-from aiosmtpd.proxy_protocol import AF, PROTO, V2_CMD, ProxyData
+from aiosmtpd.proxy_protocol import AF, PROTO, V2_CMD, V2_SIGNATURE, ProxyData, get_proxy
 
-__all__ = ["ProxyPolicy"]
+__all__ = ["MAX_HEADER", "ProxyPolicy", "header_length", "parse_header"]
+
+# The longest PROXY v2 header taken before implicit TLS: the 16 fixed bytes, the addresses
+# (36 for IPv6) and room for a balancer's TLVs (AWS's VPC endpoint id, a few dozen bytes).
+# The format allows 64 KiB; nothing a balancer sends needs it, and the bytes are held
+# per connection before anything is known of the client.
+MAX_HEADER = 4096
+_FIXED = 16  # signature (12), version and command, family and protocol, length (2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +71,36 @@ class ProxyPolicy:
         if data.family not in (AF.INET, AF.INET6) or data.protocol != PROTO.STREAM or data.src_addr is None:
             return None
         return str(data.src_addr), int(data.src_port or 0)
+
+
+def header_length(received: bytes | bytearray) -> int | None:
+    """The whole length of the PROXY v2 header `received` begins with, or None while too
+    few bytes have come to tell. ValueError as soon as the bytes cannot begin one (no v2
+    signature: a v1 header, a ClientHello, anything else) or it is longer than MAX_HEADER."""
+    start = bytes(received[:len(V2_SIGNATURE)])
+    if start != V2_SIGNATURE[:len(start)]:
+        raise ValueError("not a PROXY v2 header")
+    if len(received) < _FIXED:
+        return None
+    (length,) = struct.unpack_from("!H", received, _FIXED - 2)
+    if _FIXED + length > MAX_HEADER:
+        raise ValueError(f"PROXY v2 header of {_FIXED + length} bytes")
+    return _FIXED + length
+
+
+def parse_header(raw: bytes) -> ProxyData:
+    """aiosmtpd's parse of one complete header (the 587 path's parser, `get_proxy`).
+
+    get_proxy reads from a stream; given a stream that already holds the whole header (and
+    its end), it never waits, so the coroutine is run to its end here, synchronously: the
+    caller switches the connection to TLS in the same callback, before another read."""
+    reader = asyncio.StreamReader()
+    reader.feed_data(raw)
+    reader.feed_eof()
+    parsing = get_proxy(reader)
+    try:
+        parsing.send(None)
+    except StopIteration as done:
+        return done.value
+    parsing.close()  # it waited after all: a header it could not finish is no header
+    return ProxyData(version=None).with_error("PROXY header incomplete")

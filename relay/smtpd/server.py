@@ -8,7 +8,8 @@
   and a budget of PRE_AUTH_COMMANDS commands (NOOP/RSET/EHLO loops end with 421 4.7.0);
   a STARTTLS handshake has HANDSHAKE_TIMEOUT;
 * on a listener behind a load balancer, the PROXY v2 header's source is the client
-  (`accept_proxy`, relay/smtpd/proxy.py), kept across STARTTLS;
+  (`accept_proxy`, relay/smtpd/proxy.py), kept across STARTTLS; on implicit TLS the
+  acceptor reads the header and hands the client over (`adopt_slot`);
 * `MAIL FROM:<>` gets our policy reply instead of aiosmtpd's syntax error;
 * DATA is read by relay/smtpd/data.py (in chunks, to memory or disk), and the handler's
   `handle_DATA` finds the message as `envelope.body`, a `MessageBody`.
@@ -80,9 +81,12 @@ class RelaySMTP(SMTP):
         """connection_made has run (on 465: the TLS handshake is done)."""
         return self.session is not None
 
-    def adopt_slot(self, slot: Slot) -> None:
-        """The implicit-TLS listener took this connection's slot at TCP accept."""
+    def adopt_slot(self, slot: Slot, client: tuple[str, int] | None = None) -> None:
+        """The implicit-TLS listener took this connection's slot at TCP accept; behind a
+        load balancer it has also read the PROXY header, which named `client` (the
+        session's peer from the start: aiosmtpd expects no header here)."""
         self._slot = slot
+        self._client = client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = internals.first_connection_made(self)
@@ -110,7 +114,7 @@ class RelaySMTP(SMTP):
             self._registry.metrics.tls_handshake("submissions" if first else "submission", "ok",
                                                  ssl_object.version())
         super().connection_made(transport)
-        if self._client is not None:  # STARTTLS: aiosmtpd's new session has the balancer's address
+        if self._client is not None:  # aiosmtpd's (new, after STARTTLS) session has the balancer's address
             assert self.session is not None
             self.session.peer = self._client
         self._log_start(transport, first)
@@ -122,8 +126,9 @@ class RelaySMTP(SMTP):
         if first:
             self._port = local_port(transport)
         if first and self._proxy is None:
+            peer = self._client if self._client is not None else transport.get_extra_info("peername")
             self.log_session = maillog.SessionLog(
-                maillog.client_address(transport.get_extra_info("peername")), local_port(transport),
+                maillog.client_address(peer), local_port(transport),
                 "submission" if ssl_object is None else "submissions")
             maillog.connected(self.log_session)
         if ssl_object is not None and self.log_session is not None:
