@@ -405,3 +405,20 @@ async def test_implicit_tls_a_header_that_never_ends_is_closed_in_time(tmp_path,
         lines = [line for line in mail_lines(caplog) if line.startswith("refused ")]
         assert len(lines) == 1, lines
         assert "client=127.0.0.1 " in lines[0] and "reason=proxy_header" in lines[0], lines
+
+
+async def test_implicit_tls_over_max_connections_the_421_comes_inside_tls(tmp_path, sink, caplog):
+    """max_connections counts at accept, through the balancer too; the connection over it
+    still has its header read (it precedes the handshake) and gets the 421 inside TLS."""
+    caplog.set_level(logging.INFO, logger="relay.mail")
+    async with behind_balancer_465(tmp_path, sink, server="max_connections = 1") as h:
+        first = await tls_through_balancer(h, proxy_v2(CLIENT, 40000, "127.0.0.4", 465))
+        assert (await first.reply()).startswith(b"220 ")
+        over = await tls_through_balancer(h, proxy_v2("198.51.100.9", 40000, "127.0.0.4", 465))
+        assert (await over.rest()).startswith(b"421 4.7.0")
+        for session in (first, over):
+            session.close()
+        await wait_until(lambda: h.relay.registry.count == 0 and h.relay.registry.refusals_in_tls == 0,
+                         what="every slot and refusal given back")
+        assert any(line.startswith("refused ") and "reason=max_connections" in line
+                   for line in mail_lines(caplog)), mail_lines(caplog)
