@@ -32,6 +32,8 @@ __all__ = [
 
 PgError = psycopg.Error  # what a backend turns into "unavailable, try again later"
 
+_RECONNECT_BACKOFF_SPAN = 5.0  # seconds; the longest wait between attempts is then 2 s
+
 _SCHEMA_TABLE = """
 CREATE TABLE IF NOT EXISTS keyrelay_schema (
     component text PRIMARY KEY,
@@ -136,6 +138,10 @@ async def open_pool(url: str, *, name: str, min_size: int = 1, max_size: int = 8
         url, min_size=min_size, max_size=max_size, name=name, open=False, timeout=timeout,
         kwargs={"autocommit": True, "application_name": f"keyrelay {name}"},
         configure=configure if settings else None,
+        # the pool doubles its wait between attempts until this many seconds, then starts
+        # again from 1 s at the next request: left at its 300 s, a database back after an
+        # outage of T seconds was reconnected to up to T seconds later (451 meanwhile)
+        reconnect_timeout=_RECONNECT_BACKOFF_SPAN,
     )
     try:
         await pool.open(wait=True, timeout=timeout)
