@@ -126,6 +126,7 @@ async def open_cluster_limits(config: Config) -> PgLimits | None:
 _RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("[server] submission / submissions (listeners)",
      lambda c: (c.server.submission, c.server.submissions)),
+    ("[server] proxy_listeners", lambda c: c.server.proxy_listeners),
     ("[keystore]", lambda c: c.keystore),
     ("[queue] path", lambda c: c.queue.path if c.queue else None),
     ("[metrics] listen / key_id_labels", lambda c: (c.metrics.listen, c.metrics.key_id_labels)),

@@ -178,3 +178,17 @@ async def test_at_shutdown_a_message_in_flight_finishes_and_no_new_one_starts(re
         assert said[1:] == ["421 4.3.2 Service shutting down, try again later"]
         await asyncio.wait_for(stopping, 10)
         assert [m.rcpt_tos for m in sink.messages] == [["bob@example.net"]]
+
+
+async def test_a_change_of_which_listeners_are_proxied_waits_for_a_restart(relay_with, caplog):
+    """A listener starts expecting PROXY headers (or stops) only with a restart: a reload
+    says so rather than keep silent about a setting it did not apply."""
+    async with relay_with(server='proxy_from = ["127.0.0.1/32"]') as h:
+        edit(h, 'proxy_from = ["127.0.0.1/32"]',
+             'proxy_from = ["127.0.0.1/32"]\nproxy_listeners = ["127.0.0.1:0"]')
+        with caplog.at_level(logging.INFO, logger="relay"):
+            assert await h.relay.reload()
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("[server] proxy_listeners changed; that takes a restart" in w for w in warnings), warnings
+        client = await sender(h)  # no PROXY header expected yet: the session goes on as before
+        await client.quit()
