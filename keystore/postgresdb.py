@@ -98,6 +98,9 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+RETRY_CONNECTION_WAIT = 1.0  # seconds a read waits for a fresh connection after a broken one
+
+
 class PostgresDatabase:
     """The keystore tables in the PostgreSQL database at `url`."""
 
@@ -146,9 +149,22 @@ class PostgresDatabase:
                 return await pg.schema_version(conn, pgschema.COMPONENT)
 
     async def fetch(self, sql: str, params: Params = ()) -> list[tuple]:
+        """A read. A database restart (or a failover) breaks every pooled connection, and
+        each fails its next statement; a read is then tried again on another connection
+        (the pool drops a broken one), so a restart costs no login a 454. Writes are not
+        repeated: one whose answer was lost may have been done."""
         with _translated():
-            async with self._pool.connection() as conn:
-                return await _Statements(conn).fetch(sql, params)
+            wait: float | None = None  # the pool's own timeout the first time
+            for _ in range(self._pool.max_size + 1):
+                async with self._pool.connection(timeout=wait) as conn:
+                    try:
+                        return await _Statements(conn).fetch(sql, params)
+                    except KeystoreUnavailable:
+                        if not conn.broken:
+                            raise
+                # a server that is down, not restarted: do not wait long for a new connection
+                wait = RETRY_CONNECTION_WAIT
+            raise KeystoreUnavailable(f"{self.where}: every connection to the database broke")
 
     async def read(self, sql: str, params: Params = ()) -> list[tuple]:
         """The login path's read (every pooled connection reads without waiting for a

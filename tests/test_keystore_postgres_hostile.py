@@ -311,3 +311,34 @@ async def test_a_writer_gone_silent_does_not_hold_every_revocation(tmp_path, pg_
     finally:
         await silent.close()
         await other.close()
+
+
+# ------------------------------------------------------------ a restarted database
+
+
+async def test_logins_after_the_database_dropped_every_pooled_connection_still_succeed(
+        tmp_path, postgres_server, pg_url):
+    """A database restart (or failover) breaks every pooled connection; each fails its next
+    statement. A login's read is tried again on a fresh connection, so the restart costs
+    the clients nothing (it was a 454 4.7.0 for up to a pool's worth of logins)."""
+    from keystore.models import Identity
+    from keystore.opening import open_keystore
+
+    store = await open_keystore(url=pg_url, pepper_file=tmp_path / "pepper", create=True)
+    try:
+        await store.add_mailbox("a@acme.test", workspace="acme", actor="t")
+        _, secret = await store.create_key(mailbox="a@acme.test", name="crm", actor="t")
+        # fill the pool: several logins at once each take a connection
+        verdicts = await asyncio.gather(*(store.authenticate("a@acme.test", secret, "192.0.2.1")
+                                          for _ in range(8)))
+        assert all(isinstance(v, Identity) for v in verdicts)
+        database = pg_url.rsplit("/", 1)[1]
+        ended = postgres_server.psql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'keyrelay keystore'", database)
+        assert int(ended) >= 2
+        verdicts = await asyncio.gather(*(store.authenticate("a@acme.test", secret, "192.0.2.1")
+                                          for _ in range(8)))
+        assert all(isinstance(v, Identity) for v in verdicts), verdicts
+    finally:
+        await store.close()
