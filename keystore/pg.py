@@ -118,6 +118,23 @@ def to_pg(sql: str) -> str:
     return _PLACEHOLDER.sub(swap, sql).replace("group_concat(", "string_agg(")
 
 
+# TCP keepalives on every connection to the database: a database host that vanished
+# without a reset (power lost, a partition) is noticed in about 25 s on both sides, not
+# after the kernel's two hours: by the client (a put or a renew() would otherwise hang
+# past the lease) and by the server (which would otherwise keep a dead node's session, and
+# with it the node's lock on its name, refusing the node's own restart). The server-side
+# settings are session settings any role may set.
+_SERVER_KEEPALIVES = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
+
+
+def keepalives(url: str) -> dict[str, object]:
+    """Connection arguments adding both sides' keepalives to `url` (whose own `options`,
+    if any, are kept: they come after ours, so an operator's setting wins)."""
+    own = psycopg.conninfo.conninfo_to_dict(url).get("options")
+    return {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+            "options": f"{_SERVER_KEEPALIVES} {own}" if own else _SERVER_KEEPALIVES}
+
+
 async def open_pool(url: str, *, name: str, min_size: int = 1, max_size: int = 8,
                     timeout: float = 10.0, settings: dict[str, str] | None = None,
                     ) -> psycopg_pool.AsyncConnectionPool:
@@ -136,7 +153,7 @@ async def open_pool(url: str, *, name: str, min_size: int = 1, max_size: int = 8
 
     pool = psycopg_pool.AsyncConnectionPool(
         url, min_size=min_size, max_size=max_size, name=name, open=False, timeout=timeout,
-        kwargs={"autocommit": True, "application_name": f"keyrelay {name}"},
+        kwargs={"autocommit": True, "application_name": f"keyrelay {name}", **keepalives(url)},
         configure=configure if settings else None,
         # the pool doubles its wait between attempts until this many seconds, then starts
         # again from 1 s at the next request: left at its 300 s, a database back after an

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from keystore.pg import redact, scrub
+from keystore.pg import keepalives, redact, scrub
 
 __all__ = ["CHANNEL", "EVERYTHING", "KeyChanges"]
 
@@ -68,7 +68,7 @@ class KeyChanges:
             try:
                 async with await psycopg.AsyncConnection.connect(
                     self._url, autocommit=True, connect_timeout=5, application_name="keyrelay notify",
-                    keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                    **keepalives(self._url),
                 ) as conn:
                     self._conn = conn
                     await conn.execute(f"LISTEN {CHANNEL}")

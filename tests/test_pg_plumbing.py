@@ -50,3 +50,21 @@ async def test_relays_starting_at_once_migrate_once_and_newer_tables_are_refused
     finally:
         for p in pools:
             await p.close()
+
+
+async def test_connections_keep_alive_on_both_sides_and_keep_the_operators_options(pg_url):
+    """A database host that vanishes without a reset is noticed in seconds: the server
+    side's keepalives are session settings (so a dead node's session, and its lock on its
+    node name, is dropped), and an `options` the operator put in the URL still applies."""
+    url = f"{pg_url}?options=-c%20statement_timeout%3D4321"
+    pool = await pg.open_pool(url, name="test")
+    try:
+        async with pool.connection() as conn:
+            idle = await (await conn.execute("SHOW tcp_keepalives_idle")).fetchone()
+            own = await (await conn.execute("SHOW statement_timeout")).fetchone()
+            info = conn.info.get_parameters()
+        assert idle == ("10s",) or idle == ("10",)
+        assert own == ("4321ms",)
+        assert info.get("keepalives_idle") == "10"
+    finally:
+        await pool.close()

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import psycopg
 import psycopg_pool
 
-from keystore.pg import migrate, open_pool, redact, schema_version
+from keystore.pg import keepalives, migrate, open_pool, redact, schema_version
 from relay.queue.model import (
     POISON_LIMIT,
     AttemptRecord,
@@ -158,7 +158,8 @@ class PostgresQueueStore:
         """One relay per node name: a session-level advisory lock on a connection of its
         own, held until close() (or until the process dies and the server drops it)."""
         conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True,
-                                                     application_name=f"keyrelay queue lock {self.node}")
+                                                     application_name=f"keyrelay queue lock {self.node}",
+                                                     **keepalives(self.url))
         cur = await conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
                                  (f"keyrelay:queue-node:{self.node}",))
         row = await cur.fetchone()
