@@ -2,10 +2,13 @@
 queue's and the cluster-wide limits'.
 
 The driver is psycopg 3 (async, binary, with psycopg_pool), chosen by measurement:
-`bench/pg_drivers.py` on pinned cores gave the keystore's AUTH read a median of 541 µs
-against asyncpg's 705 µs, at 2832 against 2990 logins a second (the same within the
-noise); psycopg also speaks the `?`-style SQL we share with sqlite after one mechanical
-translation (`to_pg`), and has a sync API the tests and the CLI can use.
+`bench/pg_drivers.py` (the bench on core 0, the server on core 1) gave the keystore's AUTH
+read a median of 517-541 µs against asyncpg's 704-705 µs. With 32 logins in flight
+asyncpg did more (2990 vs 2832, then 4874 vs 3579 logins a second), but a relay's login
+waits for its one read, so latency is what a client feels, and either rate is far above
+what the relay's own CPU allows per core. psycopg also speaks the `?`-style SQL we share
+with sqlite after one mechanical translation (`to_pg`), has a sync API the tests and the
+CLI can use, and a pipeline mode (the queue's put() is one round trip).
 
 Each backend is a *component* with its own list of migrations, versioned in one table
 (`keyrelay_schema`), applied at open under a transaction-scoped advisory lock so that
