@@ -467,20 +467,24 @@ async def _check_keystore(config: Config, report: Report) -> None:
     try:
         await conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         ((version,),) = await conn.execute_fetchall("PRAGMA user_version")
-        current = len(MIGRATIONS)
-        if version > current:
-            report.problem(f"{where}: keystore schema version {version} is newer than this program "
-                           f"({current})")
-        elif version < current:
-            report.warning(f"{where}: keystore schema version {version}; the relay upgrades it to "
-                           f"{current} when it starts (routes in it are not checked until then)")
-        else:
+        if _schema_usable(report, where, version, len(MIGRATIONS)):
             database = SqliteDatabase(ks.path, conn, conn)
             await _check_routes_in_use(config, KeyStore(database, b"", ks.default_key_limit), report)
     except (sqlite3.Error, KeystoreUnavailable) as exc:
         report.problem(f"{where}: cannot read the keystore: {exc}")
     finally:
         await conn.close()
+
+
+def _schema_usable(report: Report, where: str, version: int, current: int) -> bool:
+    """Report a keystore schema newer (a problem) or older (the relay upgrades it) than this
+    program's; True when it is this program's, so its routes can be read."""
+    if version > current:
+        report.problem(f"{where}: keystore schema version {version} is newer than this program ({current})")
+    elif version < current:
+        report.warning(f"{where}: keystore schema version {version}; the relay upgrades it to "
+                       f"{current} when it starts (routes in it are not checked until then)")
+    return version == current
 
 
 async def _check_postgres_keystore(config: Config, url: str, report: Report) -> None:
@@ -497,16 +501,10 @@ async def _check_postgres_keystore(config: Config, url: str, report: Report) -> 
         report.problem(f"[keystore] url: cannot connect: {exc}")
         return
     try:
-        version, current = await database.schema_version(), len(pgschema.MIGRATIONS)
+        version = await database.schema_version()
         if version == 0:
             report.problem(f"{where}: no keystore tables in this database (run `keystore init`)")
-        elif version > current:
-            report.problem(f"{where}: keystore schema version {version} is newer than this program "
-                           f"({current})")
-        elif version < current:
-            report.warning(f"{where}: keystore schema version {version}; the relay upgrades it to "
-                           f"{current} when it starts (routes in it are not checked until then)")
-        else:
+        elif _schema_usable(report, where, version, len(pgschema.MIGRATIONS)):
             await _check_routes_in_use(config, KeyStore(database, b"", config.keystore.default_key_limit),
                                        report)
             await _check_pepper_recorded(config.keystore.pepper_file, database, report)
