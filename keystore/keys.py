@@ -134,6 +134,13 @@ def hash_secret(pepper: bytes, key_id: str, secret: str) -> bytes:
     return hmac.new(pepper, f"{key_id}:{secret}".encode("ascii"), hashlib.sha256).digest()
 
 
+def ledger_key(pepper: bytes) -> bytes:
+    """The key naming the AUTH throttle's shared counters (keystore/throttle.slot_digest):
+    derived from the pepper, so every node of a cluster has it and the database alone does
+    not, and apart from it, so the pepper itself is used for key hashes only."""
+    return hmac.new(pepper, b"keyrelay: auth-failure ledger", hashlib.sha256).digest()
+
+
 def create_pepper(path: Path) -> None:
     """Write a new random pepper, mode 0600 from the first byte, never overwriting one.
 

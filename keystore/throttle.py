@@ -79,10 +79,12 @@ def client_network(host: str) -> str:
     return str(address)
 
 
-def slot_digest(slot: Slot) -> bytes:
-    """A counter's name in the shared ledger: fixed-size, and no username in clear."""
+def slot_digest(slot: Slot, key: bytes = b"") -> bytes:
+    """A counter's name in the shared ledger: fixed-size, no username in clear, and keyed
+    (keys.ledger_key: from the pepper, the same on every node) so that whoever reads the
+    database cannot test a list of usernames and addresses against the names."""
     return hashlib.blake2b("\x00".join(slot).encode("utf-8", "backslashreplace"), digest_size=16,
-                           person=b"keyrelay-authfl").digest()
+                           key=key, person=b"keyrelay-authfl").digest()
 
 
 class _Window:
@@ -183,7 +185,7 @@ class FailureLimiter:
 
     def __init__(
         self, max_failures: int, window: float, *, max_failures_per_address: int | None = None,
-        max_entries: int = 100_000, ledger: FailureLedger | None = None,
+        max_entries: int = 100_000, ledger: FailureLedger | None = None, ledger_key: bytes = b"",
     ) -> None:
         if max_failures < 1:
             raise ValueError("max_failures must be at least 1")
@@ -194,6 +196,7 @@ class FailureLimiter:
         self._windows: OrderedDict[tuple[str, str, str], _Window] = OrderedDict()
         self._settled: asyncio.Event | None = None
         self._ledger = ledger
+        self._ledger_key = ledger_key  # names the ledger's counters (slot_digest)
         self._ledger_answers = True  # False from a failed read or write until one works (logged once)
         self._ledger_retry_at = 0.0
         self._writes: set[asyncio.Task[None]] = set()
@@ -261,9 +264,10 @@ class FailureLimiter:
         if self._ledger is None or time.monotonic() < self._ledger_retry_at:
             return None
         caps = self._caps(slots)
-        by_digest = {slot_digest(slot): slot for slot, _ in caps}
+        by_digest = {slot_digest(slot, self._ledger_key): slot for slot, _ in caps}
         try:
-            counts = await self._ledger.counts([(slot_digest(s), cap) for s, cap in caps], self.window)
+            counts = await self._ledger.counts([(slot_digest(s, self._ledger_key), cap) for s, cap in caps],
+                                               self.window)
         except LimitsUnavailable as exc:
             self._ledger_retry_at = time.monotonic() + LEDGER_RETRY_AFTER
             self._ledger_failed(exc)
@@ -293,7 +297,7 @@ class FailureLimiter:
     async def _add(self, slots: Sequence[Slot]) -> None:
         assert self._ledger is not None
         try:
-            await self._ledger.add([slot_digest(slot) for slot in slots], self.window)
+            await self._ledger.add([slot_digest(slot, self._ledger_key) for slot in slots], self.window)
         except LimitsUnavailable as exc:
             self._ledger_failed(exc)
         else:

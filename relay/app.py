@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from keystore import keys
 from keystore.opening import open_keystore
 from keystore.pg import PgError, is_postgres_url
 from keystore.pglimits import PgLimits
@@ -194,11 +195,14 @@ class Relay:
         self.metrics.watch_provider_health(self.health.snapshot)
         with _database_down("keystore"):
             self.limits = await open_cluster_limits(cfg)  # None: this relay's own, in memory
+        # the shared ledger's counters are named with a key from the pepper (keys.ledger_key)
+        ledger_key = keys.ledger_key(keys.load_pepper(ks.pepper_file)) if self.limits else b""
         self._authenticator = Authenticator(
             self.store,
             FailureLimiter(cfg.auth.max_failures, cfg.auth.failure_window,
                            max_failures_per_address=cfg.auth.address_ceiling,
-                           ledger=self.limits.ledger if self.limits else None),
+                           ledger=self.limits.ledger if self.limits else None,
+                           ledger_key=ledger_key),
             recheck_interval=cfg.auth.recheck_interval, metrics=self.metrics,
         )
         self._handler = RelayHandler(cfg, self._authenticator, self.queue, parts.signer, metrics=self.metrics,

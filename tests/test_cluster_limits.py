@@ -328,3 +328,29 @@ async def test_a_reload_applies_a_new_default_rate_to_the_shared_buckets(tmp_pat
         sent = [await asyncio.to_thread(smtplib_send, a, secret, f"m{n}") for n in (1, 2)]
         assert [code for code, _ in sent] == [250, 451]  # what was left is capped at the new rate
         await sink.wait_for(2)
+
+
+async def test_the_ledger_names_no_username_anyone_with_the_database_could_recompute(
+        tmp_path, sink, pg_url, postgres_server):
+    """The shared failure counters are named by a digest of (kind, client network,
+    username). Unkeyed, whoever reads the database (a backup, a replica) could test a list
+    of usernames and addresses against it; keyed with a key derived from the pepper (the
+    same on every node), the names say nothing without the pepper."""
+    from keystore import keys
+    from keystore.throttle import slot_digest
+
+    async with running_cluster(tmp_path, sink, pg_url) as (a, b):
+        await a.mailbox(ALICE)
+        client = await b.client()
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+            await client.login(ALICE, "rak_wrongwrongwrong_not-a-key")
+        client.close()
+        db = pg_url.rsplit("/", 1)[1]
+        count = "SELECT count(*) FROM keyrelay_auth_failure"
+        names = "SELECT encode(slot, 'hex') FROM keyrelay_auth_failure"
+        await wait_until(lambda: postgres_server.psql(count, db) != "0", 5, "the failure in the ledger")
+        stored = set(postgres_server.psql(names, db).split())
+        slot = ("user", "127.0.0.1", ALICE)
+        assert slot_digest(slot).hex() not in stored
+        key = keys.ledger_key(keys.load_pepper(tmp_path / "a" / "pepper"))
+        assert slot_digest(slot, key).hex() in stored
