@@ -318,3 +318,25 @@ async def test_a_pooled_connection_the_provider_closed_with_421_is_replaced_at_o
         await client.quit()
         second = (await h.sink.wait_for(2, timeout=3))[1]  # not an hour later
         assert second.rcpt_tos == ["carol@example.net"]
+
+
+async def test_a_swallowed_cancellation_does_not_hang_the_queues_stop(relay_with):
+    """On Python 3.11 asyncio.wait_for can swallow a cancellation that arrives as the
+    awaited call finishes (a lease renewal's look at its lock connection did): the renew
+    loop then went on, and the relay's stop waited for it forever (a CI run hung 13 min).
+    The queue's loops end at stop whatever their awaits did with the cancellation."""
+    async with relay_with(upstream_extra='\n[cluster]\nlease = "5s"\n') as h:
+        queue = h.relay.queue
+        called = asyncio.Event()
+
+        async def renew_that_swallows(owner: str) -> None:
+            called.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                return  # what wait_for did: the cancellation is gone
+
+        queue.store.renew = renew_that_swallows
+        await asyncio.wait_for(called.wait(), 10)  # every lease/3
+        async with asyncio.timeout(10):
+            await queue.stop()

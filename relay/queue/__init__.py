@@ -70,6 +70,7 @@ class Queue:
         self._tasks: list[asyncio.Task[None]] = []
         self._version: int | None = None
         self._stale = False  # a schedule read failed: read it again at the next look
+        self._stopping = asyncio.Event()  # set by stop(): the loops end at their next turn
         self._unrecorded = 0  # outcomes the spool has refused to store so far (a full disk)
 
     @classmethod
@@ -123,9 +124,16 @@ class Queue:
         self._scheduler.relimit(lambda lane: router.concurrency(lane) if router.knows(lane) else None)
 
     async def stop(self, timeout: float = 5.0) -> None:
+        """The loops end at their next turn even if an await inside them swallowed the
+        cancellation (asyncio.wait_for can, on Python 3.11, when the awaited call finishes
+        as the cancellation arrives); a loop still running after that is left, not awaited
+        for ever."""
+        self._stopping.set()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        _, stuck = await asyncio.wait(self._tasks, timeout=timeout) if self._tasks else (set(), set())
+        if stuck:
+            log.error("%d queue loop(s) did not stop at shutdown", len(stuck))
         await self._scheduler.stop(timeout)
 
     async def close(self) -> None:
@@ -143,8 +151,7 @@ class Queue:
 
     async def _follow(self) -> None:
         """Pick up what `relay queue` changed; this loop must outlive a bad disk moment."""
-        while True:
-            await asyncio.sleep(_FOLLOW_INTERVAL)
+        while not await self._stopped_within(_FOLLOW_INTERVAL):
             try:
                 changed, _ = await self.store.changed_elsewhere(self._version)
                 if changed or self._stale:
@@ -157,12 +164,22 @@ class Queue:
     async def _renew(self) -> None:
         """Keep our claims' leases (a shared queue): every lease/3, so two failed renewals
         in a row still leave a third before another node may take a delivery over."""
-        while True:
-            await asyncio.sleep(self._lease / 3)
+        while not await self._stopped_within(self._lease / 3):
             try:
                 await self.store.renew(self._owner)
             except Exception:
                 log.exception("cannot renew this node's claims in the queue; trying again shortly")
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        """Wait `seconds`; True as soon as stop() began (then the loop ends)."""
+        if self._stopping.is_set():
+            return True
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        except TimeoutError:
+            return False
+        return True
 
     # ------------------------------------------------------------ delivery
 

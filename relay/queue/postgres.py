@@ -178,12 +178,14 @@ class PostgresQueueStore:
         if conn is None:
             return
         try:
-            await asyncio.wait_for(conn.execute("SELECT 1"), self.lease / 6)
+            async with asyncio.timeout(self.lease / 6):  # not wait_for: it can swallow a cancellation
+                await conn.execute("SELECT 1")
             return
         except (psycopg.Error, TimeoutError):
             pass
         try:
-            await asyncio.wait_for(self._lock_node(), self.lease / 6)
+            async with asyncio.timeout(self.lease / 6):
+                await self._lock_node()
         except SpoolBusy as exc:
             log.error("this relay lost its node lock while the database was away, and %s", exc)
             return
