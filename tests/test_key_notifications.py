@@ -80,13 +80,13 @@ async def test_a_change_announced_during_a_recheck_is_not_cached_away(tmp_path):
         (key, secret) = await store.create_key(mailbox="a@acme.test", name="one", actor="t")
         auth = Authenticator(store, FailureLimiter(5, 60.0), recheck_interval=3600)
         identity = (await auth.login("a@acme.test", secret, "192.0.2.1")).identity
-        reading = asyncio.Event()
+        reading, announced = asyncio.Event(), asyncio.Event()
         real_recheck = store.recheck
 
         async def slow_recheck(who):
             verdict = await real_recheck(who)  # reads the key as still active
             reading.set()
-            await asyncio.sleep(0.05)  # the revoke and its notification land here
+            await announced.wait()  # the revoke and its notification land here
             return verdict
 
         store.recheck = slow_recheck
@@ -94,6 +94,7 @@ async def test_a_change_announced_during_a_recheck_is_not_cached_away(tmp_path):
         await reading.wait()
         await store.revoke_key(key.id, actor="t")
         auth.key_changed(f"key:{key.id}")
+        announced.set()
         assert await pending == identity  # that read was taken before the revoke
         store.recheck = real_recheck
         assert "revoked" in await auth.recheck(identity)
