@@ -20,8 +20,10 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from keystore.keys import PepperError
+from keystore.legacy import ACCEPTED
 from keystore.models import PERMISSIONS, ROLES, AdminToken, AuthKey, Mailbox, review_flags
 from keystore.opening import open_keystore, postgres_schema_version, where
+from keystore.passwdfile import read_dovecot_passwd, read_htpasswd
 from keystore.service import Actor, AdminService
 from keystore.store import KeystoreUnavailable, StoreError, control_character
 from relay.config import ConfigError, load_config, parse_duration, resolve_config_path
@@ -150,6 +152,9 @@ def _print_json(data: object) -> None:
 def _show_key(key: AuthKey) -> None:
     fields = [
         ("id", key.id), ("name", key.name), ("status", key.status), ("scope", key.scope),
+        ("kind", f"legacy password ({ACCEPTED.get(key.scheme or '', key.scheme)}), imported"
+                 if key.legacy else "auth key"),
+        ("replaced by key", key.replaced_by),
         ("permissions", " ".join(key.permissions)), ("owner", key.owner), ("note", key.note),
         ("route", key.route), ("rate limit", key.rate_limit),
         ("allowed from", " ".join(key.allow_from) or "anywhere"),
@@ -264,7 +269,7 @@ def _flags(key: AuthKey, now: float) -> str | None:
 async def _key_list(svc: AdminService, me: Actor, args, config) -> int:
     found = await svc.keys(
         me, mailbox=args.mailbox, workspace=args.workspace, search=args.search, status=args.status,
-        owner=args.owner,
+        owner=args.owner, kind=args.kind,
         unused_for=parse_duration(args.unused_for) if args.unused_for else None,
         not_rotated_for=parse_duration(args.not_rotated_for) if args.not_rotated_for else None,
     )
@@ -480,6 +485,83 @@ async def _token_revoke(svc: AdminService, me: Actor, args, config) -> int:
     return 0
 
 
+async def _import(svc: AdminService, me: Actor, args, config) -> int:
+    """`keystore import dovecot-passwd|htpasswd FILE`: legacy passwords (issue 13)."""
+    try:
+        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as exc:
+        raise Refused(f"{args.file}: {exc.strerror or exc}") from None
+    text = data.decode("utf-8", "surrogateescape")  # a line that is not UTF-8 is one bad line
+    read = read_dovecot_passwd if args.format == "dovecot-passwd" else read_htpasswd
+    entries, problems = read(text, domain=args.domain)
+    source = "stdin" if args.file == "-" else args.file
+    if not entries and not problems:
+        raise Refused(f"{source}: no users in it (expected {args.format} lines)")
+    report = await svc.import_legacy(me, entries, source=f"{args.format}:{source}", workspace=args.workspace,
+                                     problems=problems, skip_bad=args.skip_bad, dry_run=args.dry_run)
+    if args.json:
+        _print_json({**dataclasses.asdict(report), "problems": [str(p) for p in report.problems],
+                     "dry_run": args.dry_run})
+        return 0
+    for problem in report.problems:
+        print(f"keystore: skipped {problem}", file=sys.stderr)
+    verb = "would import" if args.dry_run else "imported"
+    print(f"{verb} from {source}: {len(report.created)} legacy password(s) created, "
+          f"{len(report.updated)} updated, {len(report.unchanged)} unchanged, "
+          f"{len(report.mailboxes_created)} new mailbox(es)"
+          + (f", {len(report.problems)} line(s) skipped" if report.problems else ""))
+    if report.retired:
+        print(f"not given back (retired here already): {', '.join(report.retired)}")
+    if args.dry_run:
+        print("dry run: nothing was changed")
+    else:
+        print("Users log in with their mailbox address and their old password; "
+              "`keystore legacy list` shows who still does.")
+    return 0
+
+
+def _legacy_state(key: AuthKey, now: float) -> str:
+    if key.status == "revoked":
+        return "retired"
+    if key.expires is not None and key.expires <= now:
+        return "ended"
+    return key.status
+
+
+async def _legacy_list(svc: AdminService, me: Actor, args, config) -> int:
+    found = await svc.legacy_passwords(me, workspace=args.workspace)
+    now = time.time()
+    if not args.all:
+        found = [k for k in found if k.status != "revoked"]
+    if args.json:
+        _print_json([{**_key_json(k), "state": _legacy_state(k, now)} for k in found])
+        return 0
+    _table(["MAILBOX", "ID", "SCHEME", "STATE", "DEADLINE", "LAST USED", "LAST CLIENT", "NEW KEY"],
+           [[k.mailbox, k.id, ACCEPTED.get(k.scheme or "", k.scheme), _legacy_state(k, now),
+             _when(k.expires), _when(k.last_used), k.last_ip, k.replaced_by] for k in found])
+    return 0
+
+
+async def _legacy_expire(svc: AdminService, me: Actor, args, config) -> int:
+    deadline = (time.time() + parse_duration(args.after)) if args.after else parse_iso(args.at)
+    changed = await svc.expire_legacy(me, deadline, workspace=args.workspace, mailbox=args.mailbox)
+    if args.json:
+        _print_json([_key_json(k) for k in changed])
+        return 0
+    print(f"{len(changed)} legacy password(s) stop working at {_when(deadline)}; after that, their "
+          "users are told to use an auth key")
+    return 0
+
+
+async def _legacy_convert(svc: AdminService, me: Actor, args, config) -> int:
+    legacy, key, secret = await svc.convert_legacy(me, args.mailbox, name=args.name)
+    _print_secret(key, secret, args, "created")
+    if not args.json:
+        print(f"The legacy password ({legacy.id}) keeps working until this key is first used; "
+              "then it is retired.")
+    return 0
+
+
 async def _serve(svc: AdminService, me: Actor, args, config) -> int:
     from keystore.http import serve  # the HTTP stack loads only for this command
 
@@ -554,6 +636,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--search", metavar="TEXT", help="in name, owner, note, mailbox, workspace")
     p.add_argument("--owner", metavar="WHO")
     p.add_argument("--status", metavar="S", choices=["active", "disabled", "revoked"])
+    p.add_argument("--kind", choices=["key", "legacy"],
+                   help="auth keys only, or imported legacy passwords only (FLAGS marks them 'legacy')")
     p.add_argument("--unused-for", metavar="DURATION",
                    help="active keys not used for this long (e.g. 30d), never-used ones from creation")
     p.add_argument("--not-rotated-for", metavar="DURATION",
@@ -654,6 +738,43 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("serve", help="the admin HTTP API and web console ([admin] listen)")
     p.add_argument("--listen", metavar="HOST:PORT", help="instead of [admin] listen (port 0: any free)")
     p.set_defaults(handler=_serve)
+
+    p = commands.add_parser("import", help="import legacy passwords from Dovecot or htpasswd "
+                            "(moving in from Postfix + Dovecot)")
+    p.add_argument("format", choices=["dovecot-passwd", "htpasswd"])
+    p.add_argument("file", help="the password file ('-': standard input)")
+    p.add_argument("--workspace", metavar="W",
+                   help="for the mailboxes it creates (default: a workspace named after each domain)")
+    p.add_argument("--domain", metavar="D", help="for users written without one (alice -> alice@D)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="import the good lines even if some are refused (default: nothing is imported)")
+    p.add_argument("--dry-run", action="store_true", help="report what would be done; change nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_import)
+
+    legacy = commands.add_parser("legacy", help="imported legacy passwords: who uses them, "
+                                 "deadlines, conversion to keys").add_subparsers(
+        dest="legacy_command", required=True, metavar="ACTION")
+    p = legacy.add_parser("list", help="legacy passwords with their last use and client address")
+    p.add_argument("--workspace", metavar="W")
+    p.add_argument("--all", action="store_true", help="retired ones too")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_legacy_list)
+    p = legacy.add_parser("expire", help="a deadline after which legacy passwords stop working")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--after", metavar="DURATION", help="from now, e.g. 30d")
+    when.add_argument("--at", metavar="ISO-DATE")
+    p.add_argument("--workspace", metavar="W")
+    p.add_argument("--mailbox", metavar="ADDRESS")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_legacy_expire)
+    p = legacy.add_parser("convert", help="give a mailbox a key; its password is retired at the "
+                          "key's first use")
+    p.add_argument("mailbox")
+    p.add_argument("--name", default="converted from legacy password",
+                   help="the new key's name: the tool that will use it (e.g. 'Thunderbird')")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_legacy_convert)
 
     p = commands.add_parser("backup", help="online, consistent copy of the keystore")
     p.add_argument("path")

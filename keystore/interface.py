@@ -18,11 +18,15 @@ key stays revoked, limits, suspension) in the backend, roles in the service.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from keystore.legacy import BadLine, LegacyEntry
 from keystore.models import AdminToken, AuditEvent, AuthKey, Identity, Mailbox, Reason, Workspace
+
+if TYPE_CHECKING:
+    from keystore.store import LegacyImport
 
 __all__ = ["AdminStore", "AuthStore"]
 
@@ -33,10 +37,13 @@ class AuthStore(Protocol):
     answer in the same time whether the key or mailbox exist (see store.py)."""
 
     async def close(self) -> None: ...
-    async def authenticate(self, username: str, secret: str, client_ip: str) -> Identity | Reason: ...
+    async def authenticate(self, username: str, secret: str, client_ip: str, *,
+                           slow_ok: bool = True) -> Identity | Reason: ...
     async def recheck(self, identity: Identity) -> Identity | Reason: ...
     async def flush_uses(self) -> None: ...
     async def routes_in_use(self) -> dict[str, list[str]]: ...
+    def configure_legacy(self, *, workers: int, queue: int,
+                         observer: Callable[[str, str], None] | None = None) -> None: ...
 
 
 @runtime_checkable
@@ -63,7 +70,7 @@ class AdminStore(AuthStore, Protocol):
         self, *, mailbox: str | None = None, workspace: str | None = None,
         search: str | None = None, status: str | None = None, owner: str | None = None,
         unused_for: float | None = None, not_rotated_for: float | None = None,
-        workspaces: Iterable[str] | None = None,
+        workspaces: Iterable[str] | None = None, kind: str | None = None,
     ) -> list[AuthKey]: ...
     async def update_key(self, key_id: str, changes: Mapping[str, object], *, actor: str) -> AuthKey: ...
     async def revoke_keys(
@@ -93,3 +100,15 @@ class AdminStore(AuthStore, Protocol):
         workspaces: Iterable[str] | None = None, limit: int | None = None,
     ) -> list[AuditEvent]: ...
     async def backup(self, target: Path) -> None: ...
+    async def import_legacy(
+        self, entries: Sequence[LegacyEntry], *, source: str, actor: str,
+        workspace: str | None = None, problems: Sequence[BadLine] = (), skip_bad: bool = False,
+        dry_run: bool = False,
+    ) -> LegacyImport: ...
+    async def expire_legacy(
+        self, deadline: float, *, actor: str, workspace: str | None = None,
+        mailbox: str | None = None, workspaces: Iterable[str] | None = None,
+    ) -> list[AuthKey]: ...
+    async def convert_legacy(
+        self, mailbox: str, *, actor: str, name: str = "converted from legacy password",
+    ) -> tuple[AuthKey, AuthKey, str]: ...

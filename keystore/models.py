@@ -48,6 +48,11 @@ class Reason(enum.StrEnum):
     NO_SEND_PERMISSION = "no_send_permission"
     ROTATED = "rotated"  # only from recheck: the secret a session logged in with is no longer valid
     NOT_ALLOWED_FROM = "not_allowed_from"  # the client's address is outside the key's allow-from
+    # legacy passwords (issue 13), with the right password: revoked, disabled or past the
+    # deadline of `keystore legacy expire` (the reply tells the client to use an auth key);
+    # and, from recheck only, a session whose password was changed by a re-import
+    PASSWORD_RETIRED = "password_retired"  # noqa: S105 (a reason, not a password)
+    PASSWORD_CHANGED = "password_changed"  # noqa: S105
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,6 +73,8 @@ class Identity:
     # The address the session logged in from: a recheck judges it against the key's
     # allow-from as it stands then, so narrowing the list ends sessions outside it.
     client_ip: str = field(default="", compare=False)
+    # logged in with an imported legacy password (key_id is that credential's id), not a key
+    legacy: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,6 +100,7 @@ class Mailbox:
     created: float
     keys: int  # keys scoped to this mailbox
     workspace_keys: int = 0  # keys scoped to its workspace: they can log in as it too
+    legacy_password: bool = False  # has an imported legacy password not yet revoked
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,6 +127,15 @@ class AuthKey:
     last_failed: float | None = None
     last_failed_ip: str | None = None
     last_failed_reason: str | None = None
+    # "key", or "legacy": a password hash imported from Dovecot or htpasswd (issue 13),
+    # with its libpass scheme and the key of `keystore legacy convert` that retires it
+    kind: str = "key"
+    scheme: str | None = None
+    replaced_by: str | None = None
+
+    @property
+    def legacy(self) -> bool:
+        return self.kind == "legacy"
 
     @property
     def scope(self) -> str:
@@ -154,13 +171,15 @@ class AdminToken:
 
 
 def review_flags(key: AuthKey, now: float) -> tuple[str, ...]:
-    """What a review of keys should look at: "unused", "rotation-due". Only keys that could
-    log in (active, not expired), as the `--unused-for` / `--not-rotated-for` reports."""
+    """What a review of keys should look at: "legacy" (an imported password: always
+    shown, so every listing tells it from a key), then, only for credentials that could
+    log in (active, not expired), as the `--unused-for` / `--not-rotated-for` reports:
+    "unused", "rotation-due" (keys only: a legacy password is not rotated, it is converted)."""
+    flags = ["legacy"] if key.legacy else []
     if key.status != "active" or (key.expires is not None and key.expires <= now):
-        return ()
-    flags = []
+        return tuple(flags)
     if (key.last_used or key.created) <= now - UNUSED_AFTER:
         flags.append("unused")
-    if (key.rotated or key.created) <= now - ROTATION_DUE_AFTER:
+    if not key.legacy and (key.rotated or key.created) <= now - ROTATION_DUE_AFTER:
         flags.append("rotation-due")
     return tuple(flags)

@@ -157,4 +157,16 @@ MIGRATIONS: list[str] = [
         recorded double precision NOT NULL
     );
     """,
+    # 3: legacy passwords (issue 13), as the sqlite schema's migration 5 (keystore/schema.py
+    # says what each column holds); a change of the hash tells every relay, as a key's does
+    """
+    ALTER TABLE auth_key ADD COLUMN kind text NOT NULL DEFAULT 'key' CHECK (kind IN ('key', 'legacy'));
+    ALTER TABLE auth_key ADD COLUMN scheme text;
+    ALTER TABLE auth_key ADD COLUMN password_hash text;
+    ALTER TABLE auth_key ADD COLUMN replaced_by text COLLATE "C";
+    CREATE UNIQUE INDEX auth_key_one_legacy ON auth_key(mailbox_id)
+        WHERE kind = 'legacy' AND status <> 'revoked';
+    CREATE INDEX auth_key_legacy ON auth_key(kind) WHERE kind = 'legacy';
+    CREATE INDEX auth_key_replaced_by ON auth_key(replaced_by) WHERE replaced_by IS NOT NULL;
+    """,
 ]

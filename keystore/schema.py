@@ -121,6 +121,23 @@ MIGRATIONS: list[str] = [
         revoked_at REAL
     );
     """,
+    # 5: legacy passwords (issue 13): hashes imported from a Dovecot passwd-file or an
+    # htpasswd file (keystore/legacy.py), kept as they are. They live beside the keys, as
+    # credentials of kind 'legacy', so every rule of a key holds for them (status, expiry:
+    # the deadline of `keystore legacy expire`, suspension, allow-from, rate limit, the
+    # re-check) and every listing shows them. secret_hash holds a keyed fingerprint of the
+    # stored hash (legacy.fingerprint); replaced_by names the key of `keystore legacy
+    # convert`, whose first use retires the password. One live password per mailbox.
+    """
+    ALTER TABLE auth_key ADD COLUMN kind TEXT NOT NULL DEFAULT 'key' CHECK (kind IN ('key', 'legacy'));
+    ALTER TABLE auth_key ADD COLUMN scheme TEXT;
+    ALTER TABLE auth_key ADD COLUMN password_hash TEXT;
+    ALTER TABLE auth_key ADD COLUMN replaced_by TEXT;
+    CREATE UNIQUE INDEX auth_key_one_legacy ON auth_key(mailbox_id)
+        WHERE kind = 'legacy' AND status != 'revoked';
+    CREATE INDEX auth_key_legacy ON auth_key(kind) WHERE kind = 'legacy';
+    CREATE INDEX auth_key_replaced_by ON auth_key(replaced_by) WHERE replaced_by IS NOT NULL;
+    """,
 ]
 
 

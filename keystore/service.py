@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keystore.interface import AdminStore
+from keystore.legacy import BadLine, LegacyEntry
 from keystore.models import ROLES, AdminToken, AuditEvent, AuthKey, Mailbox, Workspace
-from keystore.store import NotFound, StoreError
+from keystore.store import LegacyImport, NotFound, StoreError
 
 __all__ = ["Actor", "AdminService", "Forbidden"]
 
@@ -132,14 +133,16 @@ class AdminService:
         self, actor: Actor, *, mailbox: str | None = None, workspace: str | None = None,
         search: str | None = None, status: str | None = None, owner: str | None = None,
         unused_for: float | None = None, not_rotated_for: float | None = None,
+        kind: str | None = None,
     ) -> list[AuthKey]:
-        """Keys matching every filter; `mailbox`: every key able to log in as it."""
+        """Keys (and legacy passwords, marked by `kind`) matching every filter; `mailbox`:
+        every key able to log in as it."""
         if mailbox is not None:
             await self.mailbox(actor, mailbox)  # NotFound, rather than an empty list
         return await self.store.list_keys(
             mailbox=mailbox, workspace=workspace, search=search, status=status, owner=owner,
             unused_for=unused_for, not_rotated_for=not_rotated_for,
-            workspaces=None if actor.workspaces is None else sorted(actor.workspaces),
+            workspaces=None if actor.workspaces is None else sorted(actor.workspaces), kind=kind,
         )
 
     async def key(self, actor: Actor, key_id: str) -> AuthKey:
@@ -295,6 +298,39 @@ class AdminService:
         caller cannot tell which, nor should anyone it answers)."""
         token = await self.store.verify_token(presented, client_ip)
         return None if token is None else Actor.from_token(token)
+
+    # ------------------------------------------------------ legacy passwords
+
+    async def import_legacy(
+        self, actor: Actor, entries: Sequence[LegacyEntry], *, source: str,
+        workspace: str | None = None, problems: Sequence[BadLine] = (), skip_bad: bool = False,
+        dry_run: bool = False,
+    ) -> LegacyImport:
+        """An owner's: it creates workspaces and mailboxes across the keystore."""
+        self._require(actor, "owner", "importing legacy passwords")
+        return await self.store.import_legacy(
+            entries, source=source, actor=actor.name, workspace=workspace, problems=problems,
+            skip_bad=skip_bad, dry_run=dry_run)
+
+    async def legacy_passwords(self, actor: Actor, *, workspace: str | None = None,
+                               status: str | None = None) -> list[AuthKey]:
+        return await self.keys(actor, workspace=workspace, status=status, kind="legacy")
+
+    async def expire_legacy(self, actor: Actor, deadline: float, *, workspace: str | None = None,
+                            mailbox: str | None = None) -> list[AuthKey]:
+        self._require(actor, "editor", "setting a deadline for legacy passwords")
+        if workspace is not None:
+            await self.workspace(actor, workspace)  # NotFound for one it cannot see
+        if mailbox is not None:
+            await self.mailbox(actor, mailbox)
+        return await self.store.expire_legacy(
+            deadline, actor=actor.name, workspace=workspace, mailbox=mailbox,
+            workspaces=None if actor.workspaces is None else sorted(actor.workspaces))
+
+    async def convert_legacy(self, actor: Actor, mailbox: str, *,
+                             name: str = "converted from legacy password") -> tuple[AuthKey, AuthKey, str]:
+        await self._editable_mailbox(actor, mailbox, "converting a legacy password")
+        return await self.store.convert_legacy(mailbox, actor=actor.name, name=name)
 
     # ---------------------------------------------------------------- other
 

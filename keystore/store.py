@@ -27,12 +27,15 @@ import math
 import re
 import time
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from keystore import keys, networks
 from keystore.errors import Conflict, KeystoreUnavailable, NotFound, StoreError
+from keystore.legacy import ACCEPTED, LEGACY_FAILURE_FLOOR, BadLine, LegacyEntry, LegacyVerifier
+from keystore.legacy import fingerprint as legacy_fingerprint
 from keystore.models import (
     PERMISSIONS,
     ROLES,
@@ -48,7 +51,8 @@ from keystore.models import (
 from keystore.sqldb import Database, Executor
 from keystore.sqlitedb import SqliteDatabase
 
-__all__ = ["Conflict", "KeyStore", "KeystoreUnavailable", "NotFound", "StoreError", "normalize_address"]
+__all__ = ["Conflict", "KeyStore", "KeystoreUnavailable", "LegacyImport", "NotFound", "StoreError",
+           "normalize_address"]
 
 # no control characters in the local part: a NUL, which AUTH LOGIN's username may carry,
 # is no text PostgreSQL can compare (the login would fail as "keystore unavailable")
@@ -84,23 +88,40 @@ def normalize_address(address: str) -> str:
     return canonical_address(address)
 
 
-_AUTH_SQL = """
+_AUTH_COLUMNS = """
 SELECT k.id, k.status, k.expires, k.secret_hash, k.prev_hash, k.prev_valid_until,
        k.permissions, k.route, k.mailbox_id, k.workspace_id, k.rate_limit,
        m.id, m.address, CASE WHEN w.status = 'suspended' THEN 'suspended' ELSE m.status END,
        m.workspace_id, m.route, w.name,
        (SELECT group_concat(a.address, ' ') FROM alias a WHERE a.mailbox_id = m.id),
-       k.allow_from
+       k.allow_from, k.kind
+"""
+_AUTH_SQL = _AUTH_COLUMNS + """
 FROM (SELECT ? AS kid, ? AS address) q
 LEFT JOIN auth_key k ON k.id = q.kid
 LEFT JOIN mailbox m ON m.address = q.address
+LEFT JOIN workspace w ON w.id = m.workspace_id
+"""
+# A login with a password that is not key-shaped: the mailbox's legacy password (its live
+# one, else its newest retired one: the right password then hears "use an auth key"), and
+# whether the keystore holds any legacy password at all (if not, a refusal need not be
+# padded to legacy.LEGACY_FAILURE_FLOOR: there is no hash whose time could tell anything).
+_LEGACY_SQL = _AUTH_COLUMNS + """,
+       k.scheme, k.password_hash,
+       EXISTS (SELECT 1 FROM auth_key l WHERE l.kind = 'legacy')
+FROM (SELECT ? AS address) q
+LEFT JOIN mailbox m ON m.address = q.address
+LEFT JOIN auth_key k ON k.id = (SELECT l.id FROM auth_key l WHERE l.mailbox_id = m.id
+                                AND l.kind = 'legacy' ORDER BY l.status = 'revoked', l.created DESC
+                                LIMIT 1)
 LEFT JOIN workspace w ON w.id = m.workspace_id
 """
 
 _KEY_SQL = """
 SELECT k.id, k.name, k.owner, k.note, w.name, m.address, k.permissions, k.status, k.created,
        k.expires, k.rotated, k.prev_valid_until, k.last_used, k.last_ip, k.route, k.rate_limit,
-       k.allow_from, k.last_failed, k.last_failed_ip, k.last_failed_reason
+       k.allow_from, k.last_failed, k.last_failed_ip, k.last_failed_reason, k.kind, k.scheme,
+       k.replaced_by
 FROM auth_key k JOIN workspace w ON w.id = k.workspace_id
 LEFT JOIN mailbox m ON m.id = k.mailbox_id
 """
@@ -109,8 +130,10 @@ _MAILBOX_SQL = """
 SELECT m.address, w.name,
        (SELECT group_concat(a.address, ' ') FROM alias a WHERE a.mailbox_id = m.id),
        m.status, m.suspended_reason, m.suspended_at, m.route, m.created,
-       (SELECT count(*) FROM auth_key k WHERE k.mailbox_id = m.id),
-       (SELECT count(*) FROM auth_key k WHERE k.mailbox_id IS NULL AND k.workspace_id = w.id)
+       (SELECT count(*) FROM auth_key k WHERE k.mailbox_id = m.id AND k.kind = 'key'),
+       (SELECT count(*) FROM auth_key k WHERE k.mailbox_id IS NULL AND k.workspace_id = w.id),
+       EXISTS (SELECT 1 FROM auth_key k WHERE k.mailbox_id = m.id AND k.kind = 'legacy'
+               AND k.status != 'revoked')
 FROM mailbox m JOIN workspace w ON w.id = m.workspace_id
 """
 
@@ -125,6 +148,7 @@ class KeyStore:
         self._uses: dict[str, tuple[float, str]] = {}
         self._failures: dict[str, tuple[float, str, str]] = {}
         self._use_flusher: asyncio.Task[None] | None = None
+        self.legacy = LegacyVerifier()  # the relay sizes it ([auth] legacy_*: configure_legacy)
 
     @classmethod
     async def open(
@@ -147,7 +171,13 @@ class KeyStore:
         if self._use_flusher is not None:
             self._use_flusher.cancel()
         await self.flush_uses()
+        self.legacy.close()
         await self._db.close()
+
+    def configure_legacy(self, *, workers: int, queue: int,
+                         observer: Callable[[str, str], None] | None = None) -> None:
+        """How many legacy-password verifications may run at once, and wait (legacy.py)."""
+        self.legacy.configure(workers=workers, queue=queue, observer=observer)
 
     async def _rows(self, sql: str, params: Iterable[object] = (), *, login: bool = False) -> list[tuple]:
         """One statement's rows; `login`: on the login path's read (see the docstring)."""
@@ -161,27 +191,53 @@ class KeyStore:
 
     # ---------------------------------------------------------------- logins
 
-    async def authenticate(self, username: str, secret: str, client_ip: str) -> Identity | Reason:
-        """Decide one login: the identity, or why not (see the module docstring)."""
+    async def authenticate(self, username: str, secret: str, client_ip: str, *,
+                           slow_ok: bool = True) -> Identity | Reason:
+        """Decide one login: the identity, or why not (see the module docstring). A secret
+        that is not key-shaped is checked as the mailbox's legacy password, if it has one;
+        `slow_ok=False` (an address over its AUTH ceiling): only against the legacy cache,
+        never by computing a hash."""
         parsed = keys.parse_key(secret)
-        if parsed is None:
-            return Reason.BAD_CREDENTIALS
         try:
             address = normalize_address(username)
         except StoreError:
             address = ""
+        if parsed is None:
+            return await self._authenticate_legacy(address, secret, client_ip, slow_ok)
         (row,) = await self._rows(_AUTH_SQL, (parsed.key_id, address), login=True)
         now = time.time()
         presented = keys.hash_secret(self._pepper, parsed.key_id, parsed.secret)
-        if not _secret_valid(row, presented, now) or row[0] is None:
+        if not _secret_valid(row, presented, now) or row[0] is None or row[19] != "key":
             return Reason.BAD_CREDENTIALS
+        return self._settle(row, now, presented, client_ip)
+
+    async def _authenticate_legacy(self, address: str, password: str, client_ip: str,
+                                   slow_ok: bool) -> Identity | Reason:
+        """A legacy password (legacy.py). The hash is checked off the event loop, at most
+        so many at once (LegacyBusy, a KeystoreUnavailable: 454, try later); a refusal is
+        answered no sooner than LEGACY_FAILURE_FLOOR after the AUTH whenever the keystore
+        holds legacy passwords, so the time of a 535 does not tell which mailboxes have one."""
+        started = time.monotonic()
+        (row,) = await self._rows(_LEGACY_SQL, (address,), login=True)
+        fingerprint = bytes(row[3]) if row[3] is not None else _DUMMY_HASH
+        matched = row[0] is not None and bool(password) and await self.legacy.verify(
+            row[0], fingerprint, row[20], row[21], password, slow_ok=slow_ok)
+        if matched:
+            return self._settle(row, time.time(), fingerprint, client_ip)
+        if row[22]:
+            await asyncio.sleep(started + LEGACY_FAILURE_FLOOR - time.monotonic())
+        return Reason.BAD_CREDENTIALS
+
+    def _settle(self, row: tuple, now: float, presented: bytes, client_ip: str) -> Identity | Reason:
+        """The verdict on a login whose secret (or password) was right, noted as the
+        credential's last use or last failed use."""
         outcome = self._judge(row, now, presented, client_ip)
         if isinstance(outcome, Identity):
-            self._remember_use(parsed.key_id, now, client_ip)
+            self._remember_use(row[0], now, client_ip)
         elif outcome is not Reason.BAD_CREDENTIALS:
             # the right secret, refused (revoked, from outside its allow-from, ...): the
             # key's owner sees it as the key's last failed use
-            self._remember_use(parsed.key_id, now, client_ip, failed=outcome)
+            self._remember_use(row[0], now, client_ip, failed=outcome)
         return outcome
 
     async def recheck(self, identity: Identity) -> Identity | Reason:
@@ -194,20 +250,23 @@ class KeyStore:
         now = time.time()
         outcome = self._judge(row, now, identity.secret_hash, identity.client_ip)
         if isinstance(outcome, Identity) and not _secret_valid(row, identity.secret_hash, now):
-            return Reason.ROTATED
+            return Reason.PASSWORD_CHANGED if outcome.legacy else Reason.ROTATED
         return outcome
 
     @staticmethod
     def _judge(row: tuple, now: float, secret_hash: bytes, client_ip: str) -> Identity | Reason:
         (key_id, status, expires, _, _, _, perms, key_route, key_mailbox, key_ws, rate_limit,
          mailbox_id, address, mailbox_status, mailbox_ws, mailbox_route, ws_name, aliases,
-         allow_from) = row
+         allow_from, kind) = row[:20]
         in_scope = mailbox_id is not None and (
             key_mailbox == mailbox_id if key_mailbox is not None else key_ws == mailbox_ws
         )
         if not in_scope:
             return Reason.BAD_CREDENTIALS
         permissions = frozenset(perms.split())
+        legacy = kind == "legacy"
+        if legacy and (status != "active" or (expires is not None and now >= expires)):
+            return Reason.PASSWORD_RETIRED  # the reply points to auth keys
         if status == "revoked":
             return Reason.REVOKED
         if status == "disabled":
@@ -230,6 +289,7 @@ class KeyStore:
             rate_limit=rate_limit,
             secret_hash=secret_hash,
             client_ip=client_ip,
+            legacy=legacy,
         )
 
     def _remember_use(
@@ -267,6 +327,8 @@ class KeyStore:
                 "WHERE id = ?",
                 [(when, ip, reason, key_id) for key_id, (when, ip, reason) in failures.items()],
             )
+            if uses:
+                await self._retire_converted()
         except (KeystoreUnavailable, Conflict):
             pass  # last-use bookkeeping must never turn a valid login into a failure
 
@@ -416,22 +478,34 @@ class KeyStore:
                 ws_id = ws_rows[0][0]
             else:
                 ws_id = await self._workspace_id(conn, workspace, create=False)
-            await self._check_not_suspended(conn, ws_id, mailbox_id)
-            await self._check_key_limit(conn, ws_id)
-            await conn.execute(
-                "INSERT INTO auth_key (id, name, owner, note, workspace_id, mailbox_id, "
-                "permissions, status, created, expires, secret_hash, route, rate_limit, allow_from) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?)",
-                (key_id, name.strip(), owner, note, ws_id, mailbox_id, " ".join(perms),
-                 time.time(), expires, keys.hash_secret(self._pepper, key_id, secret), route,
-                 rate_limit, allowed),
-            )
-            record = await self._key(conn, key_id)
-            await self._audit(conn, actor, "key.create", key_id=key_id, mailbox=record.mailbox,
-                              detail=f"name={record.name!r} scope={record.scope} "
-                                     f"permissions={','.join(perms)}"
-                                     + (f" allow_from={','.join(record.allow_from)}" if allowed else ""))
+            record = await self._insert_key(
+                conn, key_id=key_id, secret=secret, name=name, ws_id=ws_id, mailbox_id=mailbox_id,
+                perms=perms, owner=owner, note=note, expires=expires, route=route,
+                rate_limit=rate_limit, allowed=allowed, actor=actor)
         return record, full
+
+    async def _insert_key(
+        self, conn: Executor, *, key_id: str, secret: str, name: str, ws_id: int,
+        mailbox_id: int | None, perms: tuple[str, ...], owner: object, note: object,
+        expires: object, route: object, rate_limit: object, allowed: object, actor: str,
+    ) -> AuthKey:
+        """A new key, its settings already checked, in the caller's transaction."""
+        await self._check_not_suspended(conn, ws_id, mailbox_id)
+        await self._check_key_limit(conn, ws_id)
+        await conn.execute(
+            "INSERT INTO auth_key (id, name, owner, note, workspace_id, mailbox_id, "
+            "permissions, status, created, expires, secret_hash, route, rate_limit, allow_from) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?)",
+            (key_id, name.strip(), owner, note, ws_id, mailbox_id, " ".join(perms),
+             time.time(), expires, keys.hash_secret(self._pepper, key_id, secret), route,
+             rate_limit, allowed),
+        )
+        record = await self._key(conn, key_id)
+        await self._audit(conn, actor, "key.create", key_id=key_id, mailbox=record.mailbox,
+                          detail=f"name={record.name!r} scope={record.scope} "
+                                 f"permissions={','.join(perms)}"
+                                 + (f" allow_from={','.join(record.allow_from)}" if allowed else ""))
+        return record
 
     @staticmethod
     async def _check_not_suspended(
@@ -452,8 +526,8 @@ class KeyStore:
 
     async def _check_key_limit(self, conn: Executor, ws_id: int) -> None:
         rows = await conn.fetch(
-            "SELECT w.name, w.key_limit, (SELECT count(*) FROM auth_key k "
-            "WHERE k.workspace_id = w.id AND k.status = 'active' AND (k.expires IS NULL OR k.expires > ?)) "
+            "SELECT w.name, w.key_limit, (SELECT count(*) FROM auth_key k WHERE k.workspace_id = w.id "
+            "AND k.kind = 'key' AND k.status = 'active' AND (k.expires IS NULL OR k.expires > ?)) "
             "FROM workspace w WHERE w.id = ?",
             (time.time(), ws_id),
         )
@@ -481,9 +555,10 @@ class KeyStore:
         self, *, mailbox: str | None = None, workspace: str | None = None,
         search: str | None = None, status: str | None = None, owner: str | None = None,
         unused_for: float | None = None, not_rotated_for: float | None = None,
-        workspaces: Iterable[str] | None = None,
+        workspaces: Iterable[str] | None = None, kind: str | None = None,
     ) -> list[AuthKey]:
-        """Keys matching every filter given. `mailbox`: every key able to log in as it,
+        """Keys and legacy passwords (`kind`: "key" or "legacy" for one of them) matching
+        every filter given. `mailbox`: every key able to log in as it,
         its own and its workspace's (workspace keys have `mailbox` None, scope workspace:W).
         `unused_for` / `not_rotated_for` (seconds): active, unexpired keys not used (or not
         rotated) for that long, counting from their creation when never; `workspaces`: only keys
@@ -514,6 +589,11 @@ class KeyStore:
         if workspace is not None:
             clauses.append("w.name = ?")
             params.append(workspace)
+        if kind is not None:
+            if kind not in ("key", "legacy"):
+                raise StoreError(f"unknown kind {kind!r} (use key, legacy)")
+            clauses.append("k.kind = ?")
+            params.append(kind)
         if status is not None:
             if status not in _KEY_STATUSES:
                 raise StoreError(f"unknown status {status!r} (use {', '.join(_KEY_STATUSES)})")
@@ -650,6 +730,9 @@ class KeyStore:
             raise StoreError(f"a grace period is at most {MAX_GRACE / 86400:.0f} days")
         async with self._transaction() as conn:
             record = await self._key(conn, key_id)
+            if record.legacy:
+                raise Conflict(f"{key_id} is a legacy password: it is not rotated; give its mailbox "
+                               f"a key instead (keystore legacy convert {record.mailbox})")
             if record.status == "revoked":
                 raise Conflict(f"key {key_id} is revoked and cannot be rotated")
             full, secret = keys.generate_key(key_id)
@@ -700,12 +783,190 @@ class KeyStore:
             used.setdefault(route, []).append(where)
         return used
 
+    # ------------------------------------------------------- legacy passwords
+
+    async def import_legacy(
+        self, entries: Sequence[LegacyEntry], *, source: str, actor: str,
+        workspace: str | None = None, problems: Sequence[BadLine] = (), skip_bad: bool = False,
+        dry_run: bool = False,
+    ) -> LegacyImport:
+        """Import legacy passwords (keystore/passwdfile.py read them), in one transaction:
+        the missing mailboxes are created (in `workspace`, else a workspace named after
+        the address's domain), each gets one legacy credential holding its hash as it is.
+        A mailbox whose password is already here is updated when the hash differs (its
+        open sessions end at their next command) and left alone when it does not; one whose
+        password was retired (revoked, or converted) is not given it back. `problems`: the
+        file's bad lines; with any (or a line this keystore refuses: an alias's address),
+        nothing is imported unless `skip_bad`. `dry_run`: the same report, nothing kept."""
+        report = LegacyImport(problems=list(problems))
+        try:
+            async with self._transaction() as conn:
+                for entry in entries:
+                    await self._import_one(conn, entry, report, source=source, actor=actor,
+                                           workspace=workspace)
+                if report.problems and not skip_bad:
+                    raise Conflict(f"{len(report.problems)} bad line(s) in {source}; nothing imported "
+                                   "(fix them, or pass --skip-bad to import the others):\n"
+                                   + "\n".join(f"  {p}" for p in report.problems))
+                await self._audit(conn, actor, "legacy.import",
+                                  detail=f"source={source!r} {report.summary()}")
+                if dry_run:
+                    raise _DryRun
+        except _DryRun:
+            pass
+        return report
+
+    async def _import_one(self, conn: Executor, entry: LegacyEntry, report: LegacyImport, *,
+                          source: str, actor: str, workspace: str | None) -> None:
+        address = entry.address
+        if await conn.fetch("SELECT 1 FROM alias WHERE address = ?", (address,)):
+            report.problems.append(BadLine(entry.line, address, "an alias of another mailbox here: "
+                                                                "import the mailbox's own address"))
+            return
+        rows = await conn.fetch("SELECT id, workspace_id FROM mailbox WHERE address = ?", (address,))
+        if rows:
+            mailbox_id, ws_id = rows[0]
+        else:
+            ws_name = workspace or address.rpartition("@")[2]
+            ws_id = await self._workspace_id(conn, ws_name, create=True)
+            mailbox_id = await conn.insert_returning_id(
+                "INSERT INTO mailbox (address, workspace_id, created) VALUES (?, ?, ?)",
+                (address, ws_id, time.time()))
+            await self._audit(conn, actor, "mailbox.add", mailbox=address,
+                              detail=f"workspace={ws_name} with a legacy password from {source}")
+            report.mailboxes_created.append(address)
+        existing = await conn.fetch(
+            "SELECT id, status, password_hash, allow_from FROM auth_key WHERE mailbox_id = ? "
+            "AND kind = 'legacy' ORDER BY status = 'revoked', created DESC", (mailbox_id,))
+        allowed = " ".join(entry.allow_from) or None
+        if existing and existing[0][1] == "revoked":
+            report.retired.append(address)
+            return
+        if existing:
+            cred_id, _, old_hash, old_allowed = existing[0]
+            if old_hash == entry.password_hash and old_allowed == allowed:
+                report.unchanged.append(address)
+                return
+            await conn.execute(
+                "UPDATE auth_key SET password_hash = ?, scheme = ?, secret_hash = ?, allow_from = ? "
+                "WHERE id = ?",
+                (entry.password_hash, entry.scheme,
+                 legacy_fingerprint(self._pepper, cred_id, entry.password_hash), allowed, cred_id))
+            changed = "password" if old_hash != entry.password_hash else "allow_from"
+            await self._audit(conn, actor, "legacy.update", key_id=cred_id, mailbox=address,
+                              detail=f"{changed} from {source} line {entry.line}")
+            report.updated.append(address)
+            return
+        cred_id = keys.generate_key_id()
+        await conn.execute(
+            "INSERT INTO auth_key (id, name, note, workspace_id, mailbox_id, permissions, status, "
+            "created, secret_hash, allow_from, kind, scheme, password_hash) "
+            "VALUES (?, 'legacy password', ?, ?, ?, 'email.send', 'active', ?, ?, ?, 'legacy', ?, ?)",
+            (cred_id, f"imported from {source} line {entry.line}", ws_id, mailbox_id, time.time(),
+             legacy_fingerprint(self._pepper, cred_id, entry.password_hash), allowed, entry.scheme,
+             entry.password_hash))
+        await self._audit(conn, actor, "legacy.import", key_id=cred_id, mailbox=address,
+                          detail=f"scheme={ACCEPTED[entry.scheme]} from {source} line {entry.line}"
+                                 + (f" allow_from={','.join(entry.allow_from)}" if allowed else ""))
+        report.created.append(address)
+
+    async def expire_legacy(
+        self, deadline: float, *, actor: str, workspace: str | None = None,
+        mailbox: str | None = None, workspaces: Iterable[str] | None = None,
+    ) -> list[AuthKey]:
+        """Set the deadline after which the live legacy passwords in scope stop working (the
+        535 then tells the client to use an auth key). One already past its deadline stays
+        ended (`key update ID --expires` brings a single one back). Returns those set."""
+        deadline = _check_setting("expires", deadline)  # type: ignore[assignment]
+        clauses = ["k.kind = 'legacy'", "k.status != 'revoked'", "(k.expires IS NULL OR k.expires > ?)"]
+        params: list[object] = [time.time()]
+        if workspace is not None:
+            clauses.append("w.name = ?")
+            params.append(workspace)
+        if mailbox is not None:
+            clauses.append("m.address = ?")
+            params.append(normalize_address(mailbox))
+        if workspaces is not None:
+            names = list(workspaces)
+            clauses.append(f"w.name IN ({','.join('?' * len(names))})" if names else "1 = 0")
+            params.extend(names)
+        async with self._transaction() as conn:
+            rows = await conn.fetch(_KEY_SQL + " WHERE " + " AND ".join(clauses) + " ORDER BY m.address",
+                                    params)
+            changed = []
+            for row in rows:
+                await conn.execute("UPDATE auth_key SET expires = ? WHERE id = ?", (deadline, row[0]))
+                await self._audit(conn, actor, "legacy.expire", key_id=row[0], mailbox=row[5],
+                                  detail=f"deadline={_audit_value(deadline)}")
+                changed.append(await self._key(conn, row[0]))
+            return changed
+
+    async def convert_legacy(
+        self, mailbox: str, *, actor: str, name: str = "converted from legacy password",
+    ) -> tuple[AuthKey, AuthKey, str]:
+        """Give a mailbox with a legacy password a key (same route, rate limit and allow-from),
+        and mark the password to be retired once the key has been used (`_retire_converted`,
+        at the relay's next bookkeeping after the key's first login). Returns (the legacy
+        credential, the new key, its secret shown this once)."""
+        if not isinstance(name, str) or not name.strip():
+            raise StoreError("a key needs a descriptive name (e.g. 'Thunderbird')")
+        name = _check_setting("name", name)  # type: ignore[assignment]
+        address = normalize_address(mailbox)
+        key_id = keys.generate_key_id()
+        full, secret = keys.generate_key(key_id)
+        async with self._transaction() as conn:
+            mailbox_id = await self._mailbox_id(conn, address)
+            rows = await conn.fetch(_KEY_SQL + " WHERE k.mailbox_id = ? AND k.kind = 'legacy' "
+                                    "AND k.status != 'revoked'", (mailbox_id,))
+            if not rows:
+                raise NotFound(f"mailbox {address} has no legacy password to convert")
+            legacy = _auth_key(rows[0])
+            if legacy.replaced_by is not None:
+                waiting = await conn.fetch("SELECT status FROM auth_key WHERE id = ?", (legacy.replaced_by,))
+                if waiting and waiting[0][0] != "revoked":
+                    raise Conflict(f"mailbox {address} already has key {legacy.replaced_by} to replace "
+                                   "its password (retired at that key's first use); revoke that key "
+                                   "to convert again")
+            (ws_id,), = await conn.fetch("SELECT workspace_id FROM mailbox WHERE id = ?", (mailbox_id,))
+            record = await self._insert_key(
+                conn, key_id=key_id, secret=secret, name=name, ws_id=ws_id, mailbox_id=mailbox_id,
+                perms=("email.send",), owner=legacy.owner, note=f"replaces legacy password {legacy.id}",
+                expires=None, route=legacy.route, rate_limit=legacy.rate_limit,
+                allowed=" ".join(legacy.allow_from) or None, actor=actor)
+            await conn.execute("UPDATE auth_key SET replaced_by = ? WHERE id = ?", (key_id, legacy.id))
+            await self._audit(conn, actor, "legacy.convert", key_id=legacy.id, mailbox=address,
+                              detail=f"replaced by key {key_id}; retired at that key's first use")
+            return await self._key(conn, legacy.id), record, full
+
+    async def _retire_converted(self) -> None:
+        """Revoke the legacy passwords whose replacement key (`convert_legacy`) has been used.
+        Read from what is stored, not from this process's logins: a retirement missed (the
+        database did not answer) happens at the next flush of any node."""
+        rows = await self._db.fetch(
+            "SELECT l.id, m.address, k.id, k.last_used, k.last_ip FROM auth_key l "
+            "JOIN auth_key k ON k.id = l.replaced_by LEFT JOIN mailbox m ON m.id = l.mailbox_id "
+            "WHERE l.kind = 'legacy' AND l.status != 'revoked' AND k.last_used IS NOT NULL "
+            "AND k.status = 'active'", ())
+        if not rows:
+            return
+        async with self._transaction() as conn:
+            for legacy_id, address, key_id, used, ip in rows:
+                current = await conn.fetch("SELECT status FROM auth_key WHERE id = ?", (legacy_id,))
+                if not current or current[0][0] == "revoked":
+                    continue  # another node retired it first
+                await conn.execute("UPDATE auth_key SET status = 'revoked', prev_hash = NULL WHERE id = ?",
+                                   (legacy_id,))
+                await self._audit(conn, "relay", "legacy.retire", key_id=legacy_id, mailbox=address,
+                                  detail=f"its replacement key {key_id} was first used "
+                                         f"{_audit_value(used)} from {ip}")
+
     # ------------------------------------------------------------ workspaces
 
     async def list_workspaces(self) -> list[Workspace]:
         rows = await self._rows(
             "SELECT w.name, w.key_limit, "
-            "(SELECT count(*) FROM auth_key k WHERE k.workspace_id = w.id AND k.status = 'active'),"
+            "(SELECT count(*) FROM auth_key k WHERE k.workspace_id = w.id AND k.status = 'active' "
+            "AND k.kind = 'key'),"
             " (SELECT count(*) FROM mailbox m WHERE m.workspace_id = w.id), "
             "w.status, w.suspended_reason, w.suspended_at "
             "FROM workspace w ORDER BY w.name"
@@ -902,6 +1163,27 @@ FROM admin_token
 """
 
 
+class _DryRun(Exception):
+    """Rolls back a dry-run import's transaction after its report is made."""
+
+
+@dataclass(slots=True)
+class LegacyImport:
+    """What an import did (or, dry run, would do), by mailbox address."""
+
+    mailboxes_created: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)  # new legacy passwords
+    updated: list[str] = field(default_factory=list)  # a new hash (or allow_nets) for one here
+    unchanged: list[str] = field(default_factory=list)
+    retired: list[str] = field(default_factory=list)  # retired here: not given back
+    problems: list[BadLine] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"created={len(self.created)} updated={len(self.updated)} "
+                f"unchanged={len(self.unchanged)} retired_not_reimported={len(self.retired)} "
+                f"new_mailboxes={len(self.mailboxes_created)} bad_lines={len(self.problems)}")
+
+
 def _token_hash(pepper: bytes, token_id: str, secret: str) -> bytes:
     """Keyed like a key's, in a namespace of its own: a token's hash never equals a key's."""
     return keys.hash_secret(pepper, f"token:{token_id}", secret)
@@ -1007,7 +1289,7 @@ def _mailbox(row: tuple) -> Mailbox:
     return Mailbox(
         address=row[0], workspace=row[1], aliases=tuple(row[2].split()) if row[2] else (),
         status=row[3], suspended_reason=row[4], suspended_at=row[5], route=row[6],
-        created=row[7], keys=row[8], workspace_keys=row[9],
+        created=row[7], keys=row[8], workspace_keys=row[9], legacy_password=bool(row[10]),
     )
 
 
@@ -1018,4 +1300,5 @@ def _auth_key(row: tuple) -> AuthKey:
         rotated=row[10], previous_valid_until=row[11], last_used=row[12], last_ip=row[13],
         route=row[14], rate_limit=row[15], allow_from=tuple(row[16].split()) if row[16] else (),
         last_failed=row[17], last_failed_ip=row[18], last_failed_reason=row[19],
+        kind=row[20], scheme=row[21], replaced_by=row[22],
     )

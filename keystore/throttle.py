@@ -121,11 +121,14 @@ class _Window:
 class Attempt:
     """One login's reservation in the FailureLimiter; settle it exactly once."""
 
-    __slots__ = ("_key", "_limiter", "_net", "_settled", "_user")
+    __slots__ = ("_key", "_limiter", "_net", "_settled", "_user", "over_ceiling")
 
     def __init__(self, limiter: FailureLimiter, user: _Window, net: _Window, key: _Window | None) -> None:
         self._limiter, self._user, self._net, self._key = limiter, user, net, key
         self._settled = False
+        # the address was over its ceiling: this is its one check of a new username, which
+        # must cost no slow work (a legacy password's hash: relay/auth.py)
+        self.over_ceiling = net.failures >= limiter.address_ceiling
         for window in self._windows():
             window.pending += 1
 

@@ -181,6 +181,8 @@ class Relay:
         with _database_down("keystore"):
             self.store = await open_keystore(path=ks.path, url=ks.url, pepper_file=ks.pepper_file,
                                              default_key_limit=ks.default_key_limit)
+            self.store.configure_legacy(workers=cfg.auth.legacy_verifications, queue=cfg.auth.legacy_queue,
+                                        observer=self.metrics.legacy_check)
             await self._check_routes(cfg)
         if cfg.queue.workers is not None:
             log.warning("%s: [queue] workers is no longer used: each [[upstream]] max_connections "
@@ -294,6 +296,8 @@ class Relay:
             max_failures=cfg.auth.max_failures, address_ceiling=cfg.auth.address_ceiling,
             window=cfg.auth.failure_window, recheck_interval=cfg.auth.recheck_interval,
         )
+        if self.store is not None:
+            self.store.configure_legacy(workers=cfg.auth.legacy_verifications, queue=cfg.auth.legacy_queue)
         self.queue.reconfigure(parts.router, hostname=cfg.server.hostname,
                                retry_schedule=cfg.queue.retry_schedule,
                                max_lifetime=cfg.queue.max_queue_lifetime)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from keystore import keys
 from keystore.interface import AuthStore
+from keystore.legacy import LegacyBusy
 from keystore.models import Identity, Reason
 from keystore.store import KeystoreUnavailable
 from keystore.throttle import FAILURE_FLOOR, Attempt, FailureLimiter, client_network
@@ -100,11 +101,15 @@ class Authenticator:
             return LoginResult(None, replies.AUTH_TOO_MANY, close=True)
         changes = self._changes
         try:
-            verdict = await self._store.authenticate(username, secret, client_ip)
-        except KeystoreUnavailable:
+            # an address over its ceiling gets its one check of a new username without a
+            # legacy password's hash being computed: a sprayer cannot buy CPU with addresses
+            verdict = await self._store.authenticate(username, secret, client_ip,
+                                                     slow_ok=not attempt.over_ceiling)
+        except KeystoreUnavailable as exc:
             attempt.release()
-            maillog.auth_failed(client_ip, username, "keystore_unavailable")
-            self._metrics.auth_outcome("keystore_unavailable")
+            reason = "legacy_busy" if isinstance(exc, LegacyBusy) else "keystore_unavailable"
+            maillog.auth_failed(client_ip, username, reason)
+            self._metrics.auth_outcome(reason)
             return LoginResult(None, replies.AUTH_UNAVAILABLE)
         except BaseException:
             attempt.failed()  # abandoned mid-check (the client went away): it still counts
@@ -112,7 +117,7 @@ class Authenticator:
             raise
         if isinstance(verdict, Identity):
             attempt.release()
-            maillog.auth_ok(client_ip, verdict.mailbox, verdict.key_id)
+            maillog.auth_ok(client_ip, verdict.mailbox, verdict.key_id, legacy=verdict.legacy)
             self._metrics.auth_outcome("ok", verdict.key_id)
             if changes == self._changes:  # as in recheck: a change announced meanwhile may postdate the read
                 self._checked[_cache_slot(verdict)] = (time.monotonic(), verdict)

@@ -122,6 +122,10 @@ class AuthConfig:
     max_failures_per_address: int | None = None  # per client address (IPv6: /64); None: 10 x max_failures
     failure_window: Duration = Duration(300)
     recheck_interval: Duration = Duration(0.5)
+    # legacy passwords (issue 13): hash verifications at once (threads; ARGON2ID takes its
+    # memory cost each), and how many more may wait before a login is told 454, try later
+    legacy_verifications: int = 2
+    legacy_queue: int = 64
 
     @property
     def address_ceiling(self) -> int:
@@ -432,6 +436,10 @@ def _check_auth(auth: AuthConfig, source: Path, add: typing.Callable[[str], None
         add(f"{source}: [auth] max_failures_per_address: at least max_failures ({auth.max_failures})")
     if auth.failure_window <= 0:
         add(f"{source}: [auth] failure_window: longer than 0")
+    if not 1 <= auth.legacy_verifications <= 64:
+        add(f"{source}: [auth] legacy_verifications: from 1 to 64 (password hashes checked at once)")
+    if not 0 <= auth.legacy_queue <= 10_000:
+        add(f"{source}: [auth] legacy_queue: from 0 to 10000 (password checks waiting for a place)")
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")

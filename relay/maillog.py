@@ -310,9 +310,12 @@ def disconnected(session: SessionLog) -> None:
 
 # ------------------------------------------------------------------ SMTP events
 
-def auth_ok(peer: object, username: str, key_id: str) -> None:
+def auth_ok(peer: object, username: str, key_id: str, *, legacy: bool = False) -> None:
     if log.isEnabledFor(logging.INFO):
-        _emit(logging.INFO, "auth_ok", {**_in_session(peer), "mailbox": username, "key": key_id})
+        fields = {**_in_session(peer), "mailbox": username, "key": key_id}
+        if legacy:  # an imported password (issue 13): who still logs in without a key
+            fields["legacy"] = "yes"
+        _emit(logging.INFO, "auth_ok", fields)
 
 
 def auth_failed(peer: object, username: str, reason: str) -> None:

@@ -36,6 +36,12 @@ REASON_REPLIES = {
     # the right secret from an address outside the key's allow-from networks
     "not_allowed_from":
         "535 5.7.8 Authentication credentials invalid: this auth key is not allowed from this address",
+    # a legacy password (issue 13), right but no longer taken: revoked, disabled, or past the
+    # deadline of `keystore legacy expire`; the client learns what to do instead
+    "password_retired": "535 5.7.8 Authentication credentials invalid: password logins have ended "
+                        "for this mailbox; use an auth key as the password",
+    # only for a session already logged in: the legacy password was changed (a re-import)
+    "password_changed": "535 5.7.8 Authentication credentials invalid: this mailbox's password has changed",
 }
 
 # --- MAIL / RCPT

@@ -170,8 +170,8 @@ async def test_a_change_announced_during_a_login_is_not_cached_away(tmp_path):
         read, revoked = asyncio.Event(), asyncio.Event()
         real_authenticate = store.authenticate
 
-        async def held_authenticate(*args):
-            verdict = await real_authenticate(*args)  # reads the key as still active
+        async def held_authenticate(*args, **kwargs):
+            verdict = await real_authenticate(*args, **kwargs)  # reads the key as still active
             read.set()
             await revoked.wait()  # the revoke and its notification land here
             return verdict

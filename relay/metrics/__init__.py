@@ -144,6 +144,12 @@ class Metrics:
             ["listener", "outcome", "version"], registry=registry)
         self.auth = Counter(
             "keyrelay_auth_attempts", "AUTH attempts by outcome", ["outcome", *key], registry=registry)
+        self.legacy_verifications = Counter(
+            "keyrelay_legacy_password_checks",
+            "Legacy-password checks (issue 13) by hash scheme and outcome: match and mismatch computed "
+            "the hash; cached answered from a recent success; skipped refused without a hash (an "
+            "address over its AUTH ceiling); busy refused with 454 (too many waiting)",
+            ["scheme", "outcome"], registry=registry)
         self.messages_accepted = Counter(
             "keyrelay_messages_accepted", "Messages accepted (250 after DATA: in the spool)",
             list(key), registry=registry)
@@ -223,6 +229,9 @@ class Metrics:
             self._child(self.auth, outcome, key_id or "").inc()
         else:
             self._child(self.auth, outcome).inc()
+
+    def legacy_check(self, scheme: str, outcome: str) -> None:
+        self._child(self.legacy_verifications, scheme, outcome).inc()
 
     def message_accepted(self, key_id: str) -> None:
         if self.key_id_labels:

@@ -1,0 +1,344 @@
+"""Legacy passwords (issue 13): the password hashes operators bring from Postfix + Dovecot
+(a Dovecot passwd-file) or an htpasswd file, kept as they are and verified with libpass,
+so users keep logging in with the passwords they have while they move to auth keys.
+
+Two jobs, both here so the rules about schemes live in one place:
+
+* `classify`: which hashes are accepted at import. Only slow, salted password hashes:
+  SHA512-CRYPT, SHA256-CRYPT, BLF-CRYPT (bcrypt) and ARGON2I/ARGON2ID. Plain text, fast
+  digests (PLAIN-MD5, SHA, SSHA512...), DES crypt and MD5-crypt are refused, as are
+  unknown schemes and costs so high that one login would stall a worker for seconds.
+* `LegacyVerifier`: checking a password against its hash without stalling the relay.
+  A hash is slow on purpose (Dovecot's ARGON2ID default costs 64 MiB and about 0.2 s of a
+  core), so verifications run in a bounded thread pool, at most `workers` at once, with at
+  most `queue` waiting; past that a login is told to come back (454 4.7.0), never queued
+  without end. The relay's AUTH throttle is asked before any of this (relay/auth.py), and
+  an address over its ceiling gets no hash at all (`slow_ok=False`): only the cache below.
+
+  A successful verification is remembered as an HMAC of the password under a per-process
+  key, per credential and per stored hash (its fingerprint): the next login of a client
+  that reconnects every minute costs one HMAC, and a changed hash (a re-import with a new
+  password) or an expired entry (`cache_ttl`) means a full check again. The password
+  itself is never kept.
+
+Keys (rak_...) never come here: they are random, so one keyed hash is enough (keys.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from passlib.context import CryptContext
+
+from keystore.errors import KeystoreUnavailable
+
+__all__ = [
+    "ACCEPTED",
+    "LEGACY_FAILURE_FLOOR",
+    "BadLine",
+    "LegacyEntry",
+    "HashRefused",
+    "LegacyBusy",
+    "LegacyVerifier",
+    "classify",
+    "fingerprint",
+]
+
+log = logging.getLogger("keystore.legacy")
+
+# libpass scheme -> the name operators know it by (Dovecot's)
+ACCEPTED = {
+    "sha512_crypt": "SHA512-CRYPT",
+    "sha256_crypt": "SHA256-CRYPT",
+    "bcrypt": "BLF-CRYPT",
+    "argon2": "ARGON2",
+}
+# Recognised only to be refused by name: fast or broken hashes a stolen file gives up at once.
+_WEAK = {
+    "des_crypt": "DES crypt",
+    "bigcrypt": "DES crypt",
+    "bsdi_crypt": "BSDi DES crypt",
+    "md5_crypt": "MD5-CRYPT",
+    "apr_md5_crypt": "Apache MD5 ($apr1$)",
+    "sun_md5_crypt": "Sun MD5 crypt",
+    "sha1_crypt": "SHA1 crypt",
+    "ldap_md5": "LDAP-MD5",
+    "ldap_salted_md5": "SMD5",
+    "ldap_sha1": "SHA",
+    "ldap_salted_sha1": "SSHA",
+    "ldap_salted_sha256": "SSHA256",
+    "ldap_salted_sha512": "SSHA512",
+}
+_CONTEXT = CryptContext(schemes=[*ACCEPTED, *_WEAK])
+
+# Dovecot's {SCHEME} prefixes: accepted ones name the libpass scheme the hash must be
+# ("CRYPT": whichever crypt(3) format it is); the rest are refused with their reason.
+_DOVECOT_ACCEPTED = {
+    "SHA512-CRYPT": "sha512_crypt", "SHA256-CRYPT": "sha256_crypt", "BLF-CRYPT": "bcrypt",
+    "ARGON2ID": "argon2", "ARGON2I": "argon2", "CRYPT": None,
+}
+_DOVECOT_PLAIN = {"PLAIN", "CLEAR", "CLEARTEXT", "PLAIN-TRUNC", "PLAIN-MD4"}
+_DOVECOT_WEAK = {
+    "MD5-CRYPT", "DES-CRYPT", "PLAIN-MD5", "LDAP-MD5", "MD5", "SMD5", "SHA", "SHA1", "SSHA",
+    "SHA256", "SSHA256", "SHA512", "SSHA512", "CRAM-MD5", "HMAC-MD5", "DIGEST-MD5", "LANMAN",
+    "NTLM", "RPA", "OTP", "SKEY",
+}
+_SCHEME_NAME_RE = re.compile(r"^[A-Z0-9][A-Z0-9.-]{0,31}$")
+
+# The most a hash may cost to be imported: past these, one login keeps a worker (and with
+# ARGON2 its memory) busy for seconds, which a sprayer would turn against everyone.
+MAX_CRYPT_ROUNDS = 1_000_000  # SHA*-CRYPT (Dovecot's default: 5,000)
+MAX_BCRYPT_COST = 15  # BLF-CRYPT (Dovecot's default: 5, htpasswd -B: 5)
+MAX_ARGON2_MEMORY_KIB = 1 << 20  # 1 GiB (Dovecot's default: 64 MiB)
+MAX_ARGON2_TIME = 64
+
+# A refused legacy-password login is answered no sooner than this after the AUTH (relay/auth.py
+# pads it): a hash takes milliseconds to a fraction of a second to check, and no check at all is
+# made for a mailbox without a legacy password, so without the pad the answer's time would tell a
+# stranger which mailboxes have one. Dovecot waits longer still (auth_failure_delay, 2 s).
+LEGACY_FAILURE_FLOOR = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyEntry:
+    """One user to import; `repr` leaves the hash out, so no log or traceback shows it."""
+
+    line: int
+    address: str
+    scheme: str
+    password_hash: str
+    allow_from: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"LegacyEntry(line={self.line}, address={self.address!r}, scheme={self.scheme!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    line: int
+    user: str | None  # as written, when the line got that far (no secret in it)
+    why: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}" + (f" ({self.user})" if self.user else "") + f": {self.why}"
+
+
+class HashRefused(ValueError):
+    """A hash that is not imported; the message says why, never showing the hash."""
+
+
+class LegacyBusy(KeystoreUnavailable):
+    """Too many password verifications waiting: the login is answered 454 4.7.0, try later
+    (as when the keystore cannot be asked), and counts as no failure."""
+
+
+def classify(text: str, *, dovecot: bool) -> tuple[str, str]:
+    """(libpass scheme, hash as stored) for an accepted hash, else HashRefused saying why.
+
+    `dovecot`: the text may carry Dovecot's "{SCHEME}" prefix (a passwd-file); the prefix
+    must agree with the hash. Without one, the hash is identified by its own form."""
+    hashed, named = text, None
+    if dovecot and text.startswith("{"):
+        end = text.find("}")
+        prefix = text[1:end].upper() if end > 0 else ""
+        if not _SCHEME_NAME_RE.match(prefix):
+            raise HashRefused("unreadable {SCHEME} prefix")
+        hashed = text[end + 1:]
+        if prefix in _DOVECOT_PLAIN:
+            raise HashRefused(f"plain-text password ({{{prefix}}}): not imported; hash it first "
+                              "(doveadm pw -s SHA512-CRYPT) or give the user an auth key")
+        if prefix in _DOVECOT_WEAK:
+            raise HashRefused(f"weak scheme {{{prefix}}}: a stolen copy is cracked quickly; "
+                              "have the user set a new password, or give them an auth key")
+        if prefix not in _DOVECOT_ACCEPTED:
+            raise HashRefused(f"unknown scheme {{{prefix}}} (accepted: SHA512-CRYPT, SHA256-CRYPT, "
+                              "BLF-CRYPT, ARGON2ID, ARGON2I)")
+        named = _DOVECOT_ACCEPTED[prefix] or ""
+        if prefix in ("ARGON2ID", "ARGON2I") and not hashed.startswith(f"${prefix.lower()}$"):
+            raise HashRefused(f"the hash is not {{{prefix}}}")
+    if not hashed:
+        raise HashRefused("no password hash")
+    scheme = _CONTEXT.identify(hashed, required=False)
+    if scheme is None:
+        raise HashRefused("unknown scheme (plain text, or a hash libpass does not know)")
+    if scheme in _WEAK:
+        raise HashRefused(f"weak scheme {_WEAK[scheme]}: a stolen copy is cracked quickly; have the "
+                          "user set a new password, or give them an auth key")
+    if named and scheme != named:
+        raise HashRefused(f"the hash is {ACCEPTED[scheme]}, not what its prefix says")
+    try:
+        record = _CONTEXT.handler(scheme).from_string(hashed)
+    except ValueError:
+        raise HashRefused(f"malformed {ACCEPTED[scheme]} hash") from None
+    _check_cost(scheme, record)
+    return scheme, hashed
+
+
+def _check_cost(scheme: str, record: object) -> None:
+    rounds = getattr(record, "rounds", 0) or 0
+    if scheme in ("sha512_crypt", "sha256_crypt") and rounds > MAX_CRYPT_ROUNDS:
+        raise HashRefused(f"{ACCEPTED[scheme]} rounds={rounds} is more than {MAX_CRYPT_ROUNDS}: "
+                          "one login would take seconds")
+    if scheme == "bcrypt" and rounds > MAX_BCRYPT_COST:
+        raise HashRefused(f"BLF-CRYPT cost {rounds} is more than {MAX_BCRYPT_COST}: one login "
+                          "would take seconds")
+    if scheme == "argon2":
+        memory = getattr(record, "memory_cost", 0) or 0
+        if memory > MAX_ARGON2_MEMORY_KIB or rounds > MAX_ARGON2_TIME:
+            raise HashRefused(f"ARGON2 m={memory},t={rounds} is more than m={MAX_ARGON2_MEMORY_KIB},"
+                              f"t={MAX_ARGON2_TIME}: one login would take seconds and that memory")
+
+
+def fingerprint(pepper: bytes, credential_id: str, password_hash: str) -> bytes:
+    """What a legacy credential stores as its secret_hash: a keyed hash of the stored
+    password hash. A session logged in with the password carries it, so the re-check ends
+    the session when the hash changes (a re-import with a new password), as a rotated
+    key's sessions end. Its message ("legacy:<id>:...") can never be a key's ("<id>:...",
+    an id has no colon)."""
+    return hmac.new(pepper, f"legacy:{credential_id}:{password_hash}".encode(), hashlib.sha256).digest()
+
+
+@dataclass(slots=True)
+class _Remembered:
+    tag: bytes
+    at: float
+
+
+Observer = Callable[[str, str], None]  # (scheme, outcome): match, mismatch, cached, busy, skipped
+
+
+class LegacyVerifier:
+    """Checks passwords against legacy hashes off the event loop (see the module docstring)."""
+
+    def __init__(self, *, workers: int = 2, queue: int = 64, cache_ttl: float = 3600.0,
+                 cache_size: int = 10_000) -> None:
+        self._cache_key = secrets.token_bytes(32)  # per process: a dump of memory is of one run
+        self._workers = workers
+        self._queue = queue
+        self._cache_ttl = cache_ttl
+        self._cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, bytes], _Remembered] = OrderedDict()
+        self._pool: ThreadPoolExecutor | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._waiting = 0
+        self._running = 0
+        self._lock = threading.Lock()  # the counters below are written from the pool's threads
+        self.verifications: dict[str, int] = {}  # hashes computed, by scheme
+        self.most_at_once = 0  # the most verifications that ever ran at once (a test reads it)
+        self.observer: Observer | None = None
+
+    def configure(self, *, workers: int, queue: int, observer: Observer | None = None) -> None:
+        """The relay's [auth] settings; applies to the next verification started."""
+        if workers < 1 or queue < 0:
+            raise ValueError("legacy verification needs at least one worker and a queue of 0 or more")
+        if workers != self._workers and self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool, self._slots = None, None
+        self._workers, self._queue = workers, queue
+        if observer is not None:
+            self.observer = observer
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _tell(self, scheme: str, outcome: str) -> None:
+        if self.observer is not None:
+            self.observer(scheme, outcome)
+
+    def _tag(self, credential_id: str, password: str) -> bytes:
+        return hmac.new(self._cache_key, f"{credential_id}\x00{password}".encode("utf-8", "surrogatepass"),
+                        hashlib.sha256).digest()
+
+    def _remembered(self, slot: tuple[str, bytes], tag: bytes) -> bool:
+        entry = self._cache.get(slot)
+        if entry is None:
+            return False
+        if time.monotonic() - entry.at >= self._cache_ttl:
+            del self._cache[slot]
+            return False
+        return hmac.compare_digest(entry.tag, tag)
+
+    def _remember(self, slot: tuple[str, bytes], tag: bytes) -> None:
+        self._cache[slot] = _Remembered(tag, time.monotonic())
+        self._cache.move_to_end(slot)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    async def verify(self, credential_id: str, stored: bytes, scheme: str, password_hash: str,
+                     password: str, *, slow_ok: bool = True) -> bool:
+        """Whether `password` is the one `password_hash` was made from. `stored`: the
+        credential's fingerprint (a cache entry holds only while it is unchanged).
+        `slow_ok=False`: answer from the cache alone (an address over its AUTH ceiling).
+        LegacyBusy when `queue` verifications are already waiting."""
+        slot = (credential_id, stored)
+        tag = self._tag(credential_id, password)
+        if self._remembered(slot, tag):
+            self._tell(scheme, "cached")
+            return True
+        if not slow_ok:
+            self._tell(scheme, "skipped")
+            return False
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._workers)
+        if self._slots.locked() and self._waiting >= self._queue:
+            self._tell(scheme, "busy")
+            raise LegacyBusy("too many password verifications waiting")
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        slots = self._slots
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="legacy-verify")
+        try:
+            future = asyncio.get_running_loop().run_in_executor(
+                self._pool, self._check, scheme, password_hash, password)
+        except BaseException:
+            slots.release()
+            raise
+        # the place is given back when the hash is done, not when the caller stops waiting:
+        # a client that hangs up mid-check must not let more than `workers` run at once
+        future.add_done_callback(lambda _: slots.release())
+        matched = await asyncio.shield(future)
+        self._tell(scheme, "match" if matched else "mismatch")
+        if matched:
+            self._remember(slot, tag)
+        return matched
+
+    def _check(self, scheme: str, password_hash: str, password: str) -> bool:
+        """In a pool thread. A password libpass cannot take (bcrypt and a NUL byte) is
+        simply not the password; a stored hash it cannot read is logged, without the hash."""
+        with self._lock:
+            self.verifications[scheme] = self.verifications.get(scheme, 0) + 1
+            self._running += 1
+            self.most_at_once = max(self.most_at_once, self._running)
+        try:
+            secret: str | bytes = password
+            if scheme == "bcrypt":
+                # bcrypt reads 72 bytes; Dovecot's and Apache's bcrypt cut longer passwords
+                # there, so the hash they made is of that cut (libpass refuses to cut)
+                secret = password.encode("utf-8", "surrogatepass")[:72]
+            try:
+                return bool(_CONTEXT.verify(secret, password_hash, scheme=scheme))
+            except (ValueError, TypeError) as exc:
+                if "NUL" not in str(exc) and "null" not in str(exc).lower():
+                    log.warning("a stored %s hash could not be checked: %s", ACCEPTED.get(scheme, scheme),
+                                type(exc).__name__)
+                return False
+        finally:
+            with self._lock:
+                self._running -= 1
