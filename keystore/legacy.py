@@ -10,10 +10,15 @@ Two jobs, both here so the rules about schemes live in one place:
   unknown schemes and costs so high that one login would stall a worker for seconds.
 * `LegacyVerifier`: checking a password against its hash without stalling the relay.
   A hash is slow on purpose (Dovecot's ARGON2ID default costs 64 MiB and about 0.2 s of a
-  core), so verifications run in a bounded thread pool, at most `workers` at once, with at
-  most `queue` waiting; past that a login is told to come back (454 4.7.0), never queued
-  without end. The relay's AUTH throttle is asked before any of this (relay/auth.py), and
-  an address over its ceiling gets no hash at all (`slow_ok=False`): only the cache below.
+  core), so verifications run in a bounded pool of `workers` processes, at most that many
+  at once, with at most `queue` waiting; past that a login is told to come back (454
+  4.7.0), never queued without end. Processes, not threads: libpass computes SHA512-CRYPT
+  in pure Python, holding the interpreter lock, and two threads doing so held the event
+  loop up to 13 ms at a time (bcrypt and argon2 release it; measured in the closing note
+  of issue 13). The pool starts at the first legacy login, so a relay without legacy
+  passwords pays nothing for it. The relay's AUTH throttle is asked before any of this
+  (relay/auth.py), and an address over its ceiling gets no hash at all (`slow_ok=False`):
+  only the cache below.
 
   A successful verification is remembered as an HMAC of the password under a per-process
   key, per credential and per stored hash (its fingerprint): the next login of a client
@@ -30,13 +35,15 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import multiprocessing
 import re
 import secrets
-import threading
+import signal
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from passlib.context import CryptContext
@@ -229,11 +236,10 @@ class LegacyVerifier:
         self._cache_ttl = cache_ttl
         self._cache_size = cache_size
         self._cache: OrderedDict[tuple[str, bytes], _Remembered] = OrderedDict()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: ProcessPoolExecutor | None = None
         self._slots: asyncio.Semaphore | None = None
         self._waiting = 0
         self._running = 0
-        self._lock = threading.Lock()  # the counters below are written from the pool's threads
         self.verifications: dict[str, int] = {}  # hashes computed, by scheme
         self.most_at_once = 0  # the most verifications that ever ran at once (a test reads it)
         self.observer: Observer | None = None
@@ -243,7 +249,7 @@ class LegacyVerifier:
         if workers < 1 or queue < 0:
             raise ValueError("legacy verification needs at least one worker and a queue of 0 or more")
         if workers != self._workers and self._pool is not None:
-            self._pool.shutdown(wait=False)
+            self._pool.shutdown(wait=False)  # checks running finish in the old processes
             self._pool, self._slots = None, None
         self._workers, self._queue = workers, queue
         if observer is not None:
@@ -302,43 +308,63 @@ class LegacyVerifier:
         finally:
             self._waiting -= 1
         slots = self._slots
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="legacy-verify")
         try:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self._workers, initializer=_worker_started,
+                    # spawn: a fork of a process running an event loop and threads is unsafe
+                    mp_context=multiprocessing.get_context("spawn"))
             future = asyncio.get_running_loop().run_in_executor(
-                self._pool, self._check, scheme, password_hash, password)
+                self._pool, _check, scheme, password_hash, password)
         except BaseException:
             slots.release()
             raise
-        # the place is given back when the hash is done, not when the caller stops waiting:
-        # a client that hangs up mid-check must not let more than `workers` run at once
-        future.add_done_callback(lambda _: slots.release())
-        matched = await asyncio.shield(future)
+        self.verifications[scheme] = self.verifications.get(scheme, 0) + 1
+        self._running += 1
+        self.most_at_once = max(self.most_at_once, self._running)
+
+        def done(_: object) -> None:
+            # the place is given back when the hash is done, not when the caller stops
+            # waiting: a client that hangs up mid-check must not let more than `workers` run
+            self._running -= 1
+            slots.release()
+
+        future.add_done_callback(done)
+        try:
+            matched = await asyncio.shield(future)
+        except BrokenProcessPool:
+            # a worker died (killed, out of memory): the next check starts a new pool
+            log.error("a legacy-password check process died; starting new ones")
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+            self._pool = None
+            self._tell(scheme, "busy")
+            raise LegacyBusy("the password check could not be made") from None
         self._tell(scheme, "match" if matched else "mismatch")
         if matched:
             self._remember(slot, tag)
         return matched
 
-    def _check(self, scheme: str, password_hash: str, password: str) -> bool:
-        """In a pool thread. A password libpass cannot take (bcrypt and a NUL byte) is
-        simply not the password; a stored hash it cannot read is logged, without the hash."""
-        with self._lock:
-            self.verifications[scheme] = self.verifications.get(scheme, 0) + 1
-            self._running += 1
-            self.most_at_once = max(self.most_at_once, self._running)
-        try:
-            secret: str | bytes = password
-            if scheme == "bcrypt":
-                # bcrypt reads 72 bytes; Dovecot's and Apache's bcrypt cut longer passwords
-                # there, so the hash they made is of that cut (libpass refuses to cut)
-                secret = password.encode("utf-8", "surrogatepass")[:72]
-            try:
-                return bool(_CONTEXT.verify(secret, password_hash, scheme=scheme))
-            except (ValueError, TypeError) as exc:
-                if "NUL" not in str(exc) and "null" not in str(exc).lower():
-                    log.warning("a stored %s hash could not be checked: %s", ACCEPTED.get(scheme, scheme),
-                                type(exc).__name__)
-                return False
-        finally:
-            with self._lock:
-                self._running -= 1
+
+def _worker_started() -> None:
+    """In each check process: ^C at `make run` and the relay's reload signal are the
+    parent's business (it shuts the pool down); a worker must not die of them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _check(scheme: str, password_hash: str, password: str) -> bool:
+    """In a check process. A password libpass cannot take (bcrypt and a NUL byte) is
+    simply not the password; a stored hash it cannot read is logged, without the hash."""
+    secret: str | bytes = password
+    if scheme == "bcrypt":
+        # bcrypt reads 72 bytes; Dovecot's and Apache's bcrypt cut longer passwords there,
+        # so the hash they made is of that cut (libpass refuses to cut)
+        secret = password.encode("utf-8", "surrogatepass")[:72]
+    try:
+        return bool(_CONTEXT.verify(secret, password_hash, scheme=scheme))
+    except (ValueError, TypeError) as exc:
+        if "NUL" not in str(exc) and "null" not in str(exc).lower():
+            log.warning("a stored %s hash could not be checked: %s", ACCEPTED.get(scheme, scheme),
+                        type(exc).__name__)
+        return False
