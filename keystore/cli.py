@@ -201,9 +201,10 @@ async def _mailbox_list(svc: AdminService, me: Actor, args, config) -> int:
         _print_json([_mailbox_json(m) for m in mailboxes])
         return 0
     _table(
-        ["ADDRESS", "WORKSPACE", "STATUS", "KEYS", "WORKSPACE KEYS", "ALIASES", "SUSPENDED"],
+        ["ADDRESS", "WORKSPACE", "STATUS", "KEYS", "WORKSPACE KEYS", "ALIASES", "SUSPENDED", "LEGACY"],
         [[m.address, m.workspace, m.status, m.keys, m.workspace_keys, " ".join(m.aliases) or None,
-          f"{_when(m.suspended_at)} {m.suspended_reason or ''}".strip() if m.suspended_at else None]
+          f"{_when(m.suspended_at)} {m.suspended_reason or ''}".strip() if m.suspended_at else None,
+          "password" if m.legacy_password else None]
          for m in mailboxes],
     )
     return 0
