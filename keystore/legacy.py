@@ -186,7 +186,7 @@ def classify(text: str, *, dovecot: bool) -> tuple[str, str]:
         raise HashRefused(f"the hash is {ACCEPTED[scheme]}, not what its prefix says")
     try:
         record = _CONTEXT.handler(scheme).from_string(hashed)
-    except ValueError:
+    except (ValueError, TypeError):  # libpass's argon2 says TypeError of a salt that is not base64
         raise HashRefused(f"malformed {ACCEPTED[scheme]} hash") from None
     _check_cost(scheme, record)
     return scheme, hashed

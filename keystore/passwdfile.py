@@ -38,7 +38,9 @@ def _read(text: str, *, domain: str | None, dovecot: bool) -> tuple[list[LegacyE
     entries: list[LegacyEntry] = []
     bad: list[BadLine] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # only a line feed ends a line (str.splitlines also breaks at \v, \f, U+2028...: a gecos
+    # field holding one would shift every later line number from what an editor shows)
+    for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

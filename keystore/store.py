@@ -804,6 +804,7 @@ class KeyStore:
                 for entry in entries:
                     await self._import_one(conn, entry, report, source=source, actor=actor,
                                            workspace=workspace)
+                report.problems.sort(key=lambda problem: problem.line)  # the store's, in file order
                 if report.problems and not skip_bad:
                     raise Conflict(f"{len(report.problems)} bad line(s) in {source}; nothing imported "
                                    "(fix them, or pass --skip-bad to import the others):\n"
