@@ -253,10 +253,10 @@ def test_mailbox_add_and_list(cli):
 
     table = cli.ok("mailbox", "list").splitlines()
     assert table[0].split() == ["ADDRESS", "WORKSPACE", "STATUS", "KEYS", "WORKSPACE", "KEYS",
-                                "ALIASES", "SUSPENDED"]
+                                "ALIASES", "SUSPENDED", "LEGACY"]
     assert table[1].split() == ["alice@acme.test", "acme", "active", "0", "0", "info@acme.test",
-                                "sales@acme.test", "-"]
-    assert table[2].split() == ["bob@other.test", "default", "active", "0", "0", "-", "-"]
+                                "sales@acme.test", "-", "-"]
+    assert table[2].split() == ["bob@other.test", "default", "active", "0", "0", "-", "-", "-"]
 
     listed = cli.json("mailbox", "list")
     assert [m["address"] for m in listed] == ["alice@acme.test", "bob@other.test"]
