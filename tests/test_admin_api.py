@@ -43,6 +43,7 @@ PATHS = [
     "/api/v1/keys/{key_id}/enable", "/api/v1/keys/{key_id}/revoke", "/api/v1/keys/{key_id}/rotate",
     "/api/v1/keys/{key_id}/end-grace", "/api/v1/audit", "/api/v1/admin-tokens",
     "/api/v1/admin-tokens/{token_id}", "/api/v1/admin-tokens/{token_id}/revoke",
+    "/api/v1/legacy", "/api/v1/legacy/expire", "/api/v1/mailboxes/{address}/legacy/convert",
 ]
 
 

@@ -25,6 +25,8 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.support.consolesite import ConsoleSite, console_site
+from tests.support.keystores import KeystorePlace
+from tests.support.legacyseed import bcrypt_hash, import_lines
 from tests.support.sink import Sink
 from tests.support.waiting import wait_until
 
@@ -230,14 +232,22 @@ def test_with_javascript_off_every_action_still_works(site: ConsoleSite, browser
 
 def test_a_viewer_gets_no_write_controls_and_no_page_breaks_the_csp(site: ConsoleSite, browser: WebDriver):
     """Every page a viewer can reach renders with no CSP violation and no write control
-    (the log-out form aside); no page but the secret's loads a script."""
+    (the log-out form aside); no page but the secret's loads a script. A legacy password
+    (issue 13) is marked as one on its page, with its scheme, and offers a viewer no
+    conversion."""
+    asyncio.run(import_lines(lambda: KeystorePlace(site.folder).open(create=False),
+                             [("erin@acme.example", bcrypt_hash("old password"))], workspace="acme"))
+    (legacy,) = httpx.get(site.server.api("/keys"), params={"mailbox": "erin@acme.example", "kind": "legacy"},
+                          headers=site.tokens["viewer"].headers).json()["keys"]
     log_in(browser, site, "viewer")
     for path in ("", "workspaces/acme", "mailboxes/alice@acme.example", "keys?q=acme", "keys?report=unused",
-                 "audit"):
+                 "audit", "mailboxes/erin@acme.example", "keys?kind=legacy", f"keys/{legacy['id']}"):
         browser.get(site.url + path)
         assert browser.find_elements(By.CSS_SELECTOR, "main h1"), path
         assert not browser.find_elements(By.CSS_SELECTOR, "main form[method=post]"), path
         assert not browser.find_elements(By.CSS_SELECTOR, "main a[href*='/keys/new']"), path
         assert browser.find_elements(By.CSS_SELECTOR, "script") == [], path
+    assert text(browser, "h1 .badge-legacy") == "legacy"  # the legacy password's page, last
+    assert text(browser, "#legacy-scheme") == "BLF-CRYPT"
     assert text(browser, ".who .role") == "viewer"
     assert csp_violations(browser) == []

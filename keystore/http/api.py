@@ -6,11 +6,19 @@ asks the AdminService as the token's actor (`Actor.from_token`: the audit log re
 valid, with the same words the CLI prints; errors.py turns its refusals into JSON. Times
 are ISO 8601 in UTC (`2026-05-01T12:00:00Z`); durations are seconds or "90s", "12h",
 "30d", "2w".
+
+Legacy passwords (hashes imported from Dovecot or htpasswd, issue 13) are auth_key records
+of kind "legacy": every key answer says its `kind`, and for a legacy password its
+`scheme` (Dovecot's name) and the key that `replaced_by` it; never the hash. /legacy lists
+them and sets their deadline, /mailboxes/{address}/legacy/convert gives a mailbox a key in
+their place. Importing them stays with the CLI (`keystore import`: an owner, with the file
+on the relay's host): a password file has no business travelling over HTTP.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -21,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validat
 from keystore.http.auth import bearer, request_actor
 from keystore.http.limits import MAX_INT, check_grace, check_time, clamp_time
 from keystore.http.site import Site
+from keystore.legacy import ACCEPTED
 from keystore.models import AdminToken, AuditEvent, AuthKey, Mailbox, Workspace, canonical_address
 from keystore.service import Actor, AdminService
 from keystore.store import NotFound, StoreError
@@ -147,16 +156,50 @@ class KeyOut(BaseModel):
     route: str | None
     rate_limit: int | None = Field(description="messages per minute; None: the relay's default")
     allow_from: list[str] = Field(description="client networks (CIDR); empty: from anywhere")
+    kind: Literal["key", "legacy"] = Field(description="key: an auth key; legacy: a password hash "
+                                                       "imported from Dovecot or htpasswd")
+    scheme: str | None = Field(description="a legacy password's hash scheme, as Dovecot names it "
+                                           "(SHA512-CRYPT, BLF-CRYPT, ...); None for a key")
+    replaced_by: str | None = Field(description="a legacy password's replacement key (convert): "
+                                                "the password is retired at that key's first use")
 
     @classmethod
     def of(cls, k: AuthKey) -> KeyOut:
-        return cls(id=k.id, name=k.name, scope=k.scope, workspace=k.workspace, mailbox=k.mailbox,
-                   owner=k.owner, note=k.note, permissions=list(k.permissions), status=k.status,
-                   created=iso(k.created), expires=iso(k.expires), rotated=iso(k.rotated),
-                   previous_valid_until=iso(k.previous_valid_until), last_used=iso(k.last_used),
-                   last_ip=k.last_ip, last_failed=iso(k.last_failed), last_failed_ip=k.last_failed_ip,
-                   last_failed_reason=k.last_failed_reason, route=k.route, rate_limit=k.rate_limit,
-                   allow_from=list(k.allow_from))
+        return cls(**_key_fields(k))
+
+
+def _key_fields(k: AuthKey) -> dict[str, object]:
+    """A key's answer fields: everything but its secret's keyed hash, and for a legacy
+    password, its password hash (the audit of an import names the scheme only, too)."""
+    return dict(id=k.id, name=k.name, scope=k.scope, workspace=k.workspace, mailbox=k.mailbox,
+                owner=k.owner, note=k.note, permissions=list(k.permissions), status=k.status,
+                created=iso(k.created), expires=iso(k.expires), rotated=iso(k.rotated),
+                previous_valid_until=iso(k.previous_valid_until), last_used=iso(k.last_used),
+                last_ip=k.last_ip, last_failed=iso(k.last_failed), last_failed_ip=k.last_failed_ip,
+                last_failed_reason=k.last_failed_reason, route=k.route, rate_limit=k.rate_limit,
+                allow_from=list(k.allow_from), kind=k.kind,
+                scheme=ACCEPTED.get(k.scheme, k.scheme) if k.scheme else None, replaced_by=k.replaced_by)
+
+
+def legacy_state(key: AuthKey, now: float) -> str:
+    """What `keystore legacy list` calls a legacy password's state: active, disabled, ended
+    (past its deadline) or retired (revoked: converted and replaced, or by hand)."""
+    if key.status == "revoked":
+        return "retired"
+    if key.expires is not None and key.expires <= now:
+        return "ended"
+    return key.status
+
+
+class LegacyOut(KeyOut):
+    """A legacy password: a key record (`expires` is its deadline, `last_used` / `last_ip`
+    who still logs in with it) and its state."""
+
+    state: Literal["active", "disabled", "ended", "retired"]
+
+    @classmethod
+    def of(cls, k: AuthKey, now: float | None = None) -> LegacyOut:
+        return cls(**_key_fields(k), state=legacy_state(k, time.time() if now is None else now))
 
 
 class SmtpSettings(BaseModel):
@@ -175,6 +218,13 @@ class KeySecret(BaseModel):
     key: KeyOut
     secret: str
     smtp: SmtpSettings
+
+
+class Conversion(KeySecret):
+    """The key that replaces a legacy password (its secret shown this once), and the
+    password, which keeps working until the key's first login, then is retired."""
+
+    legacy: KeyOut
 
 
 class AuditOut(BaseModel):
@@ -233,6 +283,15 @@ class MailboxList(BaseModel):
 
 class KeyList(BaseModel):
     keys: list[KeyOut]
+
+
+class LegacyList(BaseModel):
+    passwords: list[LegacyOut]
+
+
+class Deadline(BaseModel):
+    deadline: When
+    passwords: list[LegacyOut] = Field(description="those given this deadline")
 
 
 class AuditList(BaseModel):
@@ -316,6 +375,26 @@ class Rotation(_In):
 
 class Confirmation(_In):
     confirm: str = Field(description="the key's name, typed by the person deleting it")
+
+
+class LegacyExpiry(_In):
+    after: str | None = Field(None, description="from now: \"30d\", \"12h\", \"2w\" "
+                                                "(a bare number: seconds); or...")
+    at: datetime | None = Field(None, description="...ISO 8601 (no zone: UTC)")
+    workspace: str | None = Field(None, description="only this workspace's passwords")
+    mailbox: str | None = Field(None, description="only this mailbox's")
+
+    @model_validator(mode="after")
+    def _one_time(self) -> LegacyExpiry:
+        if (self.after is None) == (self.at is None):
+            raise StoreError("give the deadline as exactly one of after (a duration from now) or at "
+                             "(an ISO 8601 time)")
+        return self
+
+
+class LegacyConvert(_In):
+    name: str = Field("converted from legacy password",
+                      description="the new key's name: what will use it (e.g. 'Thunderbird')")
 
 
 class TokenIn(_In):
@@ -467,12 +546,15 @@ async def list_keys(
     unused_for: Annotated[str | None, Query(description="active keys unused this long: days, "
                                                         "or 30d, 12h")] = None,
     not_rotated_for: Annotated[str | None, Query(description="active keys not rotated this long")] = None,
+    kind: Annotated[str | None, Query(description="key: auth keys only; legacy: imported legacy "
+                                                  "passwords only")] = None,
 ) -> KeyList:
     keys = await svc.keys(
         actor, mailbox=mailbox, workspace=workspace, search=search, status=status, owner=owner,
         unused_for=None if unused_for is None else parse_duration(unused_for, bare="d", field="unused_for"),
         not_rotated_for=None if not_rotated_for is None
         else parse_duration(not_rotated_for, bare="d", field="not_rotated_for"),
+        kind=kind,
     )
     return KeyList(keys=[KeyOut.of(k) for k in keys])
 
@@ -556,6 +638,43 @@ async def delete_key(
     if typed is None:
         raise StoreError("confirm: type the key's name to delete it ({\"confirm\": NAME} or ?confirm=NAME)")
     return KeyOut.of(await svc.delete_key(actor, key_id, confirm=typed))
+
+
+# ------------------------------------------------------ legacy passwords
+
+
+@router.get("/legacy", tags=["legacy passwords"],
+            summary="Legacy passwords, with their deadline, last use and client (keystore legacy list)")
+async def list_legacy(
+    actor: ActorDep, svc: ServiceDep, workspace: str | None = None,
+    retired: Annotated[bool, Query(alias="all", description="retired ones too (the CLI's --all)")] = False,
+) -> LegacyList:
+    found = await svc.legacy_passwords(actor, workspace=workspace)
+    now = time.time()
+    return LegacyList(passwords=[LegacyOut.of(k, now) for k in found if retired or k.status != "revoked"])
+
+
+@router.post("/legacy/expire", tags=["legacy passwords"],
+             summary="A deadline after which the legacy passwords in scope stop working (editor)")
+async def expire_legacy(body: LegacyExpiry, actor: ActorDep, svc: ServiceDep) -> Deadline:
+    if body.after is not None:
+        deadline = check_time(time.time() + parse_duration(body.after, field="after"), "after")
+    else:
+        deadline = _epoch(body.at, "at")
+    assert deadline is not None  # one of them is given (LegacyExpiry)
+    changed = await svc.expire_legacy(actor, deadline, workspace=body.workspace, mailbox=body.mailbox)
+    now = time.time()
+    return Deadline(deadline=iso(deadline), passwords=[LegacyOut.of(k, now) for k in changed])
+
+
+@router.post("/mailboxes/{address}/legacy/convert", tags=["legacy passwords"], status_code=201,
+             summary="Give a mailbox with a legacy password a key (its secret shown this once); "
+                     "the password is retired at the key's first use (editor)")
+async def convert_legacy(address: str, request: Request, actor: ActorDep, svc: ServiceDep,
+                         body: LegacyConvert | None = None) -> Conversion:
+    legacy, key, secret = await svc.convert_legacy(actor, address, name=(body or LegacyConvert()).name)
+    return Conversion(key=KeyOut.of(key), secret=secret, smtp=_smtp(request.app.state.site, key),
+                      legacy=KeyOut.of(legacy))
 
 
 # ----------------------------------------------------------------- audit

@@ -38,7 +38,10 @@ def create_app(service: AdminService, site: Site, *, limiter: FailureLimiter | N
         title="keystore admin API",
         version="1",
         description="Workspaces, mailboxes, auth keys, the audit trail and admin tokens of the "
-                    "relay's keystore. Authenticate with `Authorization: Bearer rat_...`.",
+                    "relay's keystore. Authenticate with `Authorization: Bearer rat_...`. Legacy "
+                    "passwords (imported from Dovecot or htpasswd) are listed, given a deadline and "
+                    "converted to keys here; importing them is the CLI's only (`keystore import`, "
+                    "an owner, with the file on the relay's host).",
         openapi_url=f"{api.PREFIX}/openapi.json",
         docs_url=None,
         redoc_url=None,

@@ -209,7 +209,12 @@ async def _mailbox_page(console: Console, address: str, error: str | None = None
         keys = await console.service.keys(console.actor, mailbox=address)
     except REFUSALS as exc:
         return _refused(console, exc)
-    return page(console.request, "mailbox.html", status, mailbox=found, keys=keys, error=error)
+    # the password its users still log in with (one live legacy password per mailbox)
+    legacy = next((k for k in keys if k.legacy and k.mailbox == found.address and k.status != "revoked"),
+                  None)
+    ended = legacy is not None and legacy.expires is not None and legacy.expires <= time.time()
+    return page(console.request, "mailbox.html", status, mailbox=found, keys=keys, legacy=legacy,
+                legacy_ended=ended, error=error)
 
 
 @router.post("/mailboxes/{address}/suspend")
@@ -242,17 +247,18 @@ async def keys(request: Request) -> Response:
     workspace_name = params.get("workspace", "").strip()
     status = params.get("status", "").strip()
     report = params.get("report", "")
+    kind = params.get("kind", "").strip()
     try:
         found = await console.service.keys(
             console.actor, search=q or None, owner=owner or None,
             workspace=workspace_name or None, status=status or None,
             unused_for=UNUSED if report == "unused" else None,
-            not_rotated_for=ROTATION_DUE if report == "rotation" else None)
+            not_rotated_for=ROTATION_DUE if report == "rotation" else None, kind=kind or None)
         workspaces_seen = await console.service.workspaces(console.actor)
     except REFUSALS as exc:
         return _refused(console, exc)
     return page(request, "keys.html", keys=found, workspaces=workspaces_seen, owner=owner,
-                workspace_name=workspace_name, key_status=status, report=report)
+                workspace_name=workspace_name, key_status=status, report=report, kind=kind)
 
 
 # ------------------------------------------------------------------ create key
@@ -308,6 +314,27 @@ async def create_key(request: Request) -> Response:
     return _see_other(f"/keys/{key.id}/secret")
 
 
+@router.post("/keys/{key_id}/convert")
+async def convert_legacy(request: Request, key_id: str) -> Response:
+    """A legacy password's mailbox gets a key (the CLI's `legacy convert`); its secret on
+    the page of a new key's. The password works on until the key's first login."""
+    console, form = await posted(request)
+    name = str(form.get("name") or "").strip() or "converted from legacy password"
+    try:
+        legacy = await console.service.key(console.actor, key_id)
+        _need_editor(console, "converting a legacy password")
+        if not legacy.legacy or legacy.mailbox is None:
+            raise StoreError(f"{key_id} is an auth key, not a legacy password: a key is rotated, "
+                             "not converted")
+        if legacy.status == "revoked":
+            raise Conflict(f"this legacy password of {legacy.mailbox} is retired: nothing to convert")
+        _, key, secret = await console.service.convert_legacy(console.actor, legacy.mailbox, name=name)
+    except REFUSALS as exc:
+        return await _key_page(console, key_id, str(exc), status_of(exc))
+    console.session.reveal[key.id] = (secret, "converted")
+    return _see_other(f"/keys/{key.id}/secret")
+
+
 @router.get("/keys/{key_id}/secret")
 async def key_secret(request: Request, key_id: str) -> Response:
     """The one showing of a new or rotated key's secret, with the SMTP settings."""
@@ -344,11 +371,23 @@ async def _key_page(console: Console, key_id: str, error: str | None = None, sta
     try:
         key = await console.service.key(console.actor, key_id)
         trail = await console.service.audit(console.actor, key_id=key_id, limit=20)
+        replacement = await _replacement(console, key)
     except REFUSALS as exc:
         return _refused(console, exc)
     return page(console.request, "key.html", status, key=key, trail=list(reversed(trail)),
                 grace_running=key.previous_valid_until is not None and key.previous_valid_until > time.time(),
-                error=error)
+                replacement=replacement, error=error)
+
+
+async def _replacement(console: Console, key: AuthKey) -> AuthKey | None:
+    """The key a legacy password was converted to, if it is still there (deleted: None;
+    revoked: the password may be converted again)."""
+    if not key.legacy or key.replaced_by is None:
+        return None
+    try:
+        return await console.service.key(console.actor, key.replaced_by)
+    except NotFound:
+        return None
 
 
 def _key_action(path: str, call: Callable[[Console, str, FormData], Awaitable[object]], said: str) -> None:

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from keystore.http.limits import clamp_time
+from keystore.legacy import ACCEPTED
 from keystore.models import ROTATION_DUE_AFTER, UNUSED_AFTER, AuthKey, review_flags
 
 __all__ = ["ROTATION_DUE", "UNUSED", "badges", "error_page", "page", "segment"]
@@ -51,6 +52,11 @@ def badges(key: AuthKey, now: float | None = None) -> list[str]:
     return [flag.replace("-", " ") for flag in review_flags(key, now)]
 
 
+def scheme_name(scheme: str | None) -> str:
+    """A legacy password's hash scheme as Dovecot (and so its operators) name it."""
+    return ACCEPTED.get(scheme, scheme) if scheme else "unknown"
+
+
 def segment(value: str) -> str:
     """A value (an address, a workspace name) as one URL path segment."""
     return quote(value, safe="@")
@@ -63,7 +69,7 @@ _env = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-_env.filters.update(when=when, ago=ago, seg=segment)
+_env.filters.update(when=when, ago=ago, seg=segment, scheme=scheme_name)
 _env.globals.update(badges=badges)
 
 
