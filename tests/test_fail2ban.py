@@ -23,7 +23,7 @@ from keystore.store import KeyStore
 from relay import maillog
 from relay.config import LogConfig, load_config
 from relay.logformat import configure_logging, reset_logging
-from tests.support.procs import free_port, start_relay_process
+from tests.support.procs import free_port, keystore_cli, start_relay_process
 from tests.support.relayrun import client_tls, write_config
 from tests.support.waiting import wait_until
 
@@ -146,6 +146,39 @@ def test_the_filter_skips_the_relays_own_trouble_and_counts_throttled_clients(tm
     log = tmp_path / "relay.log"
     log.write_text(stream.getvalue())
     assert matched_ips(log) == ["192.0.2.8", "2001:db8::9", "192.0.2.11"]
+
+
+async def test_the_filter_skips_legacy_busy_refusals_of_a_real_relay(tmp_path, sink):
+    """A login told 454 because too many legacy-password checks are waiting met the relay's
+    load, as a legitimate client would: only the wrong passwords that were checked count."""
+    port = free_port()
+    path = write_config(tmp_path, sink.port, server="rate_per_minute = 0",
+                        auth="legacy_verifications = 1\nlegacy_queue = 0")
+    listen = f'submission = ["127.0.0.1:{port}"]'
+    path.write_text(path.read_text().replace('submission = ["127.0.0.1:0"]', listen))
+    hashed = subprocess.run(["doveadm", "pw", "-s", "BLF-CRYPT", "-r", "12", "-p", "right"],
+                            capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    users = [f"user{n}@example.com" for n in range(4)]
+    (tmp_path / "passwd").write_text("".join(f"{user}:{hashed}\n" for user in users))
+    config = load_config(path)
+    await (await KeyStore.open(config.keystore.path, config.keystore.pepper_file, create=True)).close()
+    imported = keystore_cli(path, "import", "dovecot-passwd", str(tmp_path / "passwd"), "--workspace", "w")
+    assert imported.returncode == 0, imported.stderr
+    relay = await start_relay_process(path, port)
+    tls = client_tls(tmp_path)
+    try:
+        # one check at a time and none waiting: of four at once, the first is checked and
+        # the others are told to come back
+        replies = await asyncio.gather(*(
+            _session("127.0.0.1", port, tls, [b"AUTH PLAIN " + b64(f"\0{user}\0wrong")]) for user in users))
+        codes = sorted(reply[0][:4] for reply in replies)
+        assert codes[0] == b"454 " and codes[-1] == b"535 ", codes
+    finally:
+        relay.terminate()
+        await relay.wait()
+    text = (tmp_path / "relay.log").read_text()
+    assert text.count(" reason=legacy_busy") == codes.count(b"454 ")
+    assert matched_ips(tmp_path / "relay.log") == ["127.0.0.1"] * codes.count(b"535 ")
 
 
 @pytest.mark.skipif(not Path("/etc/fail2ban/jail.conf").exists(), reason="no fail2ban configuration")
