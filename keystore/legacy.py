@@ -239,6 +239,7 @@ class LegacyVerifier:
         self._pool: ProcessPoolExecutor | None = None
         self._slots: asyncio.Semaphore | None = None
         self._waiting = 0
+        self._owed = 0  # places a reload took away while their checks ran (_resize)
         self._running = 0
         self.verifications: dict[str, int] = {}  # hashes computed, by scheme
         self.most_at_once = 0  # the most verifications that ever ran at once (a test reads it)
@@ -248,12 +249,51 @@ class LegacyVerifier:
         """The relay's [auth] settings; applies to the next verification started."""
         if workers < 1 or queue < 0:
             raise ValueError("legacy verification needs at least one worker and a queue of 0 or more")
-        if workers != self._workers and self._pool is not None:
-            self._pool.shutdown(wait=False)  # checks running finish in the old processes
-            self._pool, self._slots = None, None
+        if workers != self._workers:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)  # checks running finish in the old processes
+                self._pool = None
+            if self._slots is not None:
+                self._resize(self._slots, workers - self._workers)
         self._workers, self._queue = workers, queue
         if observer is not None:
             self.observer = observer
+
+    def _resize(self, slots: asyncio.Semaphore, change: int) -> None:
+        """Places added or taken away (a reload). The checks under way keep theirs, so a
+        place taken away is owed (`_owed`): the next place given back or taken is dropped
+        instead, and no more than the new number of checks run at once, even while the old
+        pool's last checks finish."""
+        if change < 0:
+            self._owed -= change
+            return
+        repaid = min(change, self._owed)
+        self._owed -= repaid
+        for _ in range(change - repaid):
+            slots.release()
+
+    def _give_back(self, slots: asyncio.Semaphore) -> None:
+        if self._owed:  # a reload took places away: this one goes
+            self._owed -= 1
+        else:
+            slots.release()
+
+    def _started_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self._workers, initializer=_worker_started,
+                # spawn: a fork of a process running an event loop and threads is unsafe
+                mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def _pool_broke(self, pool: ProcessPoolExecutor) -> None:
+        """One of `pool`'s processes died: the next check starts a new pool. Only if it is
+        still the current one: the checks of a broken pool learn of it one by one, and the
+        last of them must not shut down the pool a waiting check has started since."""
+        if self._pool is pool:
+            log.error("a legacy-password check process died; starting new ones")
+            pool.shutdown(wait=False)
+            self._pool = None
 
     def close(self) -> None:
         if self._pool is not None:
@@ -302,45 +342,54 @@ class LegacyVerifier:
         if self._slots.locked() and self._waiting >= self._queue:
             self._tell(scheme, "busy")
             raise LegacyBusy("too many password verifications waiting")
+        slots = self._slots
         self._waiting += 1
         try:
-            await self._slots.acquire()
+            await slots.acquire()
+            while self._owed:  # a place taken away by a reload: dropped, and wait for another
+                self._owed -= 1
+                await slots.acquire()
         finally:
             self._waiting -= 1
-        slots = self._slots
+        loop = asyncio.get_running_loop()
         try:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(
-                    max_workers=self._workers, initializer=_worker_started,
-                    # spawn: a fork of a process running an event loop and threads is unsafe
-                    mp_context=multiprocessing.get_context("spawn"))
-            future = asyncio.get_running_loop().run_in_executor(
-                self._pool, _check, scheme, password_hash, password)
+            pool = self._started_pool()
+            try:
+                future = loop.run_in_executor(pool, _check, scheme, password_hash, password)
+            except BrokenProcessPool:
+                # a process of an idle pool died (the OOM killer, an operator's kill): the
+                # pool takes no more work; this check goes to new processes
+                self._pool_broke(pool)
+                pool = self._started_pool()
+                future = loop.run_in_executor(pool, _check, scheme, password_hash, password)
         except BaseException:
-            slots.release()
+            self._give_back(slots)
             raise
         self.verifications[scheme] = self.verifications.get(scheme, 0) + 1
         self._running += 1
         self.most_at_once = max(self.most_at_once, self._running)
 
-        def done(_: object) -> None:
-            # the place is given back when the hash is done, not when the caller stops
-            # waiting: a client that hangs up mid-check must not let more than `workers` run
+        def done(finished: asyncio.Future[bool]) -> None:
+            # when the hash is done, not when the caller stops waiting: a client that hangs
+            # up mid-check keeps its place until then (no more than `workers` run at once),
+            # and the hash it cost is counted all the same
             self._running -= 1
-            slots.release()
+            self._give_back(slots)
+            if finished.cancelled():
+                return
+            error = finished.exception()
+            if error is None:
+                self._tell(scheme, "match" if finished.result() else "mismatch")
+            elif isinstance(error, BrokenProcessPool):
+                self._pool_broke(pool)
 
         future.add_done_callback(done)
         try:
             matched = await asyncio.shield(future)
         except BrokenProcessPool:
-            # a worker died (killed, out of memory): the next check starts a new pool
-            log.error("a legacy-password check process died; starting new ones")
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
-            self._pool = None
+            # a worker died mid-check (killed, out of memory): the next check starts a new pool
             self._tell(scheme, "busy")
             raise LegacyBusy("the password check could not be made") from None
-        self._tell(scheme, "match" if matched else "mismatch")
         if matched:
             self._remember(slot, tag)
         return matched

@@ -330,6 +330,13 @@ class FailureLimiter:
             # over the ceiling: a username that failed here is refused; one being checked
             # may be about to fail
             return None if user.failures else _WAIT
+        at_most = address.failures + address.pending if address is not None else 0
+        if address is not None and address.failures < self.address_ceiling <= at_most:
+            # the checks in flight may take the address over its ceiling: wait for them, as
+            # for a username's budget, so that concurrent logins of many usernames make at
+            # most the ceiling's worth of full checks (a legacy password's hash; past the
+            # ceiling a check computes none: Attempt.over_ceiling)
+            return _WAIT
         if user is not None and user.failures + user.pending >= self.max_failures:
             return _WAIT
         if key is not None and key.failures + key.pending >= self.max_failures:

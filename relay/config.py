@@ -122,7 +122,7 @@ class AuthConfig:
     max_failures_per_address: int | None = None  # per client address (IPv6: /64); None: 10 x max_failures
     failure_window: Duration = Duration(300)
     recheck_interval: Duration = Duration(0.5)
-    # legacy passwords (issue 13): hash verifications at once (threads; ARGON2ID takes its
+    # legacy passwords (issue 13): hash verifications at once (processes; ARGON2ID takes its
     # memory cost each), and how many more may wait before a login is told 454, try later
     legacy_verifications: int = 2
     legacy_queue: int = 64
