@@ -109,6 +109,11 @@ MAX_CRYPT_ROUNDS = 1_000_000  # SHA*-CRYPT (Dovecot's default: 5,000)
 MAX_BCRYPT_COST = 15  # BLF-CRYPT (Dovecot's default: 5, htpasswd -B: 5)
 MAX_ARGON2_MEMORY_KIB = 1 << 20  # 1 GiB (Dovecot's default: 64 MiB)
 MAX_ARGON2_TIME = 64
+# The longest password checked, in UTF-8 bytes. SHA*-CRYPT's work grows with the
+# password's length (a 1,500-byte guess costs six times a short one: 5 s of a check
+# process at 1,000,000 rounds), so a longer one is refused without a hash, as a wrong
+# password. People's passwords are far shorter; a password manager's are 64 or so.
+MAX_PASSWORD_BYTES = 256
 
 # A refused legacy-password login is answered no sooner than this after the AUTH (relay/auth.py
 # pads it): a hash takes milliseconds to a fraction of a second to check, and no check at all is
@@ -329,6 +334,9 @@ class LegacyVerifier:
         credential's fingerprint (a cache entry holds only while it is unchanged).
         `slow_ok=False`: answer from the cache alone (an address over its AUTH ceiling).
         LegacyBusy when `queue` verifications are already waiting."""
+        if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
+            self._tell(scheme, "skipped")
+            return False
         slot = (credential_id, stored)
         tag = self._tag(credential_id, password)
         if self._remembered(slot, tag):

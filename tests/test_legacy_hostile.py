@@ -586,3 +586,31 @@ async def test_a_reload_to_a_smaller_pool_does_not_add_checks_to_those_under_way
         assert verifier.most_at_once == 2
         for client in clients:
             client.close()
+
+
+# ------------------------------------------------------------ what one guess may cost
+
+
+async def test_an_overlong_password_is_refused_without_a_hash(tmp_path):
+    """SHA*-CRYPT's work grows with the password's length, so one long guess could hold a
+    check process for seconds: past legacy.MAX_PASSWORD_BYTES the password is refused as
+    a wrong one, with no hash computed. A password of exactly that length is checked."""
+    from keystore.legacy import MAX_PASSWORD_BYTES
+    from keystore.models import Identity, Reason
+    from keystore.passwdfile import read_dovecot_passwd
+
+    longest = "é" * (MAX_PASSWORD_BYTES // 2)  # two bytes each in UTF-8: exactly the limit
+    entries, bad = read_dovecot_passwd(
+        f"long@example.com:{doveadm('SHA512-CRYPT', longest)}\n"
+        f"over@example.com:{doveadm('SHA512-CRYPT', longest + 'x')}\n")
+    assert not bad
+    store = await KeyStore.open(tmp_path / "k.db", tmp_path / "pepper", create=True)
+    try:
+        await store.import_legacy(entries, source="test", actor="t")
+        assert isinstance(await store.authenticate("long@example.com", longest, "192.0.2.1"), Identity)
+        assert store.legacy.verifications == {"sha512_crypt": 1}
+        outcome = await store.authenticate("over@example.com", longest + "x", "192.0.2.1")
+        assert outcome is Reason.BAD_CREDENTIALS
+        assert store.legacy.verifications == {"sha512_crypt": 1}  # no second hash
+    finally:
+        await store.close()

@@ -30,6 +30,7 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics_core import Metric
 
+from keystore.legacy import ACCEPTED
 from relay import replies
 from relay.metrics.collectors import DepthSource, ProviderHealthCollector, QueueCollector, Snapshot
 
@@ -46,8 +47,12 @@ disable_created_metrics()
 # an unknown mailbox or key are all "bad_credentials"), and the relay's own.
 AUTH_OUTCOMES = (
     "ok", "bad_credentials", "revoked", "disabled", "expired", "suspended", "no_send_permission",
-    "not_allowed_from", "throttled", "keystore_unavailable", "malformed", "abandoned",
+    "not_allowed_from", "password_retired", "throttled", "keystore_unavailable", "legacy_busy",
+    "malformed", "abandoned",
 )
+# Legacy-password checks (keystore/legacy.py's observer), per libpass scheme.
+LEGACY_CHECK_OUTCOMES = ("match", "mismatch", "cached", "skipped", "busy")
+LEGACY_SCHEMES = tuple(ACCEPTED)
 # Why a message was refused (at MAIL, at the end of DATA, or while DATA was read).
 REFUSAL_REASONS = (
     "auth_required", "key_unusable", "keystore_unavailable", "sender_not_owned", "rate_limited",
@@ -189,6 +194,9 @@ class Metrics:
         0 (rate() sees it) rather than a new series. Not per key: key ids are not known."""
         for reason in CONNECTION_REFUSALS:
             self._child(self.connections_refused, reason)
+        for scheme in LEGACY_SCHEMES:
+            for outcome in LEGACY_CHECK_OUTCOMES:
+                self._child(self.legacy_verifications, scheme, outcome)
         if key_id_labels:
             return
         for outcome in AUTH_OUTCOMES:
