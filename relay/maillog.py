@@ -110,6 +110,9 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "provider_probe_failed": ("upstream", "failures", "backoff", "reply"),
     "provider_up": ("upstream", "down_for", "failures"),
 }
+# Fields written only when given, after the event's own: `legacy=yes` on the auth_ok of a
+# login with an imported password (issue 13); a key's auth_ok line stays as it was.
+_OPTIONAL: dict[str, tuple[str, ...]] = {"auth_ok": ("legacy",)}
 
 
 # ------------------------------------------------------------------ redaction
@@ -200,6 +203,7 @@ def _code(reply: str | None) -> int | None:
 
 def _emit(level: int, event: str, values: dict[str, object]) -> None:
     fields = {name: values.get(name) for name in EVENTS[event]}
+    fields.update((name, values[name]) for name in _OPTIONAL.get(event, ()) if values.get(name) is not None)
     fields = {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}
     line = " ".join([event, *(f"{k}={format_value(v)}" for k, v in fields.items())])
     log.log(level, "%s", line, extra={"event": event, "fields": fields})
