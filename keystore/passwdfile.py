@@ -19,6 +19,7 @@ A user without a domain (`alice`) needs `--domain` to become a mailbox address.
 from __future__ import annotations
 
 import ipaddress
+import unicodedata
 
 from keystore.legacy import BadLine, HashRefused, LegacyEntry, classify
 from keystore.store import StoreError, normalize_address
@@ -38,6 +39,7 @@ def _read(text: str, *, domain: str | None, dovecot: bool) -> tuple[list[LegacyE
     entries: list[LegacyEntry] = []
     bad: list[BadLine] = []
     seen: dict[str, int] = {}
+    text = text.removeprefix("\ufeff")  # a byte order mark (a file saved by a Windows editor)
     # only a line feed ends a line (str.splitlines also breaks at \v, \f, U+2028...: a gecos
     # field holding one would shift every later line number from what an editor shows)
     for number, raw in enumerate(text.split("\n"), start=1):
@@ -80,6 +82,8 @@ def _shown(user: str) -> str:
 
 
 def _address(user: str, domain: str | None) -> str | None:
+    if any(unicodedata.category(char) == "Cf" for char in user):
+        return None  # an invisible character (zero-width space...): an address nobody can type
     if "@" not in user:
         if not domain:
             return None

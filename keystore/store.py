@@ -829,6 +829,11 @@ class KeyStore:
             mailbox_id, ws_id = rows[0]
         else:
             ws_name = workspace or address.rpartition("@")[2]
+            if workspace is None and not _WORKSPACE_RE.match(ws_name):  # e.g. longer than 64
+                report.problems.append(BadLine(
+                    entry.line, address, "its domain cannot name a workspace (at most 64 letters, "
+                    "digits, '.', '_' and '-'); give --workspace"))
+                return
             ws_id = await self._workspace_id(conn, ws_name, create=True)
             mailbox_id = await conn.insert_returning_id(
                 "INSERT INTO mailbox (address, workspace_id, created) VALUES (?, ?, ?)",

@@ -654,3 +654,38 @@ def test_the_passwd_reader_keeps_allow_nets_and_never_the_hash_in_a_problem(weak
     assert [(e.address, e.allow_from) for e in entries] == [("a@x.test", ("2001:db8::/32", "192.0.2.7/32"))]
     assert [(b.line, b.why.split(":")[0]) for b in bad] == [(2, "allow_nets=local"), (3, "allow_nets")]
     assert all(weak["good"].rpartition("}")[2] not in str(b) + repr(e) for b in bad for e in entries)
+
+
+def test_a_domain_too_long_for_a_workspace_name_is_a_bad_line(cli, weak):
+    """A workspace is named after the domain unless --workspace is given; a domain that
+    cannot name one (77 characters here; names stop at 64) is that line's problem, which
+    --skip-bad skips and --workspace solves, not an import that fails as a whole."""
+    domain = "mail.department-of-applied-long-names.university-of-somewhere-far.example.edu"
+    (cli.folder / "users.txt").write_text(f"ok@fine.test:{weak['good']}\nann@{domain}:{weak['other']}\n")
+    result = cli.run("import", "dovecot-passwd", "users.txt")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[1] == (
+        f"  line 2 (ann@{domain}): its domain cannot name a workspace (at most 64 letters, digits, "
+        "'.', '_' and '-'); give --workspace")
+    assert [m["address"] for m in cli.json("mailbox", "list")] == ["real@example.com"]
+
+    result = cli.run("import", "dovecot-passwd", "users.txt", "--skip-bad")
+    assert result.returncode == 0 and "1 legacy password(s) created" in result.stdout
+    assert result.stderr.startswith("keystore: skipped line 2 ")
+    out = cli.ok("import", "dovecot-passwd", "users.txt", "--workspace", "university")
+    assert out.startswith("imported from users.txt: 1 legacy password(s) created, 0 updated, 1 unchanged")
+    workspaces = {m["address"]: m["workspace"] for m in cli.json("mailbox", "list")}
+    assert workspaces[f"ann@{domain}"] == "university"
+
+
+def test_a_byte_order_mark_and_invisible_characters_make_no_mailbox(cli, weak):
+    """A file saved by a Windows editor starts with a byte order mark: the first user is
+    still one@example.com, not an address with an invisible character nobody can type; a
+    user holding one (a zero-width space) is a bad line."""
+    text = f"one@example.com:{weak['good']}\ntw\u200bo@example.com:{weak['other']}\n"
+    (cli.folder / "users.txt").write_bytes(text.encode("utf-8-sig"))
+    result = cli.run("import", "dovecot-passwd", "users.txt", "--skip-bad")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "keystore: skipped line 2 (tw?o@example.com): not a valid mailbox address"]
+    assert [m["address"] for m in cli.json("mailbox", "list")] == ["one@example.com", "real@example.com"]
