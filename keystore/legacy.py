@@ -109,6 +109,10 @@ MAX_CRYPT_ROUNDS = 1_000_000  # SHA*-CRYPT (Dovecot's default: 5,000)
 MAX_BCRYPT_COST = 15  # BLF-CRYPT (Dovecot's default: 5, htpasswd -B: 5)
 MAX_ARGON2_MEMORY_KIB = 1 << 20  # 1 GiB (Dovecot's default: 64 MiB)
 MAX_ARGON2_TIME = 64
+# ARGON2's time is memory x passes (64 MiB x 3: 0.2 s of a core): 2 GiB passes, about 2 s, as
+# bcrypt's cost 15 (Dovecot's default: 192 MiB passes). Each bound above alone lets through
+# 1 GiB x 64 passes, a minute a login.
+MAX_ARGON2_WORK = 2 << 20
 # The longest password checked, in UTF-8 bytes. SHA*-CRYPT's work grows with the
 # password's length (a 1,500-byte guess costs six times a short one: 5 s of a check
 # process at 1,000,000 rounds), so a longer one is refused without a hash, as a wrong
@@ -210,6 +214,9 @@ def _check_cost(scheme: str, record: object) -> None:
         if memory > MAX_ARGON2_MEMORY_KIB or rounds > MAX_ARGON2_TIME:
             raise HashRefused(f"ARGON2 m={memory},t={rounds} is more than m={MAX_ARGON2_MEMORY_KIB},"
                               f"t={MAX_ARGON2_TIME}: one login would take seconds and that memory")
+        if memory * rounds > MAX_ARGON2_WORK:
+            raise HashRefused(f"ARGON2 m={memory},t={rounds} is more than m x t = {MAX_ARGON2_WORK} "
+                              "(KiB passes): one login would take seconds")
 
 
 def fingerprint(pepper: bytes, credential_id: str, password_hash: str) -> bytes:

@@ -364,21 +364,35 @@ def test_line_numbers_count_only_line_feeds(cli, weak):
     assert result.stderr.splitlines()[1].startswith("  line 3 (p@example.com): plain-text password")
 
 
-def test_hashes_too_costly_to_check_are_refused_with_the_reason(cli):
-    """Made with libpass (computing them would take seconds: only their settings matter)."""
+def test_hashes_too_costly_to_check_are_refused_with_the_reason(cli, hashes):
+    """Made with libpass, or Dovecot's with its costs raised (computing them would take
+    seconds to a minute: only their settings matter). ARGON2 at 1 GiB and 64 passes is within
+    each bound alone, yet costs about a minute a login (64 MiB x 3 passes: 0.2 s)."""
     slow_sha = sha512_crypt(rounds=2_000_000, salt="abcdefgh", checksum="x" * 86).to_string()
     slow_bcrypt = bcrypt(rounds=16, salt="fU.dsqxpC8ybbF88sXoHrO", ident="2y",
                          checksum="sujVRhsNi.dwS61vgptRjXYFVCcQryq").to_string()
+    argon = hashes["carol"]
+    assert "$m=65536,t=3," in argon
+    slow_argon = argon.replace("$m=65536,t=3,", "$m=1048576,t=64,")
+    heavy_argon = argon.replace("$m=65536,t=3,", "$m=4194304,t=1,")
+    fine_argon = argon.replace("$m=65536,t=3,", "$m=1048576,t=2,")
     (cli.folder / "users.txt").write_text(f"sha@example.com:{{SHA512-CRYPT}}{slow_sha}\n"
-                                          f"blf@example.com:{{BLF-CRYPT}}{slow_bcrypt}\n")
+                                          f"blf@example.com:{{BLF-CRYPT}}{slow_bcrypt}\n"
+                                          f"arg@example.com:{slow_argon}\n"
+                                          f"mem@example.com:{heavy_argon}\n"
+                                          f"ok@example.com:{fine_argon}\n")
     result = cli.run("import", "dovecot-passwd", "users.txt")
     assert result.returncode == 1
     assert result.stderr.splitlines()[1:] == [
         "  line 1 (sha@example.com): SHA512-CRYPT rounds=2000000 is more than 1000000: one login "
         "would take seconds",
         "  line 2 (blf@example.com): BLF-CRYPT cost 16 is more than 15: one login would take seconds",
+        "  line 3 (arg@example.com): ARGON2 m=1048576,t=64 is more than m x t = 2097152 (KiB passes): "
+        "one login would take seconds",
+        "  line 4 (mem@example.com): ARGON2 m=4194304,t=1 is more than m=1048576,t=64: one login would "
+        "take seconds and that memory",
     ]
-    no_secret(result, [slow_sha, slow_bcrypt])
+    no_secret(result, [slow_sha, slow_bcrypt, argon.rpartition("$")[2]])
     assert cli.json("key", "list") == []
 
 
