@@ -19,12 +19,17 @@ A user without a domain (`alice`) needs `--domain` to become a mailbox address.
 from __future__ import annotations
 
 import ipaddress
-import unicodedata
 
 from keystore.legacy import BadLine, HashRefused, LegacyEntry, classify
 from keystore.store import StoreError, normalize_address
 
 __all__ = ["BadLine", "LegacyEntry", "read_dovecot_passwd", "read_htpasswd"]
+
+# A user with a character a terminal does not show as itself: an invisible one (a zero-width
+# space) makes an address nobody can type, a control one (C1 CSI) is obeyed by terminals that
+# list it, and bytes that are not UTF-8 (a Latin-1 file; read as surrogates) cannot be stored.
+_UNPRINTABLE = ("not a valid mailbox address: it holds an invisible or control character, or "
+                "bytes that are not UTF-8")
 
 
 def read_dovecot_passwd(text: str, *, domain: str | None = None) -> tuple[list[LegacyEntry], list[BadLine]]:
@@ -54,7 +59,8 @@ def _read(text: str, *, domain: str | None, dovecot: bool) -> tuple[list[LegacyE
         shown = _shown(user)
         address = _address(user, domain)
         if address is None:
-            why = ("not a mailbox address; give --domain to import users without one" if "@" not in user
+            why = (_UNPRINTABLE if not user.isprintable()
+                   else "not a mailbox address; give --domain to import users without one" if "@" not in user
                    else "not a valid mailbox address")
             bad.append(BadLine(number, shown, why))
             continue
@@ -82,8 +88,8 @@ def _shown(user: str) -> str:
 
 
 def _address(user: str, domain: str | None) -> str | None:
-    if any(unicodedata.category(char) == "Cf" for char in user):
-        return None  # an invisible character (zero-width space...): an address nobody can type
+    if not user.isprintable():
+        return None  # see _UNPRINTABLE
     if "@" not in user:
         if not domain:
             return None

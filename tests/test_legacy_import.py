@@ -11,6 +11,7 @@ Logins through the relay and the verifier's pool are tested elsewhere
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -25,6 +26,7 @@ from keystore.models import Identity, Reason
 from keystore.passwdfile import read_dovecot_passwd
 from keystore.service import Actor, AdminService
 from keystore.store import Conflict, KeyStore, StoreError
+from tests.support.waiting import wait_until
 from tests.test_keystore_cli import ACTOR, CLI, clone, when
 
 # Each user's password, and the Dovecot scheme its hash is made in.
@@ -694,12 +696,69 @@ def test_a_domain_too_long_for_a_workspace_name_is_a_bad_line(cli, weak):
 
 def test_a_byte_order_mark_and_invisible_characters_make_no_mailbox(cli, weak):
     """A file saved by a Windows editor starts with a byte order mark: the first user is
-    still one@example.com, not an address with an invisible character nobody can type; a
-    user holding one (a zero-width space) is a bad line."""
-    text = f"one@example.com:{weak['good']}\ntw\u200bo@example.com:{weak['other']}\n"
-    (cli.folder / "users.txt").write_bytes(text.encode("utf-8-sig"))
+    still one@example.com, not an address with an invisible character nobody can type. A
+    user holding one (a zero-width space), a terminal control (C1 CSI) or bytes that are not
+    UTF-8 (a Latin-1 file) is a bad line, not a mailbox and not a failed import."""
+    good, other = weak["good"].encode(), weak["other"].encode()
+    data = ("\ufeff".encode() + b"one@example.com:" + good + b"\n"
+            + "tw\u200bo@example.com:".encode() + other + b"\n"
+            + b"jos\xe9@example.com:" + other + b"\n"
+            + "a\x9b31m@example.com:".encode() + other + b"\n"
+            + "jos\u00e9@example.com:".encode() + other + b"\n")
+    (cli.folder / "users.txt").write_bytes(data)
     result = cli.run("import", "dovecot-passwd", "users.txt", "--skip-bad")
     assert result.returncode == 0, result.stderr
-    assert result.stderr.splitlines() == [
-        "keystore: skipped line 2 (tw?o@example.com): not a valid mailbox address"]
-    assert [m["address"] for m in cli.json("mailbox", "list")] == ["one@example.com", "real@example.com"]
+    why = ("not a valid mailbox address: it holds an invisible or control character, or bytes "
+           "that are not UTF-8")
+    assert result.stderr.splitlines() == [f"keystore: skipped line 2 (tw?o@example.com): {why}",
+                                          f"keystore: skipped line 3 (jos?@example.com): {why}",
+                                          f"keystore: skipped line 4 (a?31m@example.com): {why}"]
+    assert [m["address"] for m in cli.json("mailbox", "list")] == [
+        "jos\u00e9@example.com", "one@example.com", "real@example.com"]
+
+
+async def test_two_imports_at_once_make_one_password_per_mailbox(keystore_place, store, weak):
+    """Two operators (or a retried cron job) import the same file at the same moment: the
+    imports take turns, the second finds everything there."""
+    other = await keystore_place.open(create=False)
+    try:
+        entries = [entry(n, f"user{n}@example.com", weak["good"]) for n in range(1, 21)]
+        first, second = await asyncio.gather(
+            store.import_legacy(entries, source="a", actor="ann"),
+            other.import_legacy(entries, source="b", actor="bob"))
+    finally:
+        await other.close()
+    assert sorted([len(first.created), len(second.created)]) == [0, 20]
+    assert sorted([len(first.unchanged), len(second.unchanged)]) == [0, 20]
+    legacy = await store.list_keys(kind="legacy")
+    assert sorted(k.mailbox for k in legacy) == sorted(e.address for e in entries)
+
+
+async def test_a_password_is_retired_once_when_two_relays_see_its_key_used(keystore_place, store, weak):
+    """Each relay retires what is stored (`_retire_converted`): two flushing at once write
+    one revocation and one audit entry."""
+    await store.import_legacy([entry(1, "one@example.com", weak["good"])], source="f", actor="m")
+    legacy, _, secret = await store.convert_legacy("one@example.com", actor="ann")
+    other = await keystore_place.open(create=False)
+    try:
+        for relay in (store, other):
+            assert isinstance(await relay.authenticate("one@example.com", secret, "192.0.2.1"), Identity)
+        await asyncio.gather(store.flush_uses(), other.flush_uses())
+    finally:
+        await other.close()
+    assert (await store.get_key(legacy.id)).status == "revoked"
+    assert [e.action for e in await store.audit_events(key_id=legacy.id)].count("legacy.retire") == 1
+
+
+async def test_expire_leaves_a_password_already_past_its_deadline(store, weak):
+    await store.import_legacy([entry(1, "one@example.com", weak["good"]),
+                               entry(2, "two@example.com", weak["other"])], source="f", actor="m")
+    ids = {k.mailbox: k.id for k in await store.list_keys(kind="legacy")}
+    ended_at = time.time() + 0.5
+    await store.expire_legacy(ended_at, actor="ann", mailbox="one@example.com")
+    await wait_until(lambda: time.time() > ended_at)
+
+    later = time.time() + 86400
+    changed = await store.expire_legacy(later, actor="ann")
+    assert [k.mailbox for k in changed] == ["two@example.com"]
+    assert (await store.get_key(ids["one@example.com"])).expires == pytest.approx(ended_at)
