@@ -522,6 +522,22 @@ def test_convert_prints_the_key_once_and_refuses_what_it_cannot_do(imported):
     assert imported.json("key", "show", ids["carol@example.com"])["status"] == "active"
     again = imported.json("legacy", "convert", "carol@example.com")
     assert again["id"] != key_id and again["secret"].startswith("rak_")
+    trail = [(e["action"], e["actor"], e["key_id"])
+             for e in imported.json("audit", "--mailbox", "carol@example.com")
+             if e["action"] in ("key.create", "legacy.convert")]
+    assert trail == [("key.create", ACTOR, key_id), ("legacy.convert", ACTOR, ids["carol@example.com"]),
+                     ("key.create", ACTOR, again["id"]), ("legacy.convert", ACTOR, ids["carol@example.com"])]
+    no_secret(json.dumps(imported.json("audit")), [secret, again["secret"]])
+
+
+async def test_legacy_list_shows_the_last_use_and_client(imported):
+    """A login with the password (as the relay makes one) is what `legacy list` shows, so an
+    operator sees who still uses it."""
+    assert isinstance(await imported.login("carol@example.com", "Carol-old-pw-3"), Identity)
+    rows = {r["MAILBOX"]: r for r in table(imported.ok("legacy", "list"))}
+    assert rows["carol@example.com"]["LAST CLIENT"] == "198.51.100.7"
+    assert abs(when(rows["carol@example.com"]["LAST USED"]) - time.time()) < 120
+    assert (rows["bob@example.com"]["LAST USED"], rows["bob@example.com"]["LAST CLIENT"]) == ("-", "-")
 
 
 def test_legacy_passwords_do_not_count_toward_the_key_limit(imported):
@@ -536,6 +552,17 @@ def test_legacy_passwords_do_not_count_toward_the_key_limit(imported):
 
 
 # ------------------------------------------------------------- the store itself
+
+
+async def test_store_key_limit_counts_keys_not_legacy_passwords(store, weak):
+    await store.import_legacy([entry(n, f"user{n}@example.com", weak["good"]) for n in (1, 2, 3)],
+                              source="f", actor="m")
+    await store.set_key_limit("example.com", 1, actor="m")
+    await store.create_key(mailbox="user1@example.com", name="app", actor="m")
+    with pytest.raises(Conflict, match=r"already has 1 active keys \(limit 1\)"):
+        await store.create_key(mailbox="user2@example.com", name="app", actor="m")
+    (workspace,) = [w for w in await store.list_workspaces() if w.name == "example.com"]
+    assert (workspace.active_keys, workspace.mailboxes) == (1, 4)
 
 
 def entry(line: int, address: str, password_hash: str, scheme: str = "sha512_crypt") -> LegacyEntry:
