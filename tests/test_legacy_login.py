@@ -11,15 +11,18 @@ log lines, and what `keystore legacy list` and `keystore audit` show an operator
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import smtplib
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
 import pytest
 
+from keystore import keys
+from keystore.legacy import LEGACY_FAILURE_FLOOR
 from relay import replies
 from relay.config import LogConfig
 from relay.logformat import configure_logging, reset_logging
@@ -155,6 +158,26 @@ def login(h: Harness, username: str, password: str, mechanism: str = "PLAIN") ->
     return client
 
 
+def hang_up(client: smtplib.SMTP) -> None:
+    """QUIT, then close, whatever the relay did to the session meanwhile."""
+    try:
+        client.quit()
+    except smtplib.SMTPException:
+        client.close()
+
+
+@contextlib.asynccontextmanager
+async def session(h: Harness, username: str, password: str,
+                  mechanism: str = "PLAIN") -> AsyncIterator[smtplib.SMTP]:
+    """An open logged-in session for a test on the relay's own event loop: smtplib blocks,
+    so every step runs in a thread (a QUIT from the loop's thread would wait out its timeout)."""
+    client = await asyncio.to_thread(login, h, username, password, mechanism)
+    try:
+        yield client
+    finally:
+        await asyncio.to_thread(hang_up, client)
+
+
 def login_reply(h: Harness, username: str, password: str, mechanism: str = "PLAIN") -> tuple[str, float]:
     """A fresh session's AUTH: (the reply, seconds from AUTH to the reply)."""
     with connect(h) as client:
@@ -261,3 +284,111 @@ async def test_a_key_of_the_same_mailbox_still_logs_in_beside_its_legacy_passwor
     await h.sink.wait_for(2, timeout=10)
     key_line, password_line = log.lines("auth_ok")
     assert "legacy" not in key_line and password_line.endswith("legacy=yes")
+
+
+# ------------------------------------------------------------------ refusals
+
+async def test_a_wrong_password_an_unknown_mailbox_and_one_without_a_password_get_one_reply_in_one_time(
+        h, dovecot_hashes, apache_line):
+    """No enumeration: the reply is a wrong key's, and each refusal takes at least
+    LEGACY_FAILURE_FLOOR (a hash checked or not), so neither words nor time tell which
+    mailboxes exist or have a password. A wrong key is checked without any hash: not slowed."""
+    await import_passwd(h, [passwd_line(a, dovecot_hashes[a]) for a, _, _ in USERS])
+    await import_passwd(h, [apache_line], kind="htpasswd", name="htpasswd")
+    await h.mailbox("keys-only@example.com")
+    key = await h.key("keys-only@example.com")
+    wrong_key, _ = keys.generate_key(key.split("_")[1])  # her key's id, another secret: well-formed
+    # the check processes start at the first legacy login: warm them, as a running relay is
+    await asyncio.to_thread(send_as, h, USERS[2][0], USERS[2][2], "warm")
+
+    attempts = {
+        **{f"wrong password ({scheme})": (address, "not-" + password) for address, scheme, password in USERS},
+        "wrong password (htpasswd)": (HTPASSWD_USER[0], "Not the password"),
+        "unknown mailbox": ("nobody@example.com", "some password"),
+        "mailbox without a password": ("keys-only@example.com", "some password"),
+    }
+    seen: dict[str, list[float]] = {}
+    for what, (username, password) in attempts.items():
+        for mechanism in ("PLAIN", "LOGIN"):
+            reply, took = await asyncio.to_thread(login_reply, h, username, password, mechanism)
+            assert reply == INVALID, (what, reply)
+            seen.setdefault(what, []).append(took)
+    times = [t for ts in seen.values() for t in ts]
+    assert min(times) >= LEGACY_FAILURE_FLOOR, seen
+    assert max(times) - min(times) < 0.25, seen  # argon2's 0.2 s hides under the floor
+
+    reply, took = await asyncio.to_thread(login_reply, h, "keys-only@example.com", wrong_key)
+    assert reply == INVALID and took < LEGACY_FAILURE_FLOOR / 2, took
+    reply, took = await asyncio.to_thread(login_reply, h, USERS[0][0], wrong_key)  # a key of another mailbox
+    assert reply == INVALID and took < LEGACY_FAILURE_FLOOR / 2, took
+
+
+async def test_without_any_legacy_password_a_non_key_password_is_refused_without_the_pad(h):
+    """A keystore of keys alone pads nothing: there is no hash whose time could tell."""
+    await h.mailbox("keys-only@example.com")
+    await h.key("keys-only@example.com")
+    reply, took = await asyncio.to_thread(login_reply, h, "keys-only@example.com", "a password")
+    assert reply == INVALID and took < LEGACY_FAILURE_FLOOR / 2, took
+
+
+# ------------------------------------------------------------------ the rules keys follow
+
+async def test_a_legacy_password_sends_as_its_mailbox_and_aliases_only(h, dovecot_hashes):
+    address, _, password = USERS[1]
+    await h.mailbox(address, aliases=["sales@example.com"])
+    await import_passwd(h, [passwd_line(address, dovecot_hashes[address])])
+    async with session(h, address, password, "LOGIN") as client:
+        assert await asyncio.to_thread(mail_reply, client, "mallory@example.com") == replies.SENDER_NOT_OWNED
+        assert await asyncio.to_thread(mail_reply, client, "sha@example.com") == replies.SENDER_NOT_OWNED
+        await asyncio.to_thread(send, client, "sales@example.com", "from the alias")
+        await asyncio.to_thread(send, client, address, "from the mailbox")
+    received = await h.sink.wait_for(2, timeout=10)
+    assert sorted(m.mail_from for m in received) == [address, "sales@example.com"]
+
+
+@pytest.mark.parametrize("what", ["mailbox", "workspace"])
+async def test_a_suspended_mailbox_or_workspace_stops_its_legacy_password(h, dovecot_hashes, what):
+    address, _, password = USERS[0]
+    await h.mailbox(address, workspace="acme")
+    await import_passwd(h, [passwd_line(address, dovecot_hashes[address])])
+    async with session(h, address, password) as client:
+        assert await asyncio.to_thread(mail_reply, client, address) == replies.MAIL_OK
+        await run_cli(h, what, "suspend", address if what == "mailbox" else "acme")
+        # the open session: refused at its next MAIL FROM (the recheck's cache is 0.5 s)
+        suspended = replies.REASON_REPLIES["suspended"]
+
+        async def refused() -> bool:
+            return await asyncio.to_thread(mail_reply, client, address) == suspended
+
+        await wait_until(refused, timeout=5, what="the open session refused as suspended")
+    reply, _ = await asyncio.to_thread(login_reply, h, address, password)
+    assert reply == suspended
+    reply, _ = await asyncio.to_thread(login_reply, h, address, "not-" + password)
+    assert reply == INVALID  # the suspension is told only to the right password
+    await run_cli(h, what, "resume", address if what == "mailbox" else "acme")
+    await asyncio.to_thread(send_as, h, address, password, "resumed")
+    await h.sink.wait_for(1, timeout=10)
+
+
+async def test_a_rate_limit_set_on_a_legacy_password_applies(h, dovecot_hashes):
+    address, _, password = USERS[1]
+    await import_passwd(h, [passwd_line(address, dovecot_hashes[address])])
+    await run_cli(h, "key", "update", await legacy_id(h, address), "--rate-limit", "1")
+    async with session(h, address, password) as client:
+        await asyncio.to_thread(send, client, address, "the one a minute")
+        assert await asyncio.to_thread(mail_reply, client, address) == replies.RATE_LIMITED
+    await h.sink.wait_for(1, timeout=10)
+
+
+async def test_allow_nets_from_the_passwd_file_and_allow_from_apply_to_the_password(h, dovecot_hashes):
+    """Dovecot's allow_nets= becomes the credential's allow-from: the right password from
+    elsewhere is refused as a key would be; widened with `key update --allow-from`, it logs in."""
+    address, _, password = USERS[1]
+    await import_passwd(h, [passwd_line(address, dovecot_hashes[address], "allow_nets=192.0.2.0/24")])
+    reply, _ = await asyncio.to_thread(login_reply, h, address, password)
+    assert reply == replies.REASON_REPLIES["not_allowed_from"]
+    reply, _ = await asyncio.to_thread(login_reply, h, address, "not-" + password)
+    assert reply == INVALID
+    await run_cli(h, "key", "update", await legacy_id(h, address), "--allow-from", "127.0.0.0/8")
+    await asyncio.to_thread(send_as, h, address, password, "from an allowed network")
+    await h.sink.wait_for(1, timeout=10)
