@@ -545,6 +545,9 @@ async def _legacy_list(svc: AdminService, me: Actor, args, config) -> int:
 
 async def _legacy_expire(svc: AdminService, me: Actor, args, config) -> int:
     deadline = (time.time() + parse_duration(args.after)) if args.after else parse_iso(args.at)
+    if deadline <= time.time():  # the store's words ("expiry is in the past") are a key's
+        raise Refused(f"the deadline {_when(deadline)} is in the past; give a later --at, or --after "
+                      "DURATION")
     changed = await svc.expire_legacy(me, deadline, workspace=args.workspace, mailbox=args.mailbox)
     if args.json:
         _print_json([_key_json(k) for k in changed])

@@ -487,7 +487,8 @@ def test_expire_sets_a_deadline_in_scope_and_refuses_a_past_one(imported):
     ]
 
     line = imported.refused("legacy", "expire", "--at", "2020-01-01")
-    assert "in the past" in line
+    assert line == ("keystore: the deadline 2020-01-01T00:00:00Z is in the past; give a later --at, "
+                    "or --after DURATION")
     line = imported.refused("legacy", "expire", "--after", "1d", "--workspace", "nowhere")
     assert line == "keystore: unknown workspace: nowhere"
     assert imported.usage("legacy", "expire", "--after", "1d", "--at", "2099-01-01")
