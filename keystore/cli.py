@@ -495,7 +495,8 @@ async def _import(svc: AdminService, me: Actor, args, config) -> int:
     text = data.decode("utf-8", "surrogateescape")  # a line that is not UTF-8 is one bad line
     read = read_dovecot_passwd if args.format == "dovecot-passwd" else read_htpasswd
     entries, problems = read(text, domain=args.domain)
-    source = "stdin" if args.file == "-" else args.file
+    # a file name is bytes; one that is not UTF-8 (read as surrogates) could not be stored
+    source = "stdin" if args.file == "-" else os.fsencode(args.file).decode("utf-8", "backslashreplace")
     if not entries and not problems:
         raise Refused(f"{source}: no users in it (expected {args.format} lines)")
     report = await svc.import_legacy(me, entries, source=f"{args.format}:{source}", workspace=args.workspace,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import time
@@ -790,3 +791,13 @@ async def test_expire_leaves_a_password_already_past_its_deadline(store, weak):
     changed = await store.expire_legacy(later, actor="ann")
     assert [k.mailbox for k in changed] == ["two@example.com"]
     assert (await store.get_key(ids["one@example.com"])).expires == pytest.approx(ended_at)
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_and_recorded_escaped(cli):
+    """A file name is bytes: one from a Latin-1 system (caf\\xe9.txt) cannot be stored as it
+    is, so the report and the audit trail name it with the byte escaped."""
+    name = os.fsdecode(b"caf\xe9.txt")
+    (cli.folder / name).write_text(htpasswd_line("pat@example.com", "Pat-pw-8", "-B") + "\n")
+    out = cli.ok("import", "htpasswd", name)
+    assert out.splitlines()[0].startswith("imported from caf\\xe9.txt: 1 legacy password(s) created")
+    assert cli.json("audit")[-1]["detail"].startswith("source='htpasswd:caf\\\\xe9.txt' created=1")
