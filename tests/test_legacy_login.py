@@ -11,13 +11,19 @@ log lines, and what `keystore legacy list` and `keystore audit` show an operator
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
+import json
 import smtplib
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -26,8 +32,10 @@ from keystore.legacy import LEGACY_FAILURE_FLOOR
 from relay import replies
 from relay.config import LogConfig
 from relay.logformat import configure_logging, reset_logging
-from tests.support.procs import keystore_cli
-from tests.support.relayrun import Harness
+from tests.support.cluster import running_cluster
+from tests.support.procs import free_port, keystore_cli, start_relay_process
+from tests.support.relayrun import client_tls, write_config
+from tests.support.sink import Sink
 from tests.support.waiting import wait_until
 
 # (mailbox, scheme, password): one user per scheme; passwords as people choose them (ASCII:
@@ -41,6 +49,37 @@ HTPASSWD_USER = ("apache@example.com", "htpasswd -B", "from the apache days")
 INVALID = replies.AUTH_INVALID
 RETIRED = replies.REASON_REPLIES["password_retired"]
 CHANGED = replies.REASON_REPLIES["password_changed"]
+
+
+class Place(Protocol):
+    """A running relay as these steps need it: the in-process Harness (tests/support/
+    relayrun.py) or a `relay serve` process (RelayProcess)."""
+
+    folder: Path
+    sink: Sink
+
+    @property
+    def config_path(self) -> Path: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def tls(self) -> ssl.SSLContext: ...
+
+
+@dataclass
+class RelayProcess:
+    """A real `relay serve` process on fixed ports, its log in relay.log beside its config."""
+
+    folder: Path
+    sink: Sink
+    port: int
+    tls: ssl.SSLContext
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / "relay.toml"
 
 
 def doveadm_hash(scheme: str, password: str) -> str:
@@ -70,18 +109,18 @@ def apache_line() -> str:
 
 # ------------------------------------------------------------------ operator steps
 
-def cli(h: Harness, *args: str) -> str:
+def cli(h: Place, *args: str) -> str:
     """A real `keystore` process on the relay's config: its stdout; it must succeed."""
     done = keystore_cli(h.config_path, *args)
     assert done.returncode == 0, f"keystore {' '.join(args)}: exit {done.returncode}: {done.stderr}"
     return done.stdout
 
 
-async def run_cli(h: Harness, *args: str) -> str:
+async def run_cli(h: Place, *args: str) -> str:
     return await asyncio.to_thread(cli, h, *args)
 
 
-async def import_passwd(h: Harness, lines: list[str], *, kind: str = "dovecot-passwd",
+async def import_passwd(h: Place, lines: list[str], *, kind: str = "dovecot-passwd",
                         name: str = "users.passwd") -> str:
     """`keystore import dovecot-passwd|htpasswd FILE`, as an operator copies the file over."""
     path = h.folder / name
@@ -94,7 +133,7 @@ def passwd_line(address: str, hashed: str, extra: str = "") -> str:
     return f"{address}:{hashed}::::::{extra}" if extra else f"{address}:{hashed}"
 
 
-async def legacy_id(h: Harness, address: str) -> str:
+async def legacy_id(h: Place, address: str) -> str:
     """The id of the mailbox's legacy password, as `keystore legacy list --all` shows it."""
     for line in (await run_cli(h, "legacy", "list", "--all")).splitlines()[1:]:
         columns = line.split()
@@ -126,7 +165,7 @@ def iso(ts: float) -> str:
 
 # ------------------------------------------------------------------ smtplib clients
 
-def connect(h: Harness) -> smtplib.SMTP:
+def connect(h: Place) -> smtplib.SMTP:
     """A client on the submission port, after STARTTLS (the relay's certificate checked)."""
     client = smtplib.SMTP("127.0.0.1", h.port, timeout=10)
     client.starttls(context=h.tls)
@@ -144,7 +183,7 @@ def auth(client: smtplib.SMTP, username: str, password: str, mechanism: str = "P
     return f"{code} {text.decode()}"
 
 
-def login(h: Harness, username: str, password: str, mechanism: str = "PLAIN") -> smtplib.SMTP:
+def login(h: Place, username: str, password: str, mechanism: str = "PLAIN") -> smtplib.SMTP:
     """An open session logged in with the password."""
     client = connect(h)
     try:
@@ -167,7 +206,7 @@ def hang_up(client: smtplib.SMTP) -> None:
 
 
 @contextlib.asynccontextmanager
-async def session(h: Harness, username: str, password: str,
+async def session(h: Place, username: str, password: str,
                   mechanism: str = "PLAIN") -> AsyncIterator[smtplib.SMTP]:
     """An open logged-in session for a test on the relay's own event loop: smtplib blocks,
     so every step runs in a thread (a QUIT from the loop's thread would wait out its timeout)."""
@@ -178,7 +217,7 @@ async def session(h: Harness, username: str, password: str,
         await asyncio.to_thread(hang_up, client)
 
 
-def login_reply(h: Harness, username: str, password: str, mechanism: str = "PLAIN") -> tuple[str, float]:
+def login_reply(h: Place, username: str, password: str, mechanism: str = "PLAIN") -> tuple[str, float]:
     """A fresh session's AUTH: (the reply, seconds from AUTH to the reply)."""
     with connect(h) as client:
         started = time.monotonic()
@@ -199,13 +238,13 @@ def send(client: smtplib.SMTP, sender: str, subject: str, rcpt: str = "bob@examp
     assert client.sendmail(sender, [rcpt], message) == {}
 
 
-def send_as(h: Harness, username: str, password: str, subject: str, mechanism: str = "PLAIN") -> None:
+def send_as(h: Place, username: str, password: str, subject: str, mechanism: str = "PLAIN") -> None:
     """A whole session: log in, send one message, quit."""
     with login(h, username, password, mechanism) as client:
         send(client, username, subject)
 
 
-def subjects(h: Harness) -> list[str]:
+def subjects(h: Place) -> list[str]:
     return [line[len("Subject: "):] for m in h.sink.messages for line in m.text.splitlines()
             if line.startswith("Subject: ")]
 
@@ -392,3 +431,199 @@ async def test_allow_nets_from_the_passwd_file_and_allow_from_apply_to_the_passw
     await run_cli(h, "key", "update", await legacy_id(h, address), "--allow-from", "127.0.0.0/8")
     await asyncio.to_thread(send_as, h, address, password, "from an allowed network")
     await h.sink.wait_for(1, timeout=10)
+
+
+# ------------------------------------------------------------------ re-checks of open sessions
+
+async def refused_at_mail(client: smtplib.SMTP, sender: str, reply: str, what: str) -> None:
+    """The open session's next MAIL FROM gets `reply` (within the recheck's 0.5 s cache)."""
+    async def refused() -> bool:
+        got = await asyncio.to_thread(mail_reply, client, sender)
+        assert got in (replies.MAIL_OK, reply), got
+        return got == reply
+
+    await wait_until(refused, timeout=5, what=what)
+
+
+async def test_a_reimport_with_a_changed_password_ends_open_sessions(h, dovecot_hashes):
+    address, scheme, password = USERS[0]
+    await import_passwd(h, [passwd_line(address, dovecot_hashes[address])])
+    async with session(h, address, password) as client, session(h, address, password, "LOGIN") as other:
+        await asyncio.to_thread(send, client, address, "before the change")
+        new_password = "a brand new password"
+        changed = await import_passwd(h, [passwd_line(address, doveadm_hash(scheme, new_password))])
+        assert "1 updated" in changed
+        await refused_at_mail(client, address, CHANGED, "the open session ended: password changed")
+        assert await asyncio.to_thread(mail_reply, other, address) == CHANGED
+    reply, _ = await asyncio.to_thread(login_reply, h, address, password)
+    assert reply == INVALID  # the old password is now simply wrong
+    await asyncio.to_thread(send_as, h, address, new_password, "after the change", "LOGIN")
+    received = await h.sink.wait_for(2, timeout=10)
+    assert [m.text.count("before the change") + m.text.count("after the change") for m in received] == [1, 1]
+
+
+async def test_past_the_legacy_deadline_open_sessions_end_and_the_password_is_told_to_use_a_key(
+        h, dovecot_hashes):
+    address, _, password = USERS[1]
+    await import_passwd(h, [passwd_line(address, dovecot_hashes[address])])
+    async with session(h, address, password) as client:
+        deadline = iso(time.time() + 3)  # whole seconds: at least 2 s from now
+        stated = await run_cli(h, "legacy", "expire", "--at", deadline, "--mailbox", address)
+        assert stated.startswith(f"1 legacy password(s) stop working at {deadline}")
+        assert await asyncio.to_thread(mail_reply, client, address) == replies.MAIL_OK  # not yet
+        await refused_at_mail(client, address, RETIRED, "the open session refused past the deadline")
+    assert when(deadline) <= time.time()
+    reply, _ = await asyncio.to_thread(login_reply, h, address, password, "LOGIN")
+    assert reply == RETIRED
+    reply, _ = await asyncio.to_thread(login_reply, h, address, "not-" + password)
+    assert reply == INVALID  # only the right password learns that passwords have ended
+    assert legacy_row(await run_cli(h, "legacy", "list", "--all"), address)["STATE"] == "ended"
+
+
+async def test_a_revoked_legacy_password_ends_open_sessions_with_the_retired_reply(h, dovecot_hashes):
+    address, _, password = USERS[2]
+    await import_passwd(h, [passwd_line(address, dovecot_hashes[address])])
+    async with session(h, address, password, "LOGIN") as client:
+        assert await asyncio.to_thread(mail_reply, client, address) == replies.MAIL_OK
+        await run_cli(h, "key", "revoke", await legacy_id(h, address))
+        await refused_at_mail(client, address, RETIRED, "the open session refused once revoked")
+    reply, _ = await asyncio.to_thread(login_reply, h, address, password)
+    assert reply == RETIRED
+    reply, _ = await asyncio.to_thread(login_reply, h, address, "not-" + password, "LOGIN")
+    assert reply == INVALID
+    # a re-import does not bring a retired password back
+    again = await import_passwd(h, [passwd_line(address, dovecot_hashes[address])])
+    assert f"not given back (retired here already): {address}" in again
+    reply, _ = await asyncio.to_thread(login_reply, h, address, password)
+    assert reply == RETIRED
+
+
+# ------------------------------------------------------------------ moving to keys
+
+async def test_convert_keeps_the_password_until_the_new_key_logs_in_then_retires_it(h, dovecot_hashes):
+    address, _, password = USERS[0]
+    await import_passwd(h, [passwd_line(address, dovecot_hashes[address])])
+    password_id = await legacy_id(h, address)
+    converted = json.loads(await run_cli(h, "legacy", "convert", address, "--json"))
+    key = converted["secret"]
+    await asyncio.to_thread(send_as, h, address, password, "still the password")
+    row = legacy_row(await run_cli(h, "legacy", "list"), address)
+    assert row["STATE"] == "active" and row["NEW KEY"] == converted["id"]
+
+    async with session(h, address, password, "LOGIN") as old_session:
+        await asyncio.to_thread(send_as, h, address, key, "with the new key")
+
+        # the relay's bookkeeping (about a second) sees the key used and retires the password
+        async def retired() -> bool:
+            listing = await run_cli(h, "legacy", "list", "--all")
+            return legacy_row(listing, address)["STATE"] == "retired"
+
+        await wait_until(retired, timeout=10, what="the password retired after the key's first login")
+        await refused_at_mail(old_session, address, RETIRED, "the password's open session ended")
+    assert address not in await run_cli(h, "legacy", "list")  # live passwords only
+    reply, _ = await asyncio.to_thread(login_reply, h, address, password)
+    assert reply == RETIRED
+    await asyncio.to_thread(send_as, h, address, key, "the key goes on")
+    await h.sink.wait_for(3, timeout=10)
+    audit = await run_cli(h, "audit", "--mailbox", address)
+    retire = [line for line in audit.splitlines() if " legacy.retire " in line]
+    assert len(retire) == 1 and password_id in retire[0] and " relay " in retire[0], audit
+
+
+# ------------------------------------------------------------------ secrets and the log
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def secret_forms(password: str, hashed: str, username: str) -> list[str]:
+    """What must never be in the log: the password (also as AUTH PLAIN and LOGIN carry it),
+    the hash, and the hash's salt and digest (a hash logged in pieces is still the hash)."""
+    pieces = [p for p in hashed.split("$") if len(p) >= 16]
+    return [password, b64(password), b64(f"\0{username}\0{password}"), hashed, *pieces]
+
+
+async def test_no_password_and_no_hash_in_the_relays_debug_log(tmp_path, sink, dovecot_hashes, apache_line):
+    """A real `relay serve` with `[log] level = "debug"` (aiosmtpd's transcript of every
+    command and reply included): logins of every scheme by PLAIN and LOGIN, wrong passwords,
+    a re-import with a changed password, a conversion; then the whole log is searched."""
+    port = free_port()
+    config = write_config(tmp_path, sink.port, server="rate_per_minute = 0")
+    text = config.read_text().replace('submission = ["127.0.0.1:0"]', f'submission = ["127.0.0.1:{port}"]')
+    text = text.replace('submissions = ["127.0.0.1:0"]', f'submissions = ["127.0.0.1:{free_port()}"]')
+    config.write_text(text + '\n[log]\nlevel = "debug"\n')
+    relay = RelayProcess(tmp_path, sink, port, client_tls(tmp_path))
+    await run_cli(relay, "init")
+    await import_passwd(relay, [passwd_line(a, dovecot_hashes[a]) for a, _, _ in USERS])
+    await import_passwd(relay, [apache_line], kind="htpasswd", name="htpasswd")
+    changed_user, changed_scheme, _ = USERS[1]
+    new_password = "the password after the change"
+    new_hash = doveadm_hash(changed_scheme, new_password)
+    apache_hash = apache_line.split(":", 1)[1]
+    forms = [form for address, _, password in USERS
+             for form in secret_forms(password, dovecot_hashes[address].split("}", 1)[1], address)]
+    forms += secret_forms(HTPASSWD_USER[2], apache_hash, HTPASSWD_USER[0])
+    forms += secret_forms(new_password, new_hash.split("}", 1)[1], changed_user)
+    process = await start_relay_process(config, port, log_level=None)
+    try:
+        everyone = [*USERS, HTPASSWD_USER]
+        for address, scheme, password in everyone:
+            for mechanism in ("PLAIN", "LOGIN"):
+                await asyncio.to_thread(send_as, relay, address, password, f"{scheme} {mechanism}", mechanism)
+                reply, _ = await asyncio.to_thread(login_reply, relay, address, password + "x", mechanism)
+                assert reply == INVALID
+        async with session(relay, changed_user, USERS[1][2], "LOGIN") as client:
+            await import_passwd(relay, [passwd_line(changed_user, new_hash)])
+            await refused_at_mail(client, changed_user, CHANGED, "the session ended by the new password")
+        await asyncio.to_thread(send_as, relay, changed_user, new_password, "new password")
+        converted = json.loads(await run_cli(relay, "legacy", "convert", USERS[2][0], "--json"))
+        await asyncio.to_thread(send_as, relay, USERS[2][0], converted["secret"], "converted")
+
+        async def retired() -> bool:
+            listing = await run_cli(relay, "legacy", "list", "--all")
+            return legacy_row(listing, USERS[2][0])["STATE"] == "retired"
+
+        await wait_until(retired, timeout=10, what="the converted password retired")
+        reply, _ = await asyncio.to_thread(login_reply, relay, USERS[2][0], USERS[2][2])
+        assert reply == RETIRED
+        await sink.wait_for(10, timeout=15)
+    finally:
+        process.terminate()
+        await process.wait()
+    log = (tmp_path / "relay.log").read_text()
+    # the search is worth something: the transcript, the events, a legacy login are there
+    for seen in ("mail.log", "AUTH PLAIN ********", "auth_ok", "legacy=yes", "auth_failed", "queued"):
+        assert seen in log, seen
+    for form in forms:
+        assert form not in log, form
+    lowered = log.lower()
+    assert not [form for form in forms if form.lower() in lowered]
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+async def test_on_postgresql_a_legacy_password_logs_in_and_a_reimport_ends_sessions_at_another_relay(
+        tmp_path, sink, pg_url, dovecot_hashes):
+    """Two relays on one PostgreSQL keystore, rechecks cached for a minute: only the
+    keystore's notification (a re-import changes the credential's row) can end the session
+    at the other relay within the second."""
+    address, scheme, password = USERS[0]
+    async with running_cluster(tmp_path, sink, pg_url, auth='recheck_interval = "60s"') as (a, b):
+        imported = await import_passwd(a, [passwd_line(address, dovecot_hashes[address])])
+        assert "1 legacy password(s) created, 0 updated, 0 unchanged, 1 new mailbox(es)" in imported
+        await asyncio.to_thread(send_as, b, address, password, "through b")
+        async with session(b, address, password, "LOGIN") as client:
+            assert await asyncio.to_thread(mail_reply, client, address) == replies.MAIL_OK  # cached now
+            new_password = "changed at the old server"
+            await import_passwd(a, [passwd_line(address, doveadm_hash(scheme, new_password))])
+            changed = time.monotonic()
+            await refused_at_mail(client, address, CHANGED, "the session at b ended by the re-import at a")
+            assert time.monotonic() - changed < 1.0
+        await asyncio.to_thread(send_as, b, address, new_password, "new password through b")
+        await asyncio.to_thread(send_as, a, address, new_password, "new password through a")
+        reply, _ = await asyncio.to_thread(login_reply, a, address, password)
+        assert reply == INVALID
+        received = await sink.wait_for(3, timeout=10)
+        assert {m.mail_from for m in received} == {address}
+        listing = await run_cli(a, "legacy", "list")
+        assert legacy_row(listing, address)["STATE"] == "active"
