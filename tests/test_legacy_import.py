@@ -416,6 +416,61 @@ def test_dry_run_reports_and_changes_nothing(cli, hashes):
     assert cli.json("audit") == audit_before
 
 
+def test_a_domain_too_long_for_a_workspace_name_is_a_bad_line(cli, weak):
+    """A workspace is named after the domain unless --workspace is given; a domain that
+    cannot name one (77 characters here; names stop at 64) is that line's problem, which
+    --skip-bad skips and --workspace solves, not an import that fails as a whole."""
+    domain = "mail.department-of-applied-long-names.university-of-somewhere-far.example.edu"
+    (cli.folder / "users.txt").write_text(f"ok@fine.test:{weak['good']}\nann@{domain}:{weak['other']}\n")
+    result = cli.run("import", "dovecot-passwd", "users.txt")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[1] == (
+        f"  line 2 (ann@{domain}): its domain cannot name a workspace (at most 64 letters, digits, "
+        "'.', '_' and '-'); give --workspace")
+    assert [m["address"] for m in cli.json("mailbox", "list")] == ["real@example.com"]
+
+    result = cli.run("import", "dovecot-passwd", "users.txt", "--skip-bad")
+    assert result.returncode == 0 and "1 legacy password(s) created" in result.stdout
+    assert result.stderr.startswith("keystore: skipped line 2 ")
+    out = cli.ok("import", "dovecot-passwd", "users.txt", "--workspace", "university")
+    assert out.startswith("imported from users.txt: 1 legacy password(s) created, 0 updated, 1 unchanged")
+    workspaces = {m["address"]: m["workspace"] for m in cli.json("mailbox", "list")}
+    assert workspaces[f"ann@{domain}"] == "university"
+
+
+def test_a_byte_order_mark_and_invisible_characters_make_no_mailbox(cli, weak):
+    """A file saved by a Windows editor starts with a byte order mark: the first user is
+    still one@example.com, not an address with an invisible character nobody can type. A
+    user holding one (a zero-width space), a terminal control (C1 CSI) or bytes that are not
+    UTF-8 (a Latin-1 file) is a bad line, not a mailbox and not a failed import."""
+    good, other = weak["good"].encode(), weak["other"].encode()
+    data = ("\ufeff".encode() + b"one@example.com:" + good + b"\n"
+            + "tw\u200bo@example.com:".encode() + other + b"\n"
+            + b"jos\xe9@example.com:" + other + b"\n"
+            + "a\x9b31m@example.com:".encode() + other + b"\n"
+            + "jos\u00e9@example.com:".encode() + other + b"\n")
+    (cli.folder / "users.txt").write_bytes(data)
+    result = cli.run("import", "dovecot-passwd", "users.txt", "--skip-bad")
+    assert result.returncode == 0, result.stderr
+    why = ("not a valid mailbox address: it holds an invisible or control character, or bytes "
+           "that are not UTF-8")
+    assert result.stderr.splitlines() == [f"keystore: skipped line 2 (tw?o@example.com): {why}",
+                                          f"keystore: skipped line 3 (jos?@example.com): {why}",
+                                          f"keystore: skipped line 4 (a?31m@example.com): {why}"]
+    assert [m["address"] for m in cli.json("mailbox", "list")] == [
+        "jos\u00e9@example.com", "one@example.com", "real@example.com"]
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_and_recorded_escaped(cli):
+    """A file name is bytes: one from a Latin-1 system (caf\\xe9.txt) cannot be stored as it
+    is, so the report and the audit trail name it with the byte escaped."""
+    name = os.fsdecode(b"caf\xe9.txt")
+    (cli.folder / name).write_text(htpasswd_line("pat@example.com", "Pat-pw-8", "-B") + "\n")
+    out = cli.ok("import", "htpasswd", name)
+    assert out.splitlines()[0].startswith("imported from caf\\xe9.txt: 1 legacy password(s) created")
+    assert cli.json("audit")[-1]["detail"].startswith("source='htpasswd:caf\\\\xe9.txt' created=1")
+
+
 # --------------------------------------------------------------- re-import
 
 
@@ -556,17 +611,6 @@ def test_legacy_passwords_do_not_count_toward_the_key_limit(imported):
 # ------------------------------------------------------------- the store itself
 
 
-async def test_store_key_limit_counts_keys_not_legacy_passwords(store, weak):
-    await store.import_legacy([entry(n, f"user{n}@example.com", weak["good"]) for n in (1, 2, 3)],
-                              source="f", actor="m")
-    await store.set_key_limit("example.com", 1, actor="m")
-    await store.create_key(mailbox="user1@example.com", name="app", actor="m")
-    with pytest.raises(Conflict, match=r"already has 1 active keys \(limit 1\)"):
-        await store.create_key(mailbox="user2@example.com", name="app", actor="m")
-    (workspace,) = [w for w in await store.list_workspaces() if w.name == "example.com"]
-    assert (workspace.active_keys, workspace.mailboxes) == (1, 4)
-
-
 def entry(line: int, address: str, password_hash: str, scheme: str = "sha512_crypt") -> LegacyEntry:
     return LegacyEntry(line, address, scheme, password_hash.rpartition("}")[2])
 
@@ -580,6 +624,19 @@ async def store(keystore_place):
         yield store
     finally:
         await store.close()
+
+
+async def test_store_key_limit_counts_keys_not_legacy_passwords(store, weak):
+    """A workspace's limit is on the keys its people make; passwords brought in by an import
+    are there already and on their way out."""
+    await store.import_legacy([entry(n, f"user{n}@example.com", weak["good"]) for n in (1, 2, 3)],
+                              source="f", actor="m")
+    await store.set_key_limit("example.com", 1, actor="m")
+    await store.create_key(mailbox="user1@example.com", name="app", actor="m")
+    with pytest.raises(Conflict, match=r"already has 1 active keys \(limit 1\)"):
+        await store.create_key(mailbox="user2@example.com", name="app", actor="m")
+    (workspace,) = [w for w in await store.list_workspaces() if w.name == "example.com"]
+    assert (workspace.active_keys, workspace.mailboxes) == (1, 4)
 
 
 async def test_store_import_is_one_transaction(store, weak):
@@ -669,7 +726,7 @@ async def test_converted_password_is_retired_only_after_the_key_is_used(store, w
     assert len([e for e in await store.audit_events() if e.action == "legacy.retire"]) == 1
 
 
-async def test_expire_scopes_and_leaves_ended_and_retired_ones(store, weak):
+async def test_expire_scopes_and_leaves_retired_ones(store, weak):
     await store.import_legacy([entry(1, "one@example.com", weak["good"]),
                                entry(2, "two@example.com", weak["other"]),
                                entry(3, "three@else.test", weak["good"])], source="f", actor="m")
@@ -699,51 +756,6 @@ def test_the_passwd_reader_keeps_allow_nets_and_never_the_hash_in_a_problem(weak
     assert [(e.address, e.allow_from) for e in entries] == [("a@x.test", ("2001:db8::/32", "192.0.2.7/32"))]
     assert [(b.line, b.why.split(":")[0]) for b in bad] == [(2, "allow_nets=local"), (3, "allow_nets")]
     assert all(weak["good"].rpartition("}")[2] not in str(b) + repr(e) for b in bad for e in entries)
-
-
-def test_a_domain_too_long_for_a_workspace_name_is_a_bad_line(cli, weak):
-    """A workspace is named after the domain unless --workspace is given; a domain that
-    cannot name one (77 characters here; names stop at 64) is that line's problem, which
-    --skip-bad skips and --workspace solves, not an import that fails as a whole."""
-    domain = "mail.department-of-applied-long-names.university-of-somewhere-far.example.edu"
-    (cli.folder / "users.txt").write_text(f"ok@fine.test:{weak['good']}\nann@{domain}:{weak['other']}\n")
-    result = cli.run("import", "dovecot-passwd", "users.txt")
-    assert result.returncode == 1
-    assert result.stderr.splitlines()[1] == (
-        f"  line 2 (ann@{domain}): its domain cannot name a workspace (at most 64 letters, digits, "
-        "'.', '_' and '-'); give --workspace")
-    assert [m["address"] for m in cli.json("mailbox", "list")] == ["real@example.com"]
-
-    result = cli.run("import", "dovecot-passwd", "users.txt", "--skip-bad")
-    assert result.returncode == 0 and "1 legacy password(s) created" in result.stdout
-    assert result.stderr.startswith("keystore: skipped line 2 ")
-    out = cli.ok("import", "dovecot-passwd", "users.txt", "--workspace", "university")
-    assert out.startswith("imported from users.txt: 1 legacy password(s) created, 0 updated, 1 unchanged")
-    workspaces = {m["address"]: m["workspace"] for m in cli.json("mailbox", "list")}
-    assert workspaces[f"ann@{domain}"] == "university"
-
-
-def test_a_byte_order_mark_and_invisible_characters_make_no_mailbox(cli, weak):
-    """A file saved by a Windows editor starts with a byte order mark: the first user is
-    still one@example.com, not an address with an invisible character nobody can type. A
-    user holding one (a zero-width space), a terminal control (C1 CSI) or bytes that are not
-    UTF-8 (a Latin-1 file) is a bad line, not a mailbox and not a failed import."""
-    good, other = weak["good"].encode(), weak["other"].encode()
-    data = ("\ufeff".encode() + b"one@example.com:" + good + b"\n"
-            + "tw\u200bo@example.com:".encode() + other + b"\n"
-            + b"jos\xe9@example.com:" + other + b"\n"
-            + "a\x9b31m@example.com:".encode() + other + b"\n"
-            + "jos\u00e9@example.com:".encode() + other + b"\n")
-    (cli.folder / "users.txt").write_bytes(data)
-    result = cli.run("import", "dovecot-passwd", "users.txt", "--skip-bad")
-    assert result.returncode == 0, result.stderr
-    why = ("not a valid mailbox address: it holds an invisible or control character, or bytes "
-           "that are not UTF-8")
-    assert result.stderr.splitlines() == [f"keystore: skipped line 2 (tw?o@example.com): {why}",
-                                          f"keystore: skipped line 3 (jos?@example.com): {why}",
-                                          f"keystore: skipped line 4 (a?31m@example.com): {why}"]
-    assert [m["address"] for m in cli.json("mailbox", "list")] == [
-        "jos\u00e9@example.com", "one@example.com", "real@example.com"]
 
 
 async def test_two_imports_at_once_make_one_password_per_mailbox(keystore_place, store, weak):
@@ -791,13 +803,3 @@ async def test_expire_leaves_a_password_already_past_its_deadline(store, weak):
     changed = await store.expire_legacy(later, actor="ann")
     assert [k.mailbox for k in changed] == ["two@example.com"]
     assert (await store.get_key(ids["one@example.com"])).expires == pytest.approx(ended_at)
-
-
-def test_a_file_name_that_is_not_utf8_is_shown_and_recorded_escaped(cli):
-    """A file name is bytes: one from a Latin-1 system (caf\\xe9.txt) cannot be stored as it
-    is, so the report and the audit trail name it with the byte escaped."""
-    name = os.fsdecode(b"caf\xe9.txt")
-    (cli.folder / name).write_text(htpasswd_line("pat@example.com", "Pat-pw-8", "-B") + "\n")
-    out = cli.ok("import", "htpasswd", name)
-    assert out.splitlines()[0].startswith("imported from caf\\xe9.txt: 1 legacy password(s) created")
-    assert cli.json("audit")[-1]["detail"].startswith("source='htpasswd:caf\\\\xe9.txt' created=1")
