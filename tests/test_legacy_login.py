@@ -166,10 +166,16 @@ def iso(ts: float) -> str:
 # ------------------------------------------------------------------ smtplib clients
 
 def connect(h: Place) -> smtplib.SMTP:
-    """A client on the submission port, after STARTTLS (the relay's certificate checked)."""
+    """A client on the submission port, after STARTTLS (the relay's certificate checked).
+    Every helper closes its client on the way out, failures included: a TLS socket left
+    open by a failed test keeps the relay's event loop from closing (the run hangs)."""
     client = smtplib.SMTP("127.0.0.1", h.port, timeout=10)
-    client.starttls(context=h.tls)
-    client.ehlo()
+    try:
+        client.starttls(context=h.tls)
+        client.ehlo()
+    except BaseException:
+        client.close()
+        raise
     return client
 
 
@@ -323,6 +329,23 @@ async def test_a_key_of_the_same_mailbox_still_logs_in_beside_its_legacy_passwor
     await h.sink.wait_for(2, timeout=10)
     key_line, password_line = log.lines("auth_ok")
     assert "legacy" not in key_line and password_line.endswith("legacy=yes")
+
+
+async def test_a_long_bcrypt_passphrase_and_a_username_in_capitals_log_in_as_under_dovecot(h):
+    """bcrypt reads 72 bytes: Dovecot and htpasswd hash a longer passphrase's first 72, and
+    the user types the whole of it. Addresses are compared without case, as Dovecot's
+    usual `auth_username_format = %Lu` does."""
+    passphrase = "the quick brown fox jumps over the lazy dog and then some more words " * 2
+    assert len(passphrase) > 72
+    await import_passwd(h, [passwd_line("long@example.com", doveadm_hash("BLF-CRYPT", passphrase))])
+    await import_passwd(h, [htpasswd_line("longer@example.com", passphrase)], kind="htpasswd", name="ht")
+    await asyncio.to_thread(send_as, h, "long@example.com", passphrase, "dovecot", "LOGIN")
+    await asyncio.to_thread(send_as, h, "longer@example.com", passphrase, "apache", "PLAIN")
+    async with session(h, "Long@EXAMPLE.com", passphrase) as client:
+        await asyncio.to_thread(send, client, "long@example.com", "in capitals")
+    reply, _ = await asyncio.to_thread(login_reply, h, "long@example.com", passphrase[:60])
+    assert reply == INVALID
+    await h.sink.wait_for(3, timeout=10)
 
 
 # ------------------------------------------------------------------ refusals
