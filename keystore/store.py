@@ -245,8 +245,8 @@ class KeyStore:
         key revoked, a mailbox suspended or the session's secret rotated away while a
         connection stays open stops at once."""
         (row,) = await self._rows(_AUTH_SQL, (identity.key_id, identity.mailbox), login=True)
-        if row[0] is None:
-            return Reason.REVOKED  # deleted since login
+        if row[0] is None:  # deleted since login; a password's user has no key to be told of
+            return Reason.PASSWORD_RETIRED if identity.legacy else Reason.REVOKED
         now = time.time()
         outcome = self._judge(row, now, identity.secret_hash, identity.client_ip)
         if isinstance(outcome, Identity) and not _secret_valid(row, identity.secret_hash, now):

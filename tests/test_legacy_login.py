@@ -109,15 +109,15 @@ def apache_line() -> str:
 
 # ------------------------------------------------------------------ operator steps
 
-def cli(h: Place, *args: str) -> str:
+def cli(h: Place, *args: str, stdin: str | None = None) -> str:
     """A real `keystore` process on the relay's config: its stdout; it must succeed."""
-    done = keystore_cli(h.config_path, *args)
+    done = keystore_cli(h.config_path, *args, stdin=stdin)
     assert done.returncode == 0, f"keystore {' '.join(args)}: exit {done.returncode}: {done.stderr}"
     return done.stdout
 
 
-async def run_cli(h: Place, *args: str) -> str:
-    return await asyncio.to_thread(cli, h, *args)
+async def run_cli(h: Place, *args: str, stdin: str | None = None) -> str:
+    return await asyncio.to_thread(lambda: cli(h, *args, stdin=stdin))
 
 
 async def import_passwd(h: Place, lines: list[str], *, kind: str = "dovecot-passwd",
@@ -519,6 +519,25 @@ async def test_a_revoked_legacy_password_ends_open_sessions_with_the_retired_rep
     assert f"not given back (retired here already): {address}" in again
     reply, _ = await asyncio.to_thread(login_reply, h, address, password)
     assert reply == RETIRED
+
+
+@pytest.mark.parametrize("how", ["key delete", "mailbox remove --force"])
+async def test_a_deleted_legacy_password_ends_open_sessions_telling_them_passwords_have_ended(
+        h, dovecot_hashes, how):
+    """Its session logged in with a password, not a key: "this auth key has been revoked"
+    would puzzle its user; they hear what a retired password hears."""
+    address, _, password = USERS[1]
+    await import_passwd(h, [passwd_line(address, dovecot_hashes[address])])
+    credential = await legacy_id(h, address)
+    async with session(h, address, password) as client:
+        assert await asyncio.to_thread(mail_reply, client, address) == replies.MAIL_OK
+        if how == "key delete":
+            await run_cli(h, "key", "delete", credential, stdin="legacy password\n")  # its name, to confirm
+        else:
+            await run_cli(h, "mailbox", "remove", address, "--force")
+        await refused_at_mail(client, address, RETIRED, "the open session ended with its password")
+    reply, _ = await asyncio.to_thread(login_reply, h, address, password)
+    assert reply == INVALID  # no password any more: nothing to tell
 
 
 # ------------------------------------------------------------------ moving to keys
