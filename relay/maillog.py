@@ -23,7 +23,7 @@ connect     session client port listener            (listener: submission | subm
 tls         session client version cipher
 tls_failed  session client port listener error
 refused     client port listener reason              (reason: max_connections | per_address)
-auth_ok     session client tls mailbox key
+auth_ok     session client tls mailbox key [legacy] (legacy=yes: an imported password, issue 13)
 auth_failed session client tls username reason
 rejected    session client tls key code reply
 queued      session client tls id key mailbox from rcpts size
