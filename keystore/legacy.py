@@ -335,6 +335,19 @@ class LegacyVerifier:
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
+    def _full(self) -> bool:
+        return self._slots is not None and self._slots.locked() and self._waiting >= self._queue
+
+    def refuse_without_credential(self, password: str, *, slow_ok: bool) -> None:
+        """For a mailbox without a legacy password: raise LegacyBusy exactly when `verify`
+        would for a mailbox with one (a stranger's guess is never in the cache). Otherwise a
+        full pool would tell which mailboxes have a password: 454 at once for those, 535
+        after the pad for the others."""
+        if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES or not slow_ok:
+            return
+        if self._full():
+            raise LegacyBusy("too many password verifications waiting")
+
     async def verify(self, credential_id: str, stored: bytes, scheme: str, password_hash: str,
                      password: str, *, slow_ok: bool = True) -> bool:
         """Whether `password` is the one `password_hash` was made from. `stored`: the
@@ -354,7 +367,7 @@ class LegacyVerifier:
             return False
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._workers)
-        if self._slots.locked() and self._waiting >= self._queue:
+        if self._full():
             self._tell(scheme, "busy")
             raise LegacyBusy("too many password verifications waiting")
         slots = self._slots

@@ -220,8 +220,13 @@ class KeyStore:
         started = time.monotonic()
         (row,) = await self._rows(_LEGACY_SQL, (address,), login=True)
         fingerprint = bytes(row[3]) if row[3] is not None else _DUMMY_HASH
-        matched = row[0] is not None and bool(password) and await self.legacy.verify(
-            row[0], fingerprint, row[20], row[21], password, slow_ok=slow_ok)
+        if row[0] is not None:
+            matched = bool(password) and await self.legacy.verify(
+                row[0], fingerprint, row[20], row[21], password, slow_ok=slow_ok)
+        else:
+            matched = False
+            if password and row[22]:  # a full pool answers 454 whether the mailbox has one or not
+                self.legacy.refuse_without_credential(password, slow_ok=slow_ok)
         if matched:
             return self._settle(row, time.time(), fingerprint, client_ip)
         if row[22]:

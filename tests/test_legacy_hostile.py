@@ -614,3 +614,29 @@ async def test_an_overlong_password_is_refused_without_a_hash(tmp_path):
         assert store.legacy.verifications == {"sha512_crypt": 1}  # no second hash
     finally:
         await store.close()
+
+
+async def test_a_full_pool_answers_alike_whether_the_mailbox_has_a_password(tmp_path, slow_hash):
+    """While the check pool and its queue are full, a mailbox with a legacy password gets
+    454 (try later) at once; a mailbox without one, and one that does not exist, must get
+    the same 454 rather than the padded 535, or a sprayer who fills the pool learns which
+    mailboxes have a password."""
+    from keystore.legacy import LegacyBusy
+    from keystore.passwdfile import read_dovecot_passwd
+
+    entries, bad = read_dovecot_passwd(f"slow@example.com:{slow_hash}\n"
+                                       f"other@example.com:{slow_hash}\n")
+    assert not bad
+    store = await KeyStore.open(tmp_path / "k.db", tmp_path / "pepper", create=True)
+    try:
+        await store.import_legacy(entries, source="test", actor="t")
+        await store.add_mailbox("nopassword@example.com", workspace="example.com", actor="t")
+        store.configure_legacy(workers=1, queue=0)
+        busy = asyncio.ensure_future(store.authenticate("slow@example.com", WRONG, "192.0.2.1"))
+        await wait_until(lambda: store.legacy.verifications)  # the one place is taken
+        for username in ("other@example.com", "nopassword@example.com", "nobody@example.com"):
+            with pytest.raises(LegacyBusy):
+                await store.authenticate(username, WRONG, "192.0.2.1")
+        await busy
+    finally:
+        await store.close()
