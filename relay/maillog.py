@@ -322,10 +322,17 @@ def auth_ok(peer: object, username: str, key_id: str, *, legacy: bool = False) -
         _emit(logging.INFO, "auth_ok", fields)
 
 
+NOT_AN_ADDRESS = "(not an address)"
+
+
 def auth_failed(peer: object, username: str, reason: str) -> None:
-    # username is what the client typed: it helps spot typos, but may be a key (swapped fields)
+    # username is what the client typed: it helps spot typos, but may be a secret when the
+    # fields were swapped. A key is recognised and cut (`rak_<id>_…`); a legacy password
+    # (issue 13) cannot be, so a username without an @ is not written at all.
     if log.isEnabledFor(logging.WARNING):
-        _emit(logging.WARNING, "auth_failed", {**_in_session(peer), "username": username[:256],
+        shown = username[:256] if "@" in username or username.lower().startswith(KEY_PREFIX) \
+            else NOT_AN_ADDRESS
+        _emit(logging.WARNING, "auth_failed", {**_in_session(peer), "username": shown,
                                                 "reason": reason})
 
 

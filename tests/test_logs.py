@@ -179,15 +179,30 @@ async def test_values_with_spaces_or_quotes_are_json_quoted_and_parse_back(h, ca
     log = capture("text")
     await _setup(h)
     client = await h.client()
-    username = 'bob "the builder"\\ x=1 é\x1b[31m'
+    username = 'bob "the builder"\\ x=1 é\x1b[31m@example.com'
     reply = await client.execute_command(b"AUTH", b"PLAIN", b64(f"\0{username}\0rak_nope"))
     assert reply[0] == 535
     client.close()
     await wait_until(lambda: log.events("auth_failed"), what="the auth_failed line")
     line = next(x for x in log.text.splitlines() if " auth_failed " in x)
-    assert ' username="bob \\"the builder\\"\\\\ x=1 é\\u001b[31m" reason=bad_credentials' in line
+    assert ' username="bob \\"the builder\\"\\\\ x=1 é\\u001b[31m@example.com" reason=bad_credentials' in line
     assert "\x1b" not in log.text
     assert log.events("auth_failed")[0]["username"] == username
+
+
+async def test_a_password_typed_as_the_username_is_not_logged(h, capture):
+    """Swapped fields: a legacy password (issue 13) in the username cannot be told from a
+    typo the way a key can (keys are cut to `rak_<id>_…`), so a username without an @ is
+    logged as not an address, never as typed."""
+    log = capture("text")
+    await _setup(h)
+    client = await h.client()
+    reply = await client.execute_command(b"AUTH", b"PLAIN", b64("\0Tr0ub4dor&3 horse\0alice@example.com"))
+    assert reply[0] == 535
+    client.close()
+    await wait_until(lambda: log.events("auth_failed"), what="the auth_failed line")
+    assert log.events("auth_failed")[0]["username"] == "(not an address)"
+    assert "Tr0ub4dor" not in log.text
 
 
 async def test_a_refused_connection_is_one_line_with_its_reason(relay_with, capture):
