@@ -102,6 +102,12 @@ _DOVECOT_WEAK = {
     "NTLM", "RPA", "OTP", "SKEY",
 }
 _SCHEME_NAME_RE = re.compile(r"^[A-Z0-9][A-Z0-9.-]{0,31}$")
+# Other schemes Dovecot knows (`doveadm pw -l`, and older ones), named when refused. Any other
+# "{...}" is not: `user:{Summer2024}` is a plain-text password in braces, and naming its
+# "scheme" would print the password in the refusal.
+_DOVECOT_OTHER = {"SCRAM-SHA-1", "SCRAM-SHA-256", "PBKDF2", "RPA", "LANMAN", "NTLM", "SKEY", "OTP",
+                  "WHIRLPOOL", "SHA224", "SHA384", "SHA3-256", "SHA3-512", "MD4", "SHA1-CRYPT"}
+_DOVECOT_ENCODINGS = (".HEX", ".B64", ".BASE64")  # {SHA256.HEX}: a digest's encoding
 
 # The most a hash may cost to be imported: past these, one login keeps a worker (and with
 # ARGON2 its memory) busy for seconds, which a sprayer would turn against everyone.
@@ -178,8 +184,11 @@ def classify(text: str, *, dovecot: bool) -> tuple[str, str]:
             raise HashRefused(f"weak scheme {{{prefix}}}: a stolen copy is cracked quickly; "
                               "have the user set a new password, or give them an auth key")
         if prefix not in _DOVECOT_ACCEPTED:
-            raise HashRefused(f"unknown scheme {{{prefix}}} (accepted: SHA512-CRYPT, SHA256-CRYPT, "
-                              "BLF-CRYPT, ARGON2ID, ARGON2I)")
+            base = next((prefix.removesuffix(e) for e in _DOVECOT_ENCODINGS if prefix.endswith(e)), prefix)
+            known = base in _DOVECOT_OTHER or base in _DOVECOT_WEAK or base in _DOVECOT_PLAIN \
+                or base in _DOVECOT_ACCEPTED
+            raise HashRefused((f"unknown scheme {{{prefix}}}" if known else "unknown {SCHEME} prefix")
+                              + " (accepted: SHA512-CRYPT, SHA256-CRYPT, BLF-CRYPT, ARGON2ID, ARGON2I)")
         named = _DOVECOT_ACCEPTED[prefix] or ""
         if prefix in ("ARGON2ID", "ARGON2I") and not hashed.startswith(f"${prefix.lower()}$"):
             raise HashRefused(f"the hash is not {{{prefix}}}")

@@ -634,10 +634,11 @@ class KeyStore:
                 raise Conflict(f"key {key_id} is revoked; a revoked key cannot be changed")
             now = time.time()
             if "expires" in values and record.status == "active" and record.expires is not None \
-                    and record.expires <= now:
+                    and record.expires <= now and not record.legacy:
                 # an expired key does not count against the workspace's key limit: bringing
                 # one back is a new active key, as `enable` is (else expired keys would let
-                # an editor hold more active keys than the owner allowed)
+                # an editor hold more active keys than the owner allowed); a legacy password
+                # never counts (_check_key_limit), so bringing one back is never refused for it
                 (ws_id,), = await conn.fetch(
                     "SELECT workspace_id FROM auth_key WHERE id = ?", (key_id,))
                 await self._check_key_limit(conn, ws_id)
@@ -709,7 +710,7 @@ class KeyStore:
                 raise Conflict(f"key {key_id} is revoked; revocation is permanent")
             if record.status == status:
                 raise Conflict(f"key {key_id} is already {status}")
-            if status == "active":
+            if status == "active" and not record.legacy:  # a legacy password is no key to count
                 ws = await conn.fetch(
                     "SELECT workspace_id FROM auth_key WHERE id = ?", (key_id,))
                 await self._check_key_limit(conn, ws[0][0])
@@ -824,7 +825,13 @@ class KeyStore:
 
     async def _import_one(self, conn: Executor, entry: LegacyEntry, report: LegacyImport, *,
                           source: str, actor: str, workspace: str | None) -> None:
-        address = entry.address
+        # in the form every other address is stored and looked up in: an entry not made by
+        # passwdfile.py ("Alice@Example.COM") made a second mailbox nobody could log in as
+        try:
+            address = normalize_address(entry.address)
+        except StoreError:
+            report.problems.append(BadLine(entry.line, None, "not a valid mailbox address"))
+            return
         if await conn.fetch("SELECT 1 FROM alias WHERE address = ?", (address,)):
             report.problems.append(BadLine(entry.line, address, "an alias of another mailbox here: "
                                                                 "import the mailbox's own address"))
