@@ -36,9 +36,12 @@ import hashlib
 import hmac
 import logging
 import multiprocessing
+import multiprocessing.connection
+import os
 import re
 import secrets
 import signal
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -434,9 +437,23 @@ class LegacyVerifier:
 
 def _worker_started() -> None:
     """In each check process: ^C at `make run` and the relay's reload signal are the
-    parent's business (it shuts the pool down); a worker must not die of them."""
+    parent's business (it shuts the pool down); a worker must not die of them. But it
+    dies with the parent: a relay killed (kill -9, the OOM killer) never shuts its pool
+    down, and its check processes, waiting for work that cannot come, would live on (one
+    interpreter each, one set more at every restart)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True,
+                         name="legacy-parent-watch").start()
+
+
+def _exit_with_parent(sentinel: int) -> None:
+    """In a check process: wait for the parent to end, then end at once (mid-check too: its
+    answer has no one to go to)."""
+    multiprocessing.connection.wait([sentinel])
+    os._exit(0)
 
 
 def _check(scheme: str, password_hash: str, password: str) -> bool:

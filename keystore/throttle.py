@@ -331,11 +331,13 @@ class FailureLimiter:
             # may be about to fail
             return None if user.failures else _WAIT
         at_most = address.failures + address.pending if address is not None else 0
-        if address is not None and address.failures < self.address_ceiling <= at_most:
+        if address is not None and key_slot is None and address.failures < self.address_ceiling <= at_most:
             # the checks in flight may take the address over its ceiling: wait for them, as
             # for a username's budget, so that concurrent logins of many usernames make at
             # most the ceiling's worth of full checks (a legacy password's hash; past the
-            # ceiling a check computes none: Attempt.over_ceiling)
+            # ceiling a check computes none: Attempt.over_ceiling). Not a key's login
+            # (`key_slot`): it computes no hash, and must not wait the half second of a
+            # wrong password typed behind the same shared address (LEGACY_FAILURE_FLOOR)
             return _WAIT
         if user is not None and user.failures + user.pending >= self.max_failures:
             return _WAIT

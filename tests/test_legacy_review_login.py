@@ -1,0 +1,143 @@
+"""Review of issue 13's login path and its limits (legacy passwords), as a sprayer, a CRM
+behind a shared address and an operator stopping the relay meet it: a key login is never
+held back by legacy-password checks in flight from its address, and the check processes
+do not outlive the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import time
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from keystore.legacy import LEGACY_FAILURE_FLOOR
+from keystore.passwdfile import read_htpasswd
+from keystore.throttle import client_network
+from tests.support.legacyseed import bcrypt_hash
+from tests.support.procs import free_port, start_relay_process
+from tests.support.waiting import wait_until
+from tests.test_legacy_hostile import (
+    RIGHT,
+    Client,
+    doveadm,
+    import_passwords,
+    plain,
+    prober_key,
+    relay_config,
+    try_login,
+)
+
+
+async def auth_plain(client: aiosmtplib.SMTP, username: str, secret: str) -> tuple[int, str]:
+    token = base64.b64encode(f"\0{username}\0{secret}".encode())
+    code, message = await client.execute_command(b"AUTH", b"PLAIN", token)
+    return code, message
+
+
+async def test_a_key_login_is_not_held_back_by_password_checks_in_flight_from_its_address(relay_with):
+    """A CRM's shared egress address, one failure short of its ceiling: a user there types
+    a wrong legacy password (answered no sooner than LEGACY_FAILURE_FLOOR). The ceiling's
+    wait is for checks that compute a hash; a key computes none, so the CRM's key login
+    must not wait the half second for the password check to end."""
+    async with relay_with(auth="max_failures = 2\nmax_failures_per_address = 2") as h:
+        await h.mailbox("bob@example.com")
+        await h.mailbox("carol@example.com")
+        bob = await h.key("bob@example.com")
+        entries, bad = read_htpasswd(f"carol@example.com:{bcrypt_hash('carols old one')}\n")
+        assert not bad
+        await h.relay.store.import_legacy(entries, source="test", actor="test", workspace="default")
+        stale, typist, crm = await h.client(), await h.client(), await h.client()
+        try:
+            # a stale key of some customer: one failure counted against the address
+            assert (await auth_plain(stale, "customer@example.com", bob[:-4] + "AAAA"))[0] == 535
+            typing = asyncio.ensure_future(auth_plain(typist, "carol@example.com", "carols new one"))
+            limiter = h.relay._authenticator._limiter
+            await wait_until(lambda: limiter._windows[("net", client_network("127.0.0.1"), "")].pending == 1,
+                             what="the password check in flight")
+            started = time.monotonic()
+            assert (await auth_plain(crm, "bob@example.com", bob))[0] == 235
+            took = time.monotonic() - started
+            assert not typing.done(), f"the key login waited for the password check ({took:.2f} s)"
+            assert took < LEGACY_FAILURE_FLOOR / 2
+            assert (await typing)[0] == 535
+        finally:
+            for client in (stale, typist, crm):
+                client.close()
+
+
+# ----------------------------------------------------------------- the check processes
+
+
+def check_processes(parent: int) -> set[int]:
+    """The relay's legacy-password check processes: its children started by multiprocessing's
+    spawn (the pool of keystore/legacy.py)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"multiprocessing.spawn" in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (a zombie, dead but not yet reaped by init, is not)."""
+    running = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            running.add(pid)
+    return running
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+async def test_the_check_processes_end_with_the_relay_even_killed_mid_check(tmp_path, sink, how):
+    """A relay killed (the OOM killer, `kill -9`, a container stopped hard) while a password
+    check runs: its check processes must not live on, each holding a spawned interpreter
+    (and with ARGON2 its memory), one set more at every restart. Stopped (`relay stop`,
+    SIGTERM) mid-check, it exits promptly and leaves none either."""
+    port, metrics_port = free_port(), free_port()
+    config = relay_config(tmp_path, sink.port, port, metrics_port, auth="max_failures = 50")
+    await prober_key(config)  # creates the keystore (and its pepper)
+    await import_passwords(config, [f"slow@example.com:{doveadm('BLF-CRYPT', RIGHT, '-r', '14')}",
+                                    f"fast@example.com:{doveadm('BLF-CRYPT', RIGHT)}"])
+    proc = await start_relay_process(config, port)
+    pids: set[int] = set()
+    try:
+        # the pool starts at the first legacy login
+        assert (await try_login(tmp_path, port, "fast@example.com", RIGHT))[0] == 235
+        # a check in flight (cost 14: about a second of a core) when the relay goes
+        client = await Client.connect(tmp_path, port)
+        client.writer.write(b"AUTH PLAIN " + plain("slow@example.com", "a wrong guess") + b"\r\n")
+        await client.writer.drain()
+        await wait_until(lambda: check_processes(proc.pid), what="the check processes")
+        pids = check_processes(proc.pid)
+        started = time.monotonic()
+        if how == "SIGKILL":
+            proc.kill()
+        else:
+            proc.terminate()
+        await asyncio.wait_for(proc.wait(), 20)
+        client.close()
+        await wait_until(lambda: not alive(pids), timeout=10, what="the check processes to end")
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for pid in alive(pids):  # before the fix: they live on (reparented to init)
+            os.kill(pid, signal.SIGKILL)
