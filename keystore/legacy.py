@@ -122,6 +122,10 @@ MAX_ARGON2_TIME = 64
 # bcrypt's cost 15 (Dovecot's default: 192 MiB passes). Each bound above alone lets through
 # 1 GiB x 64 passes, a minute a login.
 MAX_ARGON2_WORK = 2 << 20
+# The longest hash imported, in characters. Dovecot's and htpasswd's are 60 (BLF-CRYPT) to about
+# 120 (SHA512-CRYPT with rounds=, ARGON2ID); a longer one is a line run together with another,
+# or garbage, and would be read from the database and sent to a check process at every login.
+MAX_HASH_LENGTH = 1024
 # The longest password checked, in UTF-8 bytes. SHA*-CRYPT's work grows with the
 # password's length (a 1,500-byte guess costs six times a short one: 5 s of a check
 # process at 1,000,000 rounds), so a longer one is refused without a hash, as a wrong
@@ -197,6 +201,8 @@ def classify(text: str, *, dovecot: bool) -> tuple[str, str]:
             raise HashRefused(f"the hash is not {{{prefix}}}")
     if not hashed:
         raise HashRefused("no password hash")
+    if len(hashed) > MAX_HASH_LENGTH:
+        raise HashRefused(f"longer than {MAX_HASH_LENGTH} characters: not a password hash")
     scheme = _CONTEXT.identify(hashed, required=False)
     if scheme is None:
         raise HashRefused("unknown scheme (plain text, or a hash libpass does not know)")
@@ -209,6 +215,11 @@ def classify(text: str, *, dovecot: bool) -> tuple[str, str]:
         record = _CONTEXT.handler(scheme).from_string(hashed)
     except (ValueError, TypeError):  # libpass's argon2 says TypeError of a salt that is not base64
         raise HashRefused(f"malformed {ACCEPTED[scheme]} hash") from None
+    if not getattr(record, "checksum", None):
+        # libpass reads "$6$salt" (a line cut short after the salt) as a configuration string:
+        # imported, it could never match, and every login with it would be refused
+        raise HashRefused(f"malformed {ACCEPTED[scheme]} hash: a salt without the hash itself "
+                          "(the line is cut short?)")
     _check_cost(scheme, record)
     return scheme, hashed
 

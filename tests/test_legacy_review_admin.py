@@ -238,3 +238,44 @@ async def test_the_store_imports_an_address_in_its_canonical_form(keystore_place
         assert isinstance(identity, Identity) and identity.legacy
     finally:
         await store.close()
+
+
+@pytest.fixture(scope="module")
+def real_hashes(sha512) -> dict[str, str]:
+    """PASSWORD in each accepted scheme, by the real tools (htpasswd's bcrypt: no prefix)."""
+    done = subprocess.run(["htpasswd", "-nbB", "u", PASSWORD], capture_output=True, text=True,
+                          check=True, timeout=30)
+    return {"SHA512-CRYPT": sha512, "SHA256-CRYPT": doveadm_pw("SHA256-CRYPT", PASSWORD),
+            "ARGON2ID": doveadm_pw("ARGON2ID", PASSWORD), "htpasswd": done.stdout.strip().partition(":")[2]}
+
+
+def test_a_line_cut_short_after_the_salt_is_a_bad_line(real_hashes):
+    """A file cut at a column width, or a hash pasted without its end: "$6$salt$" is what
+    libpass calls a configuration string. It was imported ("1 created"), could never match,
+    and logged "could not be checked" at each of its user's logins; it is a bad line now."""
+    lines, numbers = [], []
+    for number, (name, whole) in enumerate(real_hashes.items(), start=1):
+        # up to the end of the salt (bcrypt's 22 characters of salt run on into its hash)
+        cut = whole[:29] if name == "htpasswd" else whole[:whole.rindex("$")]
+        lines.append(f"user{number}@acme.test:{cut}")
+        shown = {"htpasswd": "BLF-CRYPT", "ARGON2ID": "ARGON2"}.get(name, name)
+        numbers.append((number, f"malformed {shown} hash: a salt without the hash itself "
+                                "(the line is cut short?)"))
+    entries, bad = read_dovecot_passwd("\n".join(lines) + "\n")
+    assert entries == []
+    assert [(b.line, b.why) for b in bad] == numbers
+    whole_entries, whole_bad = read_dovecot_passwd(
+        "".join(f"user{n}@acme.test:{h}\n" for n, h in enumerate(real_hashes.values(), start=1)))
+    assert (len(whole_entries), whole_bad) == (4, [])
+
+
+def test_a_huge_line_is_refused_at_once_and_never_stored(sha512):
+    """Two lines run together (a missing line feed) or garbage: a "hash" of megabytes would be
+    read and sent to a check process at every login. Refused, quickly, naming no part of it."""
+    junk = "$6$" + "Q" * 5_000_000
+    started = time.monotonic()
+    entries, bad = read_dovecot_passwd(f"alice@acme.test:{junk}\nbob@acme.test:{sha512}{sha512}\n")
+    assert time.monotonic() - started < 2
+    assert entries == []
+    assert [(b.line, b.why) for b in bad] == [
+        (1, "longer than 1024 characters: not a password hash"), (2, "malformed SHA512-CRYPT hash")]
