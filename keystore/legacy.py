@@ -371,6 +371,24 @@ class LegacyVerifier:
         if self._full():
             raise LegacyBusy("too many password verifications waiting")
 
+    async def wait_without_credential(self, password: str, *, slow_ok: bool) -> None:
+        """For a mailbox without a legacy password: what `verify` would do short of the
+        hash. LegacyBusy as `refuse_without_credential`; else, while checks wait for a
+        place, wait for one too (and give it back at once). Otherwise a busy pool would
+        tell which mailboxes have a password by time: theirs wait their turn (seconds,
+        past LEGACY_FAILURE_FLOOR), the others are answered at the floor."""
+        self.refuse_without_credential(password, slow_ok=slow_ok)
+        slots = self._slots
+        if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES or not slow_ok \
+                or slots is None or not slots.locked():
+            return
+        self._waiting += 1
+        try:
+            await slots.acquire()
+        finally:
+            self._waiting -= 1
+        slots.release()  # the place taken, given back as taken (a reload's debt stays to its checks)
+
     async def verify(self, credential_id: str, stored: bytes, scheme: str, password_hash: str,
                      password: str, *, slow_ok: bool = True) -> bool:
         """Whether `password` is the one `password_hash` was made from. `stored`: the

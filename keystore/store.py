@@ -226,7 +226,7 @@ class KeyStore:
         else:
             matched = False
             if password and row[22]:  # a full pool answers 454 whether the mailbox has one or not
-                self.legacy.refuse_without_credential(password, slow_ok=slow_ok)
+                await self.legacy.wait_without_credential(password, slow_ok=slow_ok)
         if matched:
             return self._settle(row, time.time(), fingerprint, client_ip)
         if row[22]:

@@ -141,3 +141,39 @@ async def test_the_check_processes_end_with_the_relay_even_killed_mid_check(tmp_
             await proc.wait()
         for pid in alive(pids):  # before the fix: they live on (reparented to init)
             os.kill(pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------- enumeration by time
+
+
+async def test_while_checks_queue_a_mailbox_without_a_password_is_answered_no_sooner(relay_with):
+    """A busy pool (checks waiting their turn, here made by the prober himself: guesses
+    against a mailbox he knows has a password) must not tell the time of a mailbox with a
+    password (it waits for its turn, then its hash) from one without (which had no turn to
+    wait for, and was answered at the bare LEGACY_FAILURE_FLOOR)."""
+    hashed = await asyncio.to_thread(doveadm, "BLF-CRYPT", RIGHT, "-r", "11")
+    auth = "legacy_verifications = 1\nmax_failures = 50\nmax_failures_per_address = 500"
+    async with relay_with(auth=auth, server="rate_per_minute = 0") as h:
+        await import_passwords(h.config_path, [f"known@example.com:{hashed}", f"target@example.com:{hashed}"])
+        verifier = h.relay.store.legacy
+        loaders = await asyncio.gather(*(Client.connect(h.folder, h.port) for _ in range(12)))
+        probes = await asyncio.gather(*(Client.connect(h.folder, h.port) for _ in range(2)))
+        try:
+            load = [asyncio.ensure_future(client.auth("known@example.com", "a wrong guess"))
+                    for client in loaders]
+            await wait_until(lambda: verifier._waiting >= 8, what="checks waiting their turn")
+
+            async def timed(client: Client, username: str) -> tuple[float, tuple[int, str]]:
+                started = time.monotonic()
+                answer = await client.auth(username, "a wrong guess")
+                return time.monotonic() - started, answer
+
+            (with_password, a), (without, b) = await asyncio.gather(
+                timed(probes[0], "target@example.com"), timed(probes[1], "nobody@example.com"))
+            assert a == b and a[0] == 535
+            assert with_password > LEGACY_FAILURE_FLOOR + 0.3  # the queue was there to be seen
+            assert abs(with_password - without) < 0.5, (with_password, without)
+            assert {answer[0] for answer in await asyncio.gather(*load)} == {535}
+        finally:
+            for client in (*loaders, *probes):
+                client.close()
