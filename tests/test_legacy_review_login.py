@@ -16,9 +16,10 @@ import aiosmtplib
 import pytest
 
 from keystore.legacy import LEGACY_FAILURE_FLOOR
-from keystore.passwdfile import read_htpasswd
+from keystore.models import Identity, Reason
+from keystore.passwdfile import read_dovecot_passwd, read_htpasswd
 from keystore.throttle import client_network
-from tests.support.legacyseed import bcrypt_hash
+from tests.support.legacyseed import bcrypt_hash, dovecot_hash
 from tests.support.procs import free_port, start_relay_process
 from tests.support.waiting import wait_until
 from tests.test_legacy_hostile import (
@@ -177,3 +178,47 @@ async def test_while_checks_queue_a_mailbox_without_a_password_is_answered_no_so
         finally:
             for client in (*loaders, *probes):
                 client.close()
+
+
+# ----------------------------------------------------------------- both engines
+
+
+@pytest.fixture(scope="module")
+def sha512() -> str:
+    return dovecot_hash("SHA512-CRYPT", RIGHT)
+
+
+async def test_the_login_sql_answers_alike_on_both_engines(keystore_place, sha512):
+    """_LEGACY_SQL, _judge and the conversion's retirement (flush_uses) on sqlite and
+    PostgreSQL: one 535 for a wrong password, an unknown mailbox and a mailbox with no
+    password; the retired-password reply only for the right password; an open session
+    of the password ends once its replacement key has been used."""
+    store = await keystore_place.open()
+    try:
+        await store.add_mailbox("keyonly@example.com", workspace="w", actor="t")
+        entries, bad = read_dovecot_passwd(f"user@example.com:{sha512}\nother@example.com:{sha512}\n")
+        assert not bad
+        await store.import_legacy(entries, source="passwd", actor="t", workspace="w")
+        ip = "192.0.2.7"
+
+        session = await store.authenticate("User@Example.COM", RIGHT, ip)
+        assert isinstance(session, Identity) and session.legacy and session.mailbox == "user@example.com"
+        for username, password in [("user@example.com", "wrong"), ("nobody@example.com", RIGHT),
+                                   ("keyonly@example.com", RIGHT), ("user@example.com", ""),
+                                   ("not an address", RIGHT)]:
+            assert await store.authenticate(username, password, ip) is Reason.BAD_CREDENTIALS, username
+
+        _, key, secret = await store.convert_legacy("user@example.com", actor="t")
+        # converted, not yet used: the password still works, and so does the session
+        assert isinstance(await store.authenticate("user@example.com", RIGHT, ip), Identity)
+        assert isinstance(await store.recheck(session), Identity)
+        used = await store.authenticate("user@example.com", secret, ip)
+        assert isinstance(used, Identity) and not used.legacy and used.key_id == key.id
+        await store.flush_uses()
+        assert await store.authenticate("user@example.com", RIGHT, ip) is Reason.PASSWORD_RETIRED
+        assert await store.authenticate("user@example.com", "wrong", ip) is Reason.BAD_CREDENTIALS
+        assert await store.recheck(session) is Reason.PASSWORD_RETIRED
+        # the other mailbox's password is untouched
+        assert isinstance(await store.authenticate("other@example.com", RIGHT, ip), Identity)
+    finally:
+        await store.close()
