@@ -772,6 +772,11 @@ class KeyStore:
     async def delete_key(self, key_id: str, *, actor: str) -> AuthKey:
         async with self._transaction() as conn:
             record = await self._key(conn, key_id)
+            if record.legacy and record.status == "revoked":
+                # its record is what keeps a re-import of the same file from giving the
+                # password back (_import_one): deleted, the old password logged in again
+                raise Conflict(f"{key_id} is a retired legacy password: it is kept so that importing "
+                               "the password file again does not give it back; it can never log in")
             await conn.execute("DELETE FROM auth_key WHERE id = ?", (key_id,))
             await self._audit(conn, actor, "key.delete", key_id=key_id, mailbox=record.mailbox,
                               detail=f"name={record.name!r}", workspace=record.workspace)

@@ -279,3 +279,23 @@ def test_a_huge_line_is_refused_at_once_and_never_stored(sha512):
     assert entries == []
     assert [(b.line, b.why) for b in bad] == [
         (1, "longer than 1024 characters: not a password hash"), (2, "malformed SHA512-CRYPT hash")]
+
+
+def test_a_retired_password_cannot_be_deleted_so_a_reimport_never_gives_it_back(tmp_path, sha512):
+    """"A password already retired here is not given back" rests on its retired record: an
+    editor tidying up revoked entries (`key delete`) removed it, and the next import of the
+    same file (as the README has operators do while both systems run) made the old password
+    log in again."""
+    cli = CLI(tmp_path)
+    cli.ok("init")
+    (tmp_path / "users").write_text(f"alice@acme.test:{sha512}\n")
+    cli.ok("import", "dovecot-passwd", "users", "--workspace", "acme")
+    (legacy,) = cli.json("legacy", "list")
+    cli.ok("key", "revoke", legacy["id"])
+    refused = cli.refused("key", "delete", legacy["id"], "--yes")
+    assert refused.startswith(f"keystore: {legacy['id']} is a retired legacy password"), refused
+    out = cli.ok("import", "dovecot-passwd", "users")
+    assert out.splitlines()[:2] == [
+        "imported from users: 0 legacy password(s) created, 0 updated, 0 unchanged, 0 new mailbox(es)",
+        "not given back (retired here already): alice@acme.test"]
+    assert [k["state"] for k in cli.json("legacy", "list", "--all")] == ["retired"]
