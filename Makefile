@@ -15,9 +15,12 @@ $(BIN)/relay: pyproject.toml
 install: $(BIN)/relay
 
 # One worker per core (at most 4), one test file per worker at a time: files share no
-# ports, folders or databases, and a file's tests keep their order (their fixtures are per file)
+# ports, folders or databases, and a file's tests keep their order (their fixtures are per file).
+# Then the tests marked `alone` (latency bounds, timing comparisons), one at a time, with the
+# machine to themselves: what they measure is the relay, not the other test files' load.
 test: install
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile -m "not alone"
+	$(BIN)/python -m pytest -q -m alone
 
 lint: install
 	$(BIN)/ruff check relay keystore tests bench

@@ -350,6 +350,7 @@ async def test_a_long_bcrypt_passphrase_and_a_username_in_capitals_log_in_as_und
 
 # ------------------------------------------------------------------ refusals
 
+@pytest.mark.alone  # compares times: with the machine to itself (Makefile)
 async def test_a_wrong_password_an_unknown_mailbox_and_one_without_a_password_get_one_reply_in_one_time(
         h, dovecot_hashes, apache_line):
     """No enumeration: the reply is a wrong key's, and each refusal takes at least
