@@ -571,9 +571,7 @@ class KeyStore:
         clauses, params = [], []
         now = time.time()
         if workspaces is not None:
-            names = list(workspaces)
-            clauses.append(f"w.name IN ({','.join('?' * len(names))})" if names else "1 = 0")
-            params.extend(names)
+            _only_workspaces("w.name", workspaces, clauses, params)
         if owner is not None:
             clauses.append("k.owner IS NOT NULL")  # and _same_owner, below
         # the reports: keys that could log in (not disabled, revoked or expired) yet look idle
@@ -673,9 +671,7 @@ class KeyStore:
             params.append(normalize_address(mailbox))
             what = f"mailbox {normalize_address(mailbox)}"
         if workspaces is not None:
-            names = list(workspaces)
-            clauses.append(f"w.name IN ({','.join('?' * len(names))})" if names else "1 = 0")
-            params.extend(names)
+            _only_workspaces("w.name", workspaces, clauses, params)
         async with self._transaction() as conn:
             rows = [r for r in await conn.fetch(_KEY_SQL + " WHERE " + " AND ".join(clauses),
                                                            params)
@@ -910,9 +906,7 @@ class KeyStore:
             clauses.append("m.address = ?")
             params.append(normalize_address(mailbox))
         if workspaces is not None:
-            names = list(workspaces)
-            clauses.append(f"w.name IN ({','.join('?' * len(names))})" if names else "1 = 0")
-            params.extend(names)
+            _only_workspaces("w.name", workspaces, clauses, params)
         async with self._transaction() as conn:
             rows = await conn.fetch(_KEY_SQL + " WHERE " + " AND ".join(clauses) + " ORDER BY m.address",
                                     params)
@@ -1154,9 +1148,7 @@ class KeyStore:
         these (a limited token's view); `limit`: the newest `limit` of them."""
         clauses, params = [], []
         if workspaces is not None:
-            names = list(workspaces)
-            clauses.append(f"workspace IN ({','.join('?' * len(names))})" if names else "1 = 0")
-            params.extend(names)
+            _only_workspaces("workspace", workspaces, clauses, params)
         if key_id is not None:
             clauses.append("key_id = ?")
             params.append(key_id)
@@ -1205,6 +1197,14 @@ class LegacyImport:
         return (f"created={len(self.created)} updated={len(self.updated)} "
                 f"unchanged={len(self.unchanged)} retired_not_reimported={len(self.retired)} "
                 f"new_mailboxes={len(self.mailboxes_created)} bad_lines={len(self.problems)}")
+
+
+def _only_workspaces(column: str, workspaces: Iterable[str], clauses: list[str], params: list) -> None:
+    """A clause limiting a query to some workspaces (a limited token's view): `column` IN
+    them, or nothing at all for none."""
+    names = list(workspaces)
+    clauses.append(f"{column} IN ({','.join('?' * len(names))})" if names else "1 = 0")
+    params.extend(names)
 
 
 def _token_hash(pepper: bytes, token_id: str, secret: str) -> bytes:
