@@ -123,8 +123,10 @@ async def test_a_bounce_through_a_refusing_provider_waits_and_says_who_refused(r
     write_secret(tmp_path / "provider-password", "s3cret\n")
     async with Sink(tls=provider_tls(tmp_path), credentials=("relay", "s3cret")) as provider:
         provider.handler.mail_reply = "550 5.7.1 account suspended"
+        # a lifetime of 3 s: the bounce has one too, and each look below is a `relay queue list`
+        # process, which on a loaded machine took longer than a 1 s bounce lived
         async with relay_with(upstream_extra=provider_extra(provider.port), retry='["0.3s"]',
-                              queue='max_queue_lifetime = "1s"') as h:
+                              queue='max_queue_lifetime = "3s"') as h:
             await send(h, route="provider")
             # the message expires; its bounce takes the same route, is refused too, and waits
             # (each look is a `relay queue list` process: generous bounds for a loaded machine)
