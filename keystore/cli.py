@@ -522,24 +522,16 @@ async def _import(svc: AdminService, me: Actor, args, config) -> int:
     return 0
 
 
-def _legacy_state(key: AuthKey, now: float) -> str:
-    if key.status == "revoked":
-        return "retired"
-    if key.expires is not None and key.expires <= now:
-        return "ended"
-    return key.status
-
-
 async def _legacy_list(svc: AdminService, me: Actor, args, config) -> int:
     found = await svc.legacy_passwords(me, workspace=args.workspace)
     now = time.time()
     if not args.all:
         found = [k for k in found if k.status != "revoked"]
     if args.json:
-        _print_json([{**_key_json(k), "state": _legacy_state(k, now)} for k in found])
+        _print_json([{**_key_json(k), "state": k.legacy_state(now)} for k in found])
         return 0
     _table(["MAILBOX", "ID", "SCHEME", "STATE", "DEADLINE", "LAST USED", "LAST CLIENT", "NEW KEY"],
-           [[k.mailbox, k.id, ACCEPTED.get(k.scheme or "", k.scheme), _legacy_state(k, now),
+           [[k.mailbox, k.id, ACCEPTED.get(k.scheme or "", k.scheme), k.legacy_state(now),
              _when(k.expires), _when(k.last_used), k.last_ip, k.replaced_by] for k in found])
     return 0
 

@@ -361,26 +361,19 @@ class LegacyVerifier:
     def _full(self) -> bool:
         return self._slots is not None and self._slots.locked() and self._waiting >= self._queue
 
-    def refuse_without_credential(self, password: str, *, slow_ok: bool) -> None:
-        """For a mailbox without a legacy password: raise LegacyBusy exactly when `verify`
-        would for a mailbox with one (a stranger's guess is never in the cache). Otherwise a
-        full pool would tell which mailboxes have a password: 454 at once for those, 535
-        after the pad for the others."""
-        if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES or not slow_ok:
+    async def wait_without_credential(self, password: str, *, slow_ok: bool) -> None:
+        """For a mailbox without a legacy password: what `verify` would do short of the
+        hash (a stranger's guess is never in the cache). LegacyBusy exactly when `verify`
+        would raise it; else, while checks wait for a place, wait for one too (and give it
+        back at once). Otherwise a busy pool would tell which mailboxes have a password:
+        454 at once for those and 535 after the pad for the others, or, by time, theirs
+        waiting their turn (seconds, past LEGACY_FAILURE_FLOOR) and the others not."""
+        if _too_long(password) or not slow_ok:
             return
         if self._full():
             raise LegacyBusy("too many password verifications waiting")
-
-    async def wait_without_credential(self, password: str, *, slow_ok: bool) -> None:
-        """For a mailbox without a legacy password: what `verify` would do short of the
-        hash. LegacyBusy as `refuse_without_credential`; else, while checks wait for a
-        place, wait for one too (and give it back at once). Otherwise a busy pool would
-        tell which mailboxes have a password by time: theirs wait their turn (seconds,
-        past LEGACY_FAILURE_FLOOR), the others are answered at the floor."""
-        self.refuse_without_credential(password, slow_ok=slow_ok)
         slots = self._slots
-        if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES or not slow_ok \
-                or slots is None or not slots.locked():
+        if slots is None or not slots.locked():
             return
         self._waiting += 1
         try:
@@ -395,7 +388,7 @@ class LegacyVerifier:
         credential's fingerprint (a cache entry holds only while it is unchanged).
         `slow_ok=False`: answer from the cache alone (an address over its AUTH ceiling).
         LegacyBusy when `queue` verifications are already waiting."""
-        if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
+        if _too_long(password):
             self._tell(scheme, "skipped")
             return False
         slot = (credential_id, stored)
@@ -462,6 +455,10 @@ class LegacyVerifier:
         if matched:
             self._remember(slot, tag)
         return matched
+
+
+def _too_long(password: str) -> bool:
+    return len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES
 
 
 def _worker_started() -> None:

@@ -137,6 +137,16 @@ class AuthKey:
     def legacy(self) -> bool:
         return self.kind == "legacy"
 
+    def legacy_state(self, now: float) -> str:
+        """What `keystore legacy list` and the API call a legacy password's state: active,
+        disabled, ended (past its deadline) or retired (revoked: converted and replaced, or
+        by hand)."""
+        if self.status == "revoked":
+            return "retired"
+        if self.expires is not None and self.expires <= now:
+            return "ended"
+        return self.status
+
     @property
     def scope(self) -> str:
         return f"mailbox:{self.mailbox}" if self.mailbox else f"workspace:{self.workspace}"

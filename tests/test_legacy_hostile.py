@@ -28,7 +28,7 @@ import pytest
 
 from keystore.store import KeyStore
 from relay.config import ConfigError, load_config
-from tests.support.procs import free_port, keystore_cli, start_relay_process
+from tests.support.procs import check_processes, free_port, keystore_cli, start_relay_process
 from tests.support.relayrun import write_config
 from tests.support.waiting import wait_until
 
@@ -226,7 +226,7 @@ while not os.path.exists(stop):
     code, _ = smtp.noop()
     samples.append((sent, time.perf_counter() - started))
     assert code == 250, code
-    time.sleep(0.005)
+    time.sleep(0.005)  # the sampling rate (about 200 NOOPs a second), not a wait for anything
 smtp.quit()
 print(json.dumps(samples), flush=True)
 """
@@ -456,23 +456,9 @@ async def test_with_a_small_queue_the_excess_gets_454_and_is_not_counted_as_a_fa
                 assert await login(h, name, RIGHT) == THROTTLED
 
 
-def pool_processes() -> list[int]:
-    """The check processes of the verifier of the relay running in this process: children
-    of this process started by multiprocessing's spawn."""
-    me = str(os.getpid())
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = stat.rsplit(")", 1)[1].split()[1]
-        if parent == me and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return found
+def pool_processes() -> set[int]:
+    """The check processes of the verifier of the relay running in this process."""
+    return check_processes(os.getpid())
 
 
 async def test_a_check_process_killed_mid_check_gets_454_and_the_next_login_works(relay_with):

@@ -20,7 +20,7 @@ from keystore.models import Identity, Reason
 from keystore.passwdfile import read_dovecot_passwd, read_htpasswd
 from keystore.throttle import client_network
 from tests.support.legacyseed import bcrypt_hash, dovecot_hash
-from tests.support.procs import free_port, start_relay_process
+from tests.support.procs import check_processes, free_port, start_relay_process
 from tests.support.waiting import wait_until
 from tests.test_legacy_hostile import (
     RIGHT,
@@ -72,24 +72,6 @@ async def test_a_key_login_is_not_held_back_by_password_checks_in_flight_from_it
 
 
 # ----------------------------------------------------------------- the check processes
-
-
-def check_processes(parent: int) -> set[int]:
-    """The relay's legacy-password check processes: its children started by multiprocessing's
-    spawn (the pool of keystore/legacy.py)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and b"multiprocessing.spawn" in cmdline:
-            found.add(int(entry.name))
-    return found
 
 
 def alive(pids: set[int]) -> set[int]:

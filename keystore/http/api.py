@@ -181,16 +181,6 @@ def _key_fields(k: AuthKey) -> dict[str, object]:
                 scheme=ACCEPTED.get(k.scheme, k.scheme) if k.scheme else None, replaced_by=k.replaced_by)
 
 
-def legacy_state(key: AuthKey, now: float) -> str:
-    """What `keystore legacy list` calls a legacy password's state: active, disabled, ended
-    (past its deadline) or retired (revoked: converted and replaced, or by hand)."""
-    if key.status == "revoked":
-        return "retired"
-    if key.expires is not None and key.expires <= now:
-        return "ended"
-    return key.status
-
-
 class LegacyOut(KeyOut):
     """A legacy password: a key record (`expires` is its deadline, `last_used` / `last_ip`
     who still logs in with it) and its state."""
@@ -199,7 +189,7 @@ class LegacyOut(KeyOut):
 
     @classmethod
     def of(cls, k: AuthKey, now: float | None = None) -> LegacyOut:
-        return cls(**_key_fields(k), state=legacy_state(k, time.time() if now is None else now))
+        return cls(**_key_fields(k), state=k.legacy_state(time.time() if now is None else now))
 
 
 class SmtpSettings(BaseModel):

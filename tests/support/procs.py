@@ -74,3 +74,21 @@ async def prepare_relay_folder(folder: Path, sink_port: int, port: int, retry: s
     _, secret = await store.create_key(mailbox="alice@example.com", name="crm", actor="t")
     await store.close()
     return config_path, secret
+
+
+def check_processes(parent: int) -> set[int]:
+    """A relay's legacy-password check processes (keystore/legacy.py's pool): the children
+    of `parent` that multiprocessing's spawn started, read from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"multiprocessing.spawn" in cmdline:
+            found.add(int(entry.name))
+    return found
